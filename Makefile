@@ -1,0 +1,41 @@
+# make test   create .venv if missing, install the dev set, build the extension, run all tests
+# make bench  same set-up, then the model benchmark (python -m resnet_fast.bench)
+# make build  set-up and build only
+#
+# The extension rebuilds only when csrc/, setup.py or pyproject.toml change.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .make
+# The nvcc on PATH on our dev machines is a wrapper; the real toolkit is /usr/local/cuda.
+CUDA_HOME ?= $(wildcard /usr/local/cuda)
+export CUDA_HOME
+# Where a toolkit is present, the CUDA kernels must compile: a test asserts it.
+REQUIRE_CUDA := $(if $(and $(CUDA_HOME),$(wildcard $(CUDA_HOME)/bin/nvcc)),$(if $(filter 1,$(RESNET_FAST_NO_CUDA)),0,1),0)
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+.PHONY: test bench build clean
+
+$(STAMPS)/deps: requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/build: $(STAMPS)/deps $(SOURCES)
+	@echo "building resnet_fast._C (CUDA_HOME=$(CUDA_HOME))"
+	@start=$$(date +%s); \
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e . \
+	&& echo "extension built in $$(( $$(date +%s) - start )) s"
+	@touch $@
+
+build: $(STAMPS)/build
+
+test: build
+	RESNET_FAST_REQUIRE_CUDA_BUILD=$(REQUIRE_CUDA) $(PY) -m pytest
+
+bench: build
+	$(PY) -m resnet_fast.bench
+
+clean:
+	rm -rf $(STAMPS) build *.egg-info resnet_fast/*.so

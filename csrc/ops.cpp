@@ -1,0 +1,28 @@
+// Operator schemas of the resnet_fast library and the Python module entry point.
+//
+// Schemas are defined once here; kernels register per dispatch key in csrc/cpu and
+// csrc/cuda; fake (meta) kernels, autograd and autocast are registered from Python
+// (resnet_fast/ops). The module has no Python functions of its own: importing it runs
+// the static registrations, and everything is then reached through torch.ops.resnet_fast.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(resnet_fast, m) {
+  // relu(x + residual), elementwise; x and residual have the same shape, dtype and device.
+  m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
+}
+
+extern "C" {
+// A plain CPython module (no pybind11): the registrations above are all it needs to carry,
+// and skipping torch/extension.h keeps this translation unit quick to compile.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "resnet_fast native kernels; use torch.ops.resnet_fast.*",
+      -1,
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}

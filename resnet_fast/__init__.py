@@ -1,0 +1,14 @@
+"""resnet_fast: fused-kernel ResNets for PyTorch.
+
+``from resnet_fast import resnet50`` is a drop-in for ``torchvision.models.resnet50`` (same
+modules, same state_dict keys, same outputs); ``resnet_fast.available_backends()`` says which
+kernel backends work on this machine and why the others do not.
+"""
+
+from . import ops
+from .backends import BackendUnavailableError, available_backends
+from .models import *  # noqa: F401,F403
+from .models import __all__ as _models_all
+
+__version__ = "0.1.0"
+__all__ = ["ops", "available_backends", "BackendUnavailableError", "__version__", *_models_all]

@@ -1,0 +1,30 @@
+"""Guarded load of the native extension ``resnet_fast._C``.
+
+Importing resnet_fast never fails because the extension is missing, was built for another
+torch, or was built without CUDA: the failure is recorded here and reported by
+``resnet_fast.available_backends()``; the ``reference`` backend always works.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_C = None
+LOAD_ERROR: str | None = None
+
+try:
+    from . import _C  # noqa: F811  (runs the TORCH_LIBRARY registrations)
+except ImportError as exc:  # not built, or built against a different torch
+    LOAD_ERROR = (f"the C++ extension resnet_fast._C could not be imported ({exc}); "
+                  "build it with `pip install --no-build-isolation -e .` (or `make test`)")
+
+
+def loaded() -> bool:
+    return _C is not None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel for ``resnet_fast::<op>`` on a key."""
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fast::{op}", dispatch_key)

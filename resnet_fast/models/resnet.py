@@ -1,0 +1,326 @@
+"""The ResNet family, module for module and key for key torchvision's
+(torchvision/models/resnet.py), so torchvision checkpoints load with strict=True.
+
+What differs from torchvision is inside ``forward`` only: in eval mode the residual join of
+every block is one fused ``add_relu`` kernel on the model's backend. Training mode computes
+exactly what torchvision computes. Extras for course-style use (all off by default, none of
+them adds a parameter or buffer): ``in_channels`` (1 = grayscale 3x3 stem, no maxpool),
+``drop_path_rate``, ``drop_block_prob``/``drop_block_size``, ``return_features``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..backends import requested_backend
+from .regularizers import DropBlock2d, DropPath
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
+            dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+                     groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class _Block(nn.Module):
+    """What BasicBlock and Bottleneck share: regularizers on the residual branch and the
+    residual join. ``drop_block``/``drop_path`` are None (not Identity) when off, so the
+    module tree of a default model is exactly torchvision's."""
+
+    backend: Optional[str]
+
+    def _init_extras(self, drop_path_rate: float, drop_block: Optional[DropBlock2d],
+                     backend: Optional[str]) -> None:
+        self.drop_block = drop_block
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else None
+        self.backend = backend
+
+    def _join(self, out: Tensor, identity: Tensor) -> Tensor:
+        if self.drop_block is not None:
+            out = self.drop_block(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        if not self.training and not torch.jit.is_scripting():
+            return ops.add_relu(out, identity, backend=self.backend)
+        out = out + identity
+        return torch.relu(out)
+
+
+class BasicBlock(_Block):
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 *, drop_path_rate: float = 0.0, drop_block: Optional[DropBlock2d] = None,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError(f"BasicBlock only supports groups=1 and base_width=64, got "
+                             f"groups={groups}, base_width={base_width}")
+        if dilation > 1:
+            raise NotImplementedError(f"dilation > 1 is not supported in BasicBlock (as in "
+                                      f"torchvision), got dilation={dilation}")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_extras(drop_path_rate, drop_block, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self._join(out, identity)
+
+
+class Bottleneck(_Block):
+    # The stride for downsampling is on the 3x3 conv (conv2), as in torchvision ("ResNet V1.5").
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None,
+                 *, drop_path_rate: float = 0.0, drop_block: Optional[DropBlock2d] = None,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_extras(drop_path_rate, drop_block, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self._join(out, identity)
+
+
+class _Backbone(nn.Module):
+    """What the ImageNet and CIFAR ResNets share: input check, head and forward. Subclasses
+    define ``forward_features`` and set ``in_channels``, ``return_features``, ``backend``."""
+
+    in_channels: int
+    return_features: bool
+    backend: Optional[str]
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{self._get_name()}: expected a 4-D (N, {self.in_channels}, H, W) "
+                             f"input, got shape {list(x.shape)}")
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool and fc: (N, C, h, w) -> (N, num_classes), or the pooled (N, C)
+        features with ``pre_logits=True``."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        features = self.forward_head(self.forward_features(x), pre_logits=True)
+        logits = self.fc(features)
+        if self.return_features:
+            return logits, features
+        return logits
+
+    def set_backend(self, backend: Optional[str]) -> "_Backbone":
+        """Use ``backend`` for the fused eval path from now on (None: env, else auto)."""
+        if backend is not None:
+            requested_backend(backend)  # an unknown name fails here, not at the first forward
+        for m in self.modules():
+            if isinstance(m, (_Block, _Backbone)):
+                m.backend = backend
+        return self
+
+    def _init_common(self, num_classes: int, in_channels: int, drop_path_rate: float,
+                     return_features: bool, backend: Optional[str]) -> None:
+        name = self._get_name()
+        if num_classes < 1:
+            raise ValueError(f"{name}: expected num_classes >= 1, got {num_classes}")
+        if in_channels < 1:
+            raise ValueError(f"{name}: expected in_channels >= 1, got {in_channels}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"{name}: expected drop_path_rate in [0, 1), got {drop_path_rate}")
+        if backend is not None:
+            requested_backend(backend)
+        self.in_channels = in_channels
+        self.return_features = return_features
+        self.backend = backend
+
+
+class ResNet(_Backbone):
+    """torchvision's ResNet (same arguments, same modules) plus the extras in the module
+    docstring.
+
+    Args (beyond torchvision's ``block, layers, num_classes, zero_init_residual, groups,
+    width_per_group, replace_stride_with_dilation, norm_layer``):
+        in_channels: input channels. 3 keeps torchvision's 7x7/2 stem and maxpool; 1 means a
+            grayscale small-image stem: 3x3 stride-1 conv1 and no maxpool. Other values keep
+            the 7x7 stem with that many input channels.
+        drop_path_rate: stochastic depth, linearly from 0 at the first block to this at the
+            last, on the residual branch only.
+        drop_block_prob, drop_block_size: DropBlock on the residual branch of every block in
+            stages 3 and 4.
+        return_features: forward returns ``(logits, features)``, features being the pooled
+            (N, C) embedding that feeds ``fc``.
+        backend: kernel backend for the fused eval path (see ``resnet_fast.available_backends``);
+            None means $RESNET_FAST_BACKEND, else auto.
+    """
+
+    def __init__(
+        self,
+        block: type[Union[BasicBlock, Bottleneck]],
+        layers: list[int],
+        num_classes: int = 1000,
+        zero_init_residual: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
+        replace_stride_with_dilation: Optional[list[bool]] = None,
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
+        *,
+        in_channels: int = 3,
+        drop_path_rate: float = 0.0,
+        drop_block_prob: float = 0.0,
+        drop_block_size: int = 7,
+        return_features: bool = False,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self._norm_layer = norm_layer
+        if len(layers) != 4:
+            raise ValueError(f"ResNet: expected 4 stage depths in layers, got {layers}")
+        self._init_common(num_classes, in_channels, drop_path_rate, return_features, backend)
+
+        self.inplanes = 64
+        self.dilation = 1
+        if replace_stride_with_dilation is None:
+            replace_stride_with_dilation = [False, False, False]
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation should be None "
+                             f"or a 3-element tuple, got {replace_stride_with_dilation}")
+        self.groups = groups
+        self.base_width = width_per_group
+        self._drop_path_rates = _linear_schedule(drop_path_rate, sum(layers))
+        self._drop_block = (drop_block_prob, drop_block_size)
+        if drop_block_prob:
+            DropBlock2d(drop_block_prob, drop_block_size)  # validate the arguments once
+
+        if in_channels == 1:
+            self.conv1 = nn.Conv2d(1, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, self.inplanes, kernel_size=7, stride=2, padding=3,
+                                   bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = (nn.Identity() if in_channels == 1
+                        else nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2,
+                                       dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2,
+                                       dilate=replace_stride_with_dilation[1], drop_block=True)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2,
+                                       dilate=replace_stride_with_dilation[2], drop_block=True)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+        # Zero-init the last BN of each residual branch so every block starts as an identity
+        # (Goyal et al. 2017, https://arxiv.org/abs/1706.02677).
+        if zero_init_residual:
+            zero_init_last_bn(self)
+
+    def _make_layer(self, block: type[Union[BasicBlock, Bottleneck]], planes: int, blocks: int,
+                    stride: int = 1, dilate: bool = False, drop_block: bool = False) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                norm_layer(planes * block.expansion),
+            )
+
+        layers = []
+        for i in range(blocks):
+            extras = dict(drop_path_rate=self._drop_path_rates.pop(0), backend=self.backend,
+                          drop_block=self._make_drop_block() if drop_block else None)
+            if i == 0:
+                layers.append(block(self.inplanes, planes, stride, downsample, self.groups,
+                                    self.base_width, previous_dilation, norm_layer, **extras))
+                self.inplanes = planes * block.expansion
+            else:
+                layers.append(block(self.inplanes, planes, groups=self.groups,
+                                    base_width=self.base_width, dilation=self.dilation,
+                                    norm_layer=norm_layer, **extras))
+        return nn.Sequential(*layers)
+
+    def _make_drop_block(self) -> Optional[DropBlock2d]:
+        p, size = self._drop_block
+        return DropBlock2d(p, size) if p > 0 else None
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Stem and the four stages: (N, in_channels, H, W) -> (N, C, H/32, W/32)."""
+        self._check_input(x)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+
+def zero_init_last_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+            nn.init.constant_(m.bn3.weight, 0)
+        elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+            nn.init.constant_(m.bn2.weight, 0)
+
+
+def _linear_schedule(rate: float, n: int) -> list[float]:
+    """Per-block stochastic-depth rates: 0 at the first block, ``rate`` at the last."""
+    if n <= 1:
+        return [rate] * n
+    return [rate * i / (n - 1) for i in range(n)]

@@ -1,0 +1,136 @@
+"""Build of resnet_fast and its native extension ``resnet_fast._C``.
+
+The C++ CPU kernels are always built. The CUDA kernels are built when a real CUDA toolkit
+is found and torch was built with CUDA. Knobs (environment variables):
+
+  CUDA_HOME              the toolkit to use (default: /usr/local/cuda when it has bin/nvcc)
+  RESNET_FAST_NO_CUDA=1  skip the CUDA sources even when a toolkit is present
+  TORCH_CUDA_ARCH_LIST   target archs; default "8.0;9.0" when no GPU is visible
+  MAX_JOBS               parallel compile jobs; default bounded by CPU count and RAM
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _find_cuda_home():
+    """The real CUDA toolkit, or None.
+
+    torch guesses CUDA_HOME from the `nvcc` on PATH; where that nvcc is a wrapper script
+    (as on our dev machines, /usr/local/bin/nvcc) the guess is /usr/local and linking
+    fails. So look at CUDA_HOME, then /usr/local/cuda, and accept a directory only when it
+    holds bin/nvcc and include/cuda_runtime.h.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if not candidate:
+            continue
+        if (Path(candidate, "bin", "nvcc").is_file()
+                and Path(candidate, "include", "cuda_runtime.h").is_file()):
+            return str(Path(candidate).resolve())
+    return None
+
+
+def _nvcc_major(cuda_home):
+    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                         capture_output=True, text=True, check=False).stdout
+    m = re.search(r"release (\d+)\.", out)
+    return int(m.group(1)) if m else None
+
+
+WANT_CUDA = os.environ.get("RESNET_FAST_NO_CUDA", "0") != "1"
+CUDA_HOME = _find_cuda_home() if WANT_CUDA else None
+if CUDA_HOME:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+build_cuda = False
+if not WANT_CUDA:
+    print("resnet_fast: RESNET_FAST_NO_CUDA=1, building the CPU kernels only")
+elif CUDA_HOME is None:
+    warnings.warn("resnet_fast: no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only")
+elif torch.version.cuda is None:
+    warnings.warn("resnet_fast: this torch has no CUDA support; building the CPU kernels only")
+elif _nvcc_major(CUDA_HOME) != int(torch.version.cuda.split(".")[0]):
+    warnings.warn(f"resnet_fast: nvcc in {CUDA_HOME} is CUDA {_nvcc_major(CUDA_HOME)} but torch "
+                  f"was built with CUDA {torch.version.cuda}; building the CPU kernels only")
+else:
+    build_cuda = True
+
+if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # A100 and H100
+
+if "MAX_JOBS" not in os.environ:
+    # nvcc on a torch-including .cu file can use 2-3 GB; keep jobs within RAM.
+    try:
+        ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        ram_gb = 8.0
+    os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(ram_gb // 3))))
+
+
+def _nvidia_wheel_include(package, header):
+    """The include dir of an nvidia-* wheel (installed with the CUDA build of torch) that
+    holds ``header``, or None."""
+    for entry in sys.path:
+        inc = Path(entry, "nvidia", package, "include")
+        if (inc / header).is_file():
+            return str(inc)
+    return None
+
+
+def _extra_cuda_include_dirs(cuda_home):
+    """cuDNN headers come from the nvidia-cudnn wheel. A slim toolkit (as on our dev machines)
+    lacks the math-library headers ATen's CUDA headers include (cusparse.h, cublas_v2.h);
+    those come from the nvidia/cu13 wheel, searched after the toolkit's own include dir."""
+    dirs = [_nvidia_wheel_include("cudnn", "cudnn.h")]
+    if not Path(cuda_home, "include", "cusparse.h").is_file():
+        major = torch.version.cuda.split(".")[0]
+        dirs.append(_nvidia_wheel_include(f"cu{major}", "cusparse.h"))
+    return [d for d in dirs if d]
+
+
+sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+# No -std flag: torch's cpp_extension picks the standard its headers need (C++20 from 2.10 on).
+cxx_flags = ["-O3", "-fvisibility=hidden"]
+if build_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    ext = CUDAExtension(
+        "resnet_fast._C",
+        sources,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+    )
+    # Appended after CUDAExtension added torch's and the toolkit's include dirs.
+    ext.include_dirs += _extra_cuda_include_dirs(CUDA_HOME)
+else:
+    ext = CppExtension(
+        "resnet_fast._C",
+        sources,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+setup(
+    name="resnet_fast",
+    version="0.1.0",
+    description="Fused-kernel ResNets for PyTorch: drop-in torchvision models, Triton/CUDA/CPU kernels",
+    packages=find_packages(include=["resnet_fast", "resnet_fast.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "torchvision>=0.26"],
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["resnet-fast=resnet_fast.cli:main"]},
+    zip_safe=False,
+)
