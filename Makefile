@@ -1,5 +1,6 @@
 # make test   create .venv if missing, install the dev set, build the extension, run all tests
 # make bench  same set-up, then the model benchmark (python -m resnet_fast.bench)
+# make bench-kernels  the kernel benchmarks (pytest-benchmark; JSON in .benchmarks/)
 # make build  set-up and build only
 #
 # The extension rebuilds only when csrc/, setup.py or pyproject.toml change.
@@ -15,7 +16,7 @@ export CUDA_HOME
 REQUIRE_CUDA := $(if $(and $(CUDA_HOME),$(wildcard $(CUDA_HOME)/bin/nvcc)),$(if $(filter 1,$(RESNET_FAST_NO_CUDA)),0,1),0)
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
-.PHONY: test bench build clean
+.PHONY: test bench bench-kernels build clean
 
 $(STAMPS)/deps: requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,9 @@ test: build
 
 bench: build
 	$(PY) -m resnet_fast.bench
+
+bench-kernels: build
+	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-autosave --benchmark-columns=median,iqr,rounds
 
 clean:
 	rm -rf $(STAMPS) build *.egg-info resnet_fast/*.so

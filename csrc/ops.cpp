@@ -10,6 +10,12 @@
 TORCH_LIBRARY(resnet_fast, m) {
   // relu(x + residual), elementwise; x and residual have the same shape, dtype and device.
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
+  // act(x * scale[c] + shift[c] (+ residual)) for x of shape (N, C, ...); act = relu or none.
+  m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual=None, "
+        "bool relu=True) -> Tensor");
+  // The CPU output-buffer cache (csrc/cpu/buffer_pool.h): free it, or read its size in bytes.
+  m.def("cpu_buffer_cache_clear() -> int");
+  m.def("cpu_buffer_cache_bytes() -> int");
 }
 
 extern "C" {

@@ -66,7 +66,14 @@ def backend_status(name: str) -> BackendStatus:
         err = _triton_import_error()
         if err:
             return BackendStatus(False, err)
-        return BackendStatus(False, "no Triton kernels are registered yet in this version")
+        import triton
+        if torch.cuda.is_available():
+            return BackendStatus(True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}")
+        if interpreting_triton():
+            return BackendStatus(True, f"Triton {triton.__version__} interpreter on CPU tensors "
+                                       "(TRITON_INTERPRET=1; for tests, slow)")
+        return BackendStatus(False, "no CUDA device is visible (Triton runs CPU tensors only "
+                                    "under its interpreter, TRITON_INTERPRET=1)")
     raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)} or 'auto'")
 
 
@@ -89,25 +96,38 @@ def requested_backend(backend: str | None) -> str:
     return choice
 
 
-# Which backends can serve a tensor on a device type, in auto's order of preference.
-_SERVES = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+def interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Which backends auto picks from on a device type, in order of preference (a static order
+# for now: per-shape measurement is future work).
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 _auto_logged: set[tuple[str, str]] = set()
+
+
+def _serves(device_type: str) -> tuple[str, ...]:
+    """Backends that can be asked for by name on a device type."""
+    names = _AUTO_ORDER.get(device_type, ("reference",))
+    if device_type == "cpu" and interpreting_triton():
+        names += ("triton",)
+    return names
 
 
 def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     """The backend that runs ``op`` on ``device`` for this call."""
     choice = requested_backend(backend)
     dev = device.type
-    candidates = _SERVES.get(dev, ("reference",))
     if choice == "auto":
-        for name in candidates:
-            if backend_status(name).available and (name == "reference"
-                                                   or _extension.has_kernel(op, dev.upper())):
+        for name in _AUTO_ORDER.get(dev, ("reference",)):
+            native_ok = name not in ("cpu", "cuda") or _extension.has_kernel(op, dev.upper())
+            if backend_status(name).available and native_ok:
                 if (op, dev) not in _auto_logged:
                     _auto_logged.add((op, dev))
                     log.info("resnet_fast: %s on %s uses the %s backend", op, dev, name)
                 return name
         return "reference"
+    candidates = _serves(dev)
     if choice not in candidates:
         raise BackendUnavailableError(
             f"backend {choice!r} cannot run {op} on {dev} tensors; on {dev} the choices are "

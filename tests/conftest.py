@@ -1,9 +1,25 @@
 """Test tiers: everything runs on CPU except tests marked `gpu`, which are skipped (and
-reported) when no CUDA device is visible. The check runs at collection, not at import of
-any test module."""
+reported) when no CUDA device is visible. The check runs here, not at import of any test
+module.
+
+Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which reads
+TRITON_INTERPRET when triton is first imported: it is set here, before any test imports it
+(importing torch does not import triton)."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI must not be flaky); run with
+# --hypothesis-profile=explore to search afresh.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=500)
+settings.load_profile("ci")
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -56,11 +56,29 @@ def test_cpu_matches_reference_bit_exactly(shape, dtype, channels_last):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape, channels_last",
                          LAYOUTS + [((64, 256, 56, 56), False), ((64, 256, 56, 56), True)])
-def test_cuda_matches_reference_bit_exactly(shape, dtype, channels_last):
-    _check_exact("cuda", "cuda", shape, dtype, channels_last)
+def test_gpu_matches_reference_bit_exactly(backend, shape, dtype, channels_last):
+    _check_exact(backend, "cuda", shape, dtype, channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_int64_indexing(backend):
+    # 2^31 + 17 half elements: offsets past int32 must not wrap.
+    n = 2**31 + 17
+    x = torch.full((n,), -1.0, dtype=torch.float16, device="cuda")
+    x[-5:] = 2.0
+    r = torch.ones(n, dtype=torch.float16, device="cuda")
+    out = add_relu(x, r, backend=backend)
+    assert out[-5:].eq(3.0).all() and out[-6].item() == 0.0 and out[:1000].eq(0).all()
+    del out
+    s, b = torch.ones(1, device="cuda"), torch.zeros(1, device="cuda")
+    out = resnet_fast.ops.scale_shift_act(x.view(1, 1, n), s, b, r.view(1, 1, n), True,
+                                          backend=backend)
+    assert out[0, 0, -5:].eq(3.0).all() and out[0, 0, -6].item() == 0.0
 
 
 def test_non_contiguous_and_mixed_layouts():
@@ -115,8 +133,8 @@ def test_backend_choice():
 
 def test_backend_from_environment(monkeypatch):
     x, r = _inputs((2, 3, 4, 4), torch.float32)
-    monkeypatch.setenv("RESNET_FAST_BACKEND", "triton")
-    with pytest.raises(BackendUnavailableError):
+    monkeypatch.setenv("RESNET_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match=r"'cuda' cannot run add_relu on cpu"):
         add_relu(x, r)
     monkeypatch.setenv("RESNET_FAST_BACKEND", "nonsense")
     with pytest.raises(ValueError, match=r"\$RESNET_FAST_BACKEND='nonsense' is not a backend"):

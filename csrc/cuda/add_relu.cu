@@ -13,22 +13,10 @@
 #include <cstdint>
 
 #include "../checks.h"
+#include "elementwise_common.cuh"
 
-namespace resnet_fast {
+namespace resnet_fast::cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) Pack {
-  scalar_t v[N];
-};
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t relu_nan(acc_t v) {
-  // NaN-propagating like torch.relu (fmaxf(v, 0) would return 0 for NaN).
-  return (v > acc_t(0) || v != v) ? v : acc_t(0);
-}
 
 template <typename scalar_t, int VEC>
 __global__ void add_relu_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r,
@@ -54,14 +42,9 @@ __global__ void add_relu_kernel(const scalar_t* __restrict__ x, const scalar_t* 
   }
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
 template <typename scalar_t, int VEC>
 void launch(const scalar_t* x, const scalar_t* r, scalar_t* out, int64_t n) {
-  const int64_t work = std::max<int64_t>(n / VEC, 1);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(sms) * 32);
-  add_relu_kernel<scalar_t, VEC><<<static_cast<unsigned>(blocks), kThreads, 0,
+  add_relu_kernel<scalar_t, VEC><<<grid_for(n / VEC), kThreads, 0,
                                    at::cuda::getCurrentCUDAStream()>>>(x, r, out, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -96,4 +79,4 @@ at::Tensor add_relu_cuda(const at::Tensor& x_in, const at::Tensor& residual_in) 
 
 TORCH_LIBRARY_IMPL(resnet_fast, CUDA, m) { m.impl("add_relu", &add_relu_cuda); }
 
-}  // namespace resnet_fast
+}  // namespace resnet_fast::cuda

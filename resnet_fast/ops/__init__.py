@@ -2,5 +2,7 @@
 extension is built (see ``resnet_fast.available_backends()``)."""
 
 from .add_relu import add_relu
+from .cache import cpu_cache_bytes, empty_cpu_cache
+from .scale_shift_act import scale_shift_act
 
-__all__ = ["add_relu"]
+__all__ = ["add_relu", "scale_shift_act", "cpu_cache_bytes", "empty_cpu_cache"]

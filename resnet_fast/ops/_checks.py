@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -27,3 +28,32 @@ def check_same_meta(x: Tensor, other: Tensor, op: str, other_name: str) -> None:
     if x.device != other.device:
         raise ValueError(f"{op}: expected {other_name} on the same device as x ({x.device}), "
                          f"got {other.device}")
+
+
+
+def check_scale_shift(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
+                      op: str) -> None:
+    """scale/shift: 1-D, one value per channel (dim 1), in x's dtype or float32, on x's
+    device; residual exactly like x (csrc/checks.h checks the same)."""
+    check_tensor(x, op, "x")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: expected x of shape (N, C, ...) with at least 2 dims, got "
+                         f"{tuple(x.shape)}")
+    c = x.shape[1]
+    for name, p in (("scale", scale), ("shift", shift)):
+        check_tensor(p, op, name)
+        if p.dim() != 1 or p.shape[0] != c:
+            raise ValueError(f"{op}: expected {name} of shape ({c},) (one value per channel of "
+                             f"x), got {tuple(p.shape)}")
+        if p.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{op}: expected {name} in x's dtype ({x.dtype}) or float32, got "
+                            f"{p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"{op}: expected {name} on the same device as x ({x.device}), got "
+                             f"{p.device}")
+    if scale.dtype != shift.dtype:
+        raise TypeError(f"{op}: expected scale and shift of one dtype, got {scale.dtype} and "
+                        f"{shift.dtype}")
+    if residual is not None:
+        check_tensor(residual, op, "residual")
+        check_same_meta(x, residual, op, "residual")

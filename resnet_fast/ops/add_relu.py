@@ -1,8 +1,8 @@
 """add_relu(x, residual) = relu(x + residual) in one pass: the residual join of a block.
 
-Registered as ``torch.ops.resnet_fast.add_relu`` by the C++ extension (CPU and CUDA
-kernels); this module adds the fake kernel (for torch.compile / export) and autograd, and
-the public function that picks a backend.
+Variants: ``torch.ops.resnet_fast.add_relu`` (C++ extension: CPU and CUDA kernels) and
+``torch.ops.resnet_fast.add_relu_triton``; both get the fake kernel, autograd and the autocast
+rule here. :func:`add_relu` picks the variant from the backend.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _extension
 from ..backends import resolve
 from . import reference
+from ..kernels.layout import layout_of
 from ._checks import check_same_meta, check_tensor
-
-OP = "resnet_fast::add_relu"
+from ._registration import check_triton_device, register_common, triton_kernels
 
 
 def _validate(x: Tensor, residual: Tensor) -> None:
@@ -24,29 +23,40 @@ def _validate(x: Tensor, residual: Tensor) -> None:
     check_same_meta(x, residual, "add_relu", "residual")
 
 
-def _layout(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+@torch.library.custom_op("resnet_fast::add_relu_triton", mutates_args=(),
+                         device_types=("cuda", "cpu"))
+def _add_relu_triton(x: Tensor, residual: Tensor) -> Tensor:
+    _validate(x, residual)
+    check_triton_device(x, "add_relu")
+    return triton_kernels().add_relu(x, residual)
 
 
-if _extension.loaded():
+def _fake(x: Tensor, residual: Tensor) -> Tensor:
+    _validate(x, residual)
+    return torch.empty_like(x, memory_format=layout_of(x))
 
-    @torch.library.register_fake(OP)
-    def _add_relu_fake(x: Tensor, residual: Tensor) -> Tensor:
-        _validate(x, residual)
-        return torch.empty_like(x, memory_format=_layout(x))
 
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output)
 
-    def _backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        # d relu(s)/ds = 1 where the output is positive (NaN output -> 0, as torch.relu).
-        g = torch.where(out > 0, grad, torch.zeros_like(grad))
-        return g, g
 
-    torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+def _backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    # d relu(s)/ds = 1 where the output is positive (a NaN output gives 0, as torch.relu).
+    g = torch.where(out > 0, grad, torch.zeros_like(grad))
+    return g, g
+
+
+def _autocast(args):
+    # Mixed dtypes under autocast (a bf16 conv output joining an fp32 residual) promote as
+    # eager `torch.relu(x + r)` would.
+    x, residual = args
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype)
+
+
+register_common("add_relu", fake=_fake, backward=_backward, setup_context=_setup_context,
+                autocast=_autocast)
 
 
 def add_relu(x: Tensor, residual: Tensor, *, backend: str | None = None) -> Tensor:
@@ -54,13 +64,18 @@ def add_relu(x: Tensor, residual: Tensor, *, backend: str | None = None) -> Tens
 
     Args:
         x, residual: tensors of the same shape, dtype (float32/64, float16, bfloat16) and
-            device; no broadcasting. Neither is modified.
+            device; no broadcasting. Neither is modified. Under autocast, mixed dtypes promote.
         backend: "reference", "cpu", "cuda", "triton" or "auto" (default: $RESNET_FAST_BACKEND,
             else "auto").
     Returns:
         A new tensor with x's shape, dtype and memory format (NCHW or channels_last).
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, residual = _autocast((x, residual))
     _validate(x, residual)
-    if resolve("add_relu", x.device, backend) == "reference":
+    chosen = resolve("add_relu", x.device, backend)
+    if chosen == "reference":
         return reference.add_relu(x, residual)
+    if chosen == "triton":
+        return torch.ops.resnet_fast.add_relu_triton(x, residual)
     return torch.ops.resnet_fast.add_relu(x, residual)

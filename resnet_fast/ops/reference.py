@@ -11,3 +11,14 @@ from torch import Tensor
 def add_relu(x: Tensor, residual: Tensor) -> Tensor:
     """relu(x + residual), computed as eager PyTorch does it."""
     return torch.relu(x + residual)
+
+
+def scale_shift_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None,
+                    relu: bool = True) -> Tensor:
+    """act(x * scale[c] + shift[c] (+ residual)) with channels on dim 1, as eager PyTorch
+    computes it in x's dtype (scale/shift cast to it)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    out = x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out

@@ -1,0 +1,47 @@
+"""Timing shared by the kernel benchmarks: candidates interleaved per repeat (A B A B ...),
+CPU timed with perf_counter around each call, GPU with CUDA events; medians and per-repeat
+ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def time_once(fn: Callable[[], object], device: torch.device, inner: int = 1) -> float:
+    """Seconds per call, averaged over ``inner`` back-to-back calls (GPU: for calls too short
+    for one event pair to resolve)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], device: torch.device,
+                repeats: int, warmup: int = 2, inner: int = 1) -> dict[str, list[float]]:
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            times[name].append(time_once(fn, device, inner))
+    return times
+
+
+def median_ratio(baseline: list[float], candidate: list[float]) -> float:
+    """Median over repeats of baseline_time / candidate_time (> 1: candidate faster)."""
+    return statistics.median(b / c for b, c in zip(baseline, candidate))

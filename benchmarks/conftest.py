@@ -1,0 +1,60 @@
+"""Kernel benchmarks (pytest-benchmark): `make bench-kernels`, or
+`pytest benchmarks/ --benchmark-json=out.json`. Each benchmark also times the eager PyTorch
+baseline interleaved with ours and stores GB/s and the same-run ratio in extra_info; a table
+of those is printed at the end."""
+
+import os
+
+import pytest
+import torch
+
+from resnet_fast import available_backends
+
+_ROWS = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+def batch_sizes(device_type: str) -> list[int]:
+    """Batches to run: 1, 32, 256 on GPU; 1 and 32 on CPU (256 makes 0.8 GB tensors), or the
+    comma-separated list in RESNET_FAST_BENCH_BATCHES."""
+    env = os.environ.get("RESNET_FAST_BENCH_BATCHES")
+    if env:
+        return [int(b) for b in env.split(",")]
+    return [1, 32, 256] if device_type == "cuda" else [1, 32]
+
+
+def devices_and_backends():
+    out = []
+    status = available_backends()
+    if status["cpu"].available:
+        out.append(("cpu", "cpu"))
+    if torch.cuda.is_available():
+        for b in ("cuda", "triton"):
+            if status[b].available:
+                out.append(("cuda", b))
+    return out
+
+
+@pytest.fixture
+def record():
+    def _record(row):
+        _ROWS.append(row)
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    tr = terminalreporter
+    tr.section("kernel throughput (same-run ratios vs eager PyTorch)")
+    header = (f"{'op':<28}{'device':<8}{'backend':<8}{'dtype':<10}{'shape':<22}"
+              f"{'ours GB/s':>10}{'eager GB/s':>11}{'ratio':>8}")
+    tr.write_line(header)
+    tr.write_line("-" * len(header))
+    for r in _ROWS:
+        tr.write_line(f"{r['op']:<28}{r['device']:<8}{r['backend']:<8}{r['dtype']:<10}"
+                      f"{str(tuple(r['shape'])):<22}{r['ours_gbps']:>10.1f}{r['eager_gbps']:>11.1f}"
+                      f"{r['ratio']:>7.2f}x")

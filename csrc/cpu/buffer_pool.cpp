@@ -1,0 +1,124 @@
+#include "buffer_pool.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace resnet_fast::cpu {
+namespace {
+
+constexpr size_t kMinBytes = size_t(1) << 20;   // smaller outputs: default allocator
+constexpr size_t kAlign = size_t(2) << 20;      // huge-page size and alignment
+
+size_t cap_bytes() {
+  static const size_t cap = [] {
+    const char* env = std::getenv("RESNET_FAST_CPU_CACHE_MB");
+    if (env == nullptr || *env == '\0') return size_t(1024) << 20;
+    try {
+      const long long mb = std::stoll(env);
+      TORCH_CHECK(mb >= 0, "RESNET_FAST_CPU_CACHE_MB must be >= 0, got ", env);
+      return static_cast<size_t>(mb) << 20;
+    } catch (const std::logic_error&) {
+      TORCH_CHECK(false, "RESNET_FAST_CPU_CACHE_MB must be an integer (megabytes), got '", env, "'");
+    }
+  }();
+  return cap;
+}
+
+struct Pool {
+  std::mutex mu;
+  std::multimap<size_t, void*> free_blocks;  // rounded size -> buffer
+  size_t cached = 0;
+};
+
+// Never destroyed: tensors may outlive static destruction at interpreter exit.
+Pool& pool() {
+  static Pool* p = new Pool();
+  return *p;
+}
+
+struct Block {
+  void* ptr;
+  size_t bytes;
+};
+
+void release(void* ctx) {
+  auto* block = static_cast<Block*>(ctx);
+  Pool& p = pool();
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    if (p.cached + block->bytes <= cap_bytes()) {
+      p.free_blocks.emplace(block->bytes, block->ptr);
+      p.cached += block->bytes;
+      delete block;
+      return;
+    }
+  }
+  std::free(block->ptr);
+  delete block;
+}
+
+void* acquire(size_t bytes) {
+  Pool& p = pool();
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    auto it = p.free_blocks.find(bytes);
+    if (it != p.free_blocks.end()) {
+      void* ptr = it->second;
+      p.free_blocks.erase(it);
+      p.cached -= bytes;
+      return ptr;
+    }
+  }
+  void* ptr = std::aligned_alloc(kAlign, bytes);
+  TORCH_CHECK(ptr != nullptr, "resnet_fast: out of memory allocating ", bytes, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(ptr, bytes, MADV_HUGEPAGE);  // advice only: failure just means 4 KiB pages
+#endif
+  return ptr;
+}
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat fmt) {
+  const at::Tensor meta = at::empty(sizes, options.device(at::kMeta).memory_format(fmt));
+  const size_t nbytes = static_cast<size_t>(meta.numel()) * meta.element_size();
+  if (nbytes < kMinBytes || cap_bytes() == 0) {
+    return at::empty(sizes, options.memory_format(fmt));
+  }
+  const size_t rounded = (nbytes + kAlign - 1) / kAlign * kAlign;
+  void* ptr = acquire(rounded);
+  auto* block = new Block{ptr, rounded};
+  return at::for_blob(ptr, sizes)
+      .strides(meta.strides())
+      .context(block, &release)
+      .options(options)
+      .make_tensor();
+}
+
+int64_t buffer_cache_clear() {
+  Pool& p = pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  const auto freed = static_cast<int64_t>(p.cached);
+  for (auto& kv : p.free_blocks) std::free(kv.second);
+  p.free_blocks.clear();
+  p.cached = 0;
+  return freed;
+}
+
+int64_t buffer_cache_bytes() {
+  Pool& p = pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  return static_cast<int64_t>(p.cached);
+}
+
+}  // namespace resnet_fast::cpu

@@ -1,0 +1,26 @@
+// A cache of large CPU output buffers. On CPU a fresh 100 MB tensor costs more than the
+// arithmetic done on it: the allocator hands back new pages and each is faulted in on first
+// touch (measured here: a 103 MB clone 30 ms, of which ~2/3 page faults). Like the CUDA
+// caching allocator, buffers of freed outputs are kept and handed to the next output of the
+// same rounded size; new buffers are 2 MiB aligned and advised for transparent huge pages.
+//
+// RESNET_FAST_CPU_CACHE_MB caps the bytes kept (default 1024; 0 disables the cache; outputs
+// under 1 MiB always use the default allocator).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
+
+#include <cstdint>
+
+namespace resnet_fast::cpu {
+
+// An uninitialized CPU tensor like at::empty(sizes, options.memory_format(fmt)).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat fmt);
+
+// Frees every cached buffer; returns the bytes released.
+int64_t buffer_cache_clear();
+// Bytes currently held in the cache (not counting buffers owned by live tensors).
+int64_t buffer_cache_bytes();
+
+}  // namespace resnet_fast::cpu

@@ -1,0 +1,25 @@
+// Entry points of the CPU kernels, compiled once per instruction set (kernels_default.cpp,
+// kernels_avx2.cpp) and picked at run time by dispatch.cpp. Arguments are validated,
+// dense in the same memory format, and `out` is allocated by the caller (ops_cpu.cpp).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace resnet_fast::cpu {
+
+#define RESNET_FAST_CPU_KERNELS(NS)                                                          \
+  namespace NS {                                                                             \
+  void add_relu_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out);   \
+  /* residual: an undefined tensor when absent. */                                           \
+  void scale_shift_act_kernel(const at::Tensor& x, const at::Tensor& scale,                \
+                              const at::Tensor& shift, const at::Tensor& residual, bool relu, \
+                              bool channels_last, const at::Tensor& out);                    \
+  }
+RESNET_FAST_CPU_KERNELS(DEFAULT)
+RESNET_FAST_CPU_KERNELS(AVX2)
+#undef RESNET_FAST_CPU_KERNELS
+
+// Whether the AVX2 build of the kernels runs here: the CPU has AVX2/FMA/F16C and
+// ATEN_CPU_CAPABILITY (PyTorch's own override) does not ask for "default".
+bool use_avx2();
+
+}  // namespace resnet_fast::cpu

@@ -1,0 +1,84 @@
+// The CPU implementations of the resnet_fast ops: argument checks, layout, allocation, and
+// the call into the kernels for this CPU's instruction set (kernels.h).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "../checks.h"
+#include "buffer_pool.h"
+#include "kernels.h"
+
+namespace resnet_fast::cpu {
+
+bool use_avx2() {
+  static const bool ok = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+    if (env != nullptr && (std::strcmp(env, "default") == 0 || std::strcmp(env, "DEFAULT") == 0))
+      return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+namespace {
+
+at::Tensor add_relu_cpu(const at::Tensor& x_in, const at::Tensor& residual_in) {
+  check_floating(x_in, "add_relu");
+  check_same_tensor_meta(x_in, residual_in, "add_relu", "residual");
+  TORCH_CHECK(x_in.device().is_cpu(), "add_relu (cpu): expected CPU tensors, got ",
+              x_in.device());
+  const auto fmt = layout_of(x_in);
+  const at::Tensor x = dense_in(x_in, fmt);
+  const at::Tensor r = dense_in(residual_in, fmt);
+  at::Tensor out = empty_output(x.sizes(), x.options(), fmt);
+  if (out.numel() == 0) return out;
+  if (use_avx2()) {
+    AVX2::add_relu_kernel(x, r, out);
+  } else {
+    DEFAULT::add_relu_kernel(x, r, out);
+  }
+  return out;
+}
+
+at::Tensor scale_shift_act_cpu(const at::Tensor& x_in, const at::Tensor& scale,
+                               const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                               bool relu) {
+  check_scale_shift_args(x_in, scale, shift, residual, "scale_shift_act");
+  TORCH_CHECK(x_in.device().is_cpu(), "scale_shift_act (cpu): expected CPU tensors, got ",
+              x_in.device());
+  const auto fmt = layout_of(x_in);
+  const at::Tensor x = dense_in(x_in, fmt);
+  const at::Tensor r = residual.has_value() ? dense_in(*residual, fmt) : at::Tensor();
+  at::Tensor out = empty_output(x.sizes(), x.options(), fmt);
+  if (out.numel() == 0) return out;
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  if (use_avx2()) {
+    AVX2::scale_shift_act_kernel(x, scale, shift, r, relu, channels_last, out);
+  } else {
+    DEFAULT::scale_shift_act_kernel(x, scale, shift, r, relu, channels_last, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, CatchAll, m) {
+  m.impl("cpu_buffer_cache_clear", &buffer_cache_clear);
+  m.impl("cpu_buffer_cache_bytes", &buffer_cache_bytes);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("add_relu", &add_relu_cpu);
+  m.impl("scale_shift_act", &scale_shift_act_cpu);
+}
+
+}  // namespace resnet_fast::cpu

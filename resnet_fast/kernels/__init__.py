@@ -1,0 +1,1 @@
+"""Kernel implementations below the ops layer (no torch.library registration here)."""

@@ -1,0 +1,95 @@
+"""The CPU output-buffer cache: large outputs reuse freed buffers, results stay correct,
+the cap is honoured, and two threads can use it at once."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import torch
+
+from resnet_fast.ops import add_relu, cpu_cache_bytes, empty_cpu_cache, scale_shift_act
+
+
+def _big(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 64, 32, 32, generator=g), torch.randn(4, 64, 32, 32, generator=g)  # 1 MiB each
+
+
+def test_freed_outputs_are_reused_and_fully_overwritten():
+    empty_cpu_cache()
+    x, r = _big()
+    out = add_relu(x, r, backend="cpu")
+    ptr = out.data_ptr()
+    assert cpu_cache_bytes() == 0
+    del out
+    assert cpu_cache_bytes() >= x.numel() * 4
+    x2, r2 = _big(seed=1)
+    again = add_relu(x2, r2, backend="cpu")
+    assert again.data_ptr() == ptr  # the same buffer, no fresh pages
+    assert torch.equal(again, torch.relu(x2 + r2))
+    assert cpu_cache_bytes() == 0
+    # Shared by both ops: a scale_shift_act output of the same size takes it too.
+    del again
+    s, b = torch.ones(64), torch.zeros(64)
+    out = scale_shift_act(x, s, b, None, False, backend="cpu")
+    assert out.data_ptr() == ptr and torch.equal(out, x)
+    del out
+    assert empty_cpu_cache() >= x.numel() * 4
+    assert cpu_cache_bytes() == 0
+
+
+def test_small_outputs_use_the_default_allocator():
+    empty_cpu_cache()
+    x = torch.randn(2, 3, 4, 4)
+    out = add_relu(x, x, backend="cpu")
+    del out
+    assert cpu_cache_bytes() == 0
+
+
+def test_outputs_behave_like_ordinary_tensors():
+    x, r = _big()
+    out = add_relu(x, r, backend="cpu")
+    out.add_(1)  # writable
+    assert out.is_contiguous()
+    view = out[1:3]
+    del out
+    assert view.sum().item() > 0  # a view keeps the buffer alive
+    cl = add_relu(x.contiguous(memory_format=torch.channels_last), r, backend="cpu")
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_cap_from_the_environment():
+    code = ("import torch, resnet_fast.ops as o; x = torch.randn(4, 64, 32, 32); "
+            "y = o.add_relu(x, x, backend='cpu'); del y; print(o.cpu_cache_bytes())")
+    assert _run(code, RESNET_FAST_CPU_CACHE_MB="0").stdout.strip() == "0"
+    assert int(_run(code, RESNET_FAST_CPU_CACHE_MB="64").stdout.strip()) > 0
+    bad = _run(code, RESNET_FAST_CPU_CACHE_MB="lots")
+    assert bad.returncode != 0
+    assert "RESNET_FAST_CPU_CACHE_MB must be an integer (megabytes), got 'lots'" in bad.stderr
+
+
+def test_two_threads_at_once():
+    errors = []
+
+    def work(seed):
+        try:
+            for i in range(30):
+                x, r = _big(seed * 100 + i)
+                out = add_relu(x, r, backend="cpu")
+                if not torch.equal(out, torch.relu(x + r)):
+                    errors.append(f"thread {seed} iteration {i}: wrong result")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
