@@ -111,7 +111,7 @@ sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
 link_flags = []
 if build_cuda:
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     ext = CUDAExtension(
         "resnet_fast._C",
         sources,

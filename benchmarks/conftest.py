@@ -52,9 +52,19 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("kernel throughput (same-run ratios vs eager PyTorch)")
     header = (f"{'op':<28}{'device':<8}{'backend':<8}{'dtype':<10}{'shape':<22}"
               f"{'ours GB/s':>10}{'eager GB/s':>11}{'ratio':>8}")
-    tr.write_line(header)
-    tr.write_line("-" * len(header))
-    for r in _ROWS:
+    if any("ours_gbps" in r for r in _ROWS):
+        tr.write_line(header)
+        tr.write_line("-" * len(header))
+    for r in (r for r in _ROWS if "ours_gbps" in r):
         tr.write_line(f"{r['op']:<28}{r['device']:<8}{r['backend']:<8}{r['dtype']:<10}"
                       f"{str(tuple(r['shape'])):<22}{r['ours_gbps']:>10.1f}{r['eager_gbps']:>11.1f}"
                       f"{r['ratio']:>7.2f}x")
+    for r in (r for r in _ROWS if "layers" in r):
+        tr.write_line("")
+        tr.write_line(f"{r['op']}  {r['device']}/{r['backend']}  {r['dtype']}  batch {r['shape'][0]}: "
+                      f"ours {r['ours_ms']:.2f} ms, eager {r['eager_ms']:.2f} ms, "
+                      f"ratio {r['ratio']:.2f}x")
+        for layer in r["layers"]:
+            tr.write_line(f"    {layer['layer']:<24}{layer['role']:<10}{str(layer['input']):<18}"
+                          f"ours {layer['ours_ms']:8.3f} ms  eager {layer['eager_ms']:8.3f} ms  "
+                          f"{layer['ratio_vs_eager']:5.2f}x  {layer['ours_tflops']:.2f} TFLOP/s")

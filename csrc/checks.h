@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 namespace resnet_fast {
 
@@ -49,6 +50,67 @@ inline void check_scale_shift_args(const at::Tensor& x, const at::Tensor& scale,
               ": expected scale and shift of one dtype, got ", scale.scalar_type(), " and ",
               shift.scalar_type());
   if (residual.has_value()) check_same_tensor_meta(x, *residual, op, "residual");
+}
+
+// Output spatial size of a convolution along one dim, or a clear error.
+inline int64_t conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil,
+                             const char* dim) {
+  const int64_t out = (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+  TORCH_CHECK(out > 0, "conv_bias_act: the ", dim, " of the output would be ", out,
+              " (input ", in, ", kernel ", k, ", stride ", stride, ", padding ", pad,
+              ", dilation ", dil, "); expected >= 1");
+  return out;
+}
+
+// Checks every argument of conv_bias_act; returns the output shape (N, K, P, Q).
+inline std::vector<int64_t> check_conv_args(const at::Tensor& x, const at::Tensor& w,
+                                            const std::optional<at::Tensor>& bias,
+                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                            at::IntArrayRef dilation, int64_t groups,
+                                            const std::optional<at::Tensor>& residual) {
+  const char* op = "conv_bias_act";
+  check_floating(x, op);
+  TORCH_CHECK(x.dim() == 4, op, ": expected x of shape (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(w.dim() == 4, op, ": expected weight of shape (K, C/groups, R, S), got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": expected weight in x's dtype (",
+              x.scalar_type(), "), got ", w.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), op, ": expected weight on x's device (", x.device(),
+              "), got ", w.device());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": expected 2 values each for stride, padding and dilation, got ", stride, ", ",
+              padding, ", ", dilation);
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0, op,
+                ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride,
+                ", padding ", padding, ", dilation ", dilation);
+  }
+  TORCH_CHECK(groups >= 1 && w.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ",
+              w.size(0), " output channels, got groups=", groups);
+  TORCH_CHECK(x.size(1) == w.size(1) * groups, op, ": x has ", x.size(1),
+              " channels but weight expects ", w.size(1) * groups, " (", w.size(1),
+              " per group x groups=", groups, ")");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), op, ": expected bias of shape (",
+                w.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": expected bias in x's dtype (",
+                x.scalar_type(), "), got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == x.device(), op, ": expected bias on x's device (", x.device(),
+                "), got ", bias->device());
+  }
+  std::vector<int64_t> out{x.size(0), w.size(0),
+                           conv_out_size(x.size(2), w.size(2), stride[0], padding[0], dilation[0], "height"),
+                           conv_out_size(x.size(3), w.size(3), stride[1], padding[1], dilation[1], "width")};
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out), op,
+                ": expected residual of the output's shape ", at::IntArrayRef(out), ", got ",
+                residual->sizes(), " (no broadcasting)");
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op,
+                ": expected residual in x's dtype (", x.scalar_type(), "), got ",
+                residual->scalar_type());
+    TORCH_CHECK(residual->device() == x.device(), op, ": expected residual on x's device (",
+                x.device(), "), got ", residual->device());
+  }
+  return out;
 }
 
 // The memory format a kernel writes: the one the caller's x is in. Elementwise kernels

@@ -13,6 +13,10 @@ TORCH_LIBRARY(resnet_fast, m) {
   // act(x * scale[c] + shift[c] (+ residual)) for x of shape (N, C, ...); act = relu or none.
   m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual=None, "
         "bool relu=True) -> Tensor");
+  // act(conv2d(x, weight, stride, padding, dilation, groups) + bias[k] (+ residual)): a
+  // convolution whose BatchNorm was folded into weight/bias, with the block's tail fused.
+  m.def("conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, Tensor? residual=None, bool relu=True) -> Tensor");
   // The CPU output-buffer cache (csrc/cpu/buffer_pool.h): free it, or read its size in bytes.
   m.def("cpu_buffer_cache_clear() -> int");
   m.def("cpu_buffer_cache_bytes() -> int");

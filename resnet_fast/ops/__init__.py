@@ -3,6 +3,8 @@ extension is built (see ``resnet_fast.available_backends()``)."""
 
 from .add_relu import add_relu
 from .cache import cpu_cache_bytes, empty_cpu_cache
+from .conv_bias_act import conv_bias_act, fold_bn
 from .scale_shift_act import scale_shift_act
 
-__all__ = ["add_relu", "scale_shift_act", "cpu_cache_bytes", "empty_cpu_cache"]
+__all__ = ["add_relu", "scale_shift_act", "conv_bias_act", "fold_bn", "cpu_cache_bytes",
+           "empty_cpu_cache"]

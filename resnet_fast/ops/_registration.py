@@ -19,7 +19,9 @@ _LIB = torch.library.Library("resnet_fast", "FRAGMENT")
 def qualnames(name: str) -> list[str]:
     """The registered variants of an op: the C++ one (if built) and the Triton one."""
     names = [f"resnet_fast::{name}_triton"]
-    if _extension.loaded():
+    # hasattr: an extension built from older sources may lack a newer op; the op then runs on
+    # the other backends and available_backends() tells the user to rebuild.
+    if _extension.loaded() and hasattr(torch.ops.resnet_fast, name):
         names.insert(0, f"resnet_fast::{name}")
     return names
 

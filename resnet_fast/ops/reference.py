@@ -22,3 +22,12 @@ def scale_shift_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | 
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out
+
+
+def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
+                  groups: int, residual: Tensor | None = None, relu: bool = True) -> Tensor:
+    """act(conv2d(x, weight) + bias (+ residual)), as eager PyTorch computes it."""
+    out = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out

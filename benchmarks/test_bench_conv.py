@@ -1,0 +1,121 @@
+"""Every conv layer of ResNet-50 (224px, channels_last): the fused conv_bias_act per backend
+vs eager conv -> BN(eval) -> ReLU (-> add -> ReLU for a block's last conv; no ReLU for a
+downsample conv), layer by layer, interleaved per repeat, plus the sum over the network.
+On GPU also vs torch.cudnn_convolution_relu / cudnn_convolution_add_relu."""
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fast
+from resnet_fast.ops import conv_bias_act, fold_bn
+
+from _timing import interleaved
+from conftest import devices_and_backends
+
+BATCHES = {"cpu": [1, 16], "cuda": [1, 32, 256]}
+
+
+def resnet50_layers():
+    """(name, conv, bn, role, input shape) for every conv of ResNet-50 in forward order;
+    role: 'relu' (conv-BN-ReLU), 'add_relu' (block tail) or 'bn' (downsample)."""
+    model = resnet_fast.resnet50().eval()
+    shapes = {}
+
+    def remember(name):
+        def hook(mod, inputs, output):
+            shapes[name] = tuple(inputs[0].shape)  # returns None: the output is left alone
+        return hook
+
+    hooks = [m.register_forward_hook(remember(n)) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    modules = dict(model.named_modules())
+    layers = []
+    for name, shape in shapes.items():
+        if name == "conv1":
+            bn, role = model.bn1, "relu"
+        elif name.endswith("downsample.0"):
+            bn, role = modules[name[:-1] + "1"], "bn"
+        else:
+            block, conv_name = name.rsplit(".", 1)
+            bn = getattr(modules[block], "bn" + conv_name[-1])
+            role = "add_relu" if conv_name == "conv3" else "relu"
+        layers.append((name, modules[name], bn, role, shape[1:]))
+    return layers
+
+
+def _cases():
+    for device, backend in devices_and_backends():
+        dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+        for dtype in dtypes:
+            for batch in BATCHES[device]:
+                yield pytest.param(device, backend, dtype, batch,
+                                   id=f"{device}-{backend}-{str(dtype)[6:]}-b{batch}")
+
+
+@pytest.mark.parametrize("device, backend, dtype, batch", list(_cases()))
+def test_resnet50_conv_layers(benchmark, record, device, backend, dtype, batch):
+    dev = torch.device(device)
+    torch.backends.cudnn.benchmark = True
+    rows, ours_all = [], []
+    g = torch.Generator().manual_seed(0)
+    for name, conv, bn, role, chw in resnet50_layers():
+        conv, bn = conv.to(dev, dtype), bn.to(dev, dtype)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        w, b = (t.detach() for t in fold_bn(conv, bn))
+        x = torch.randn(batch, *chw, generator=g).to(dev, dtype).contiguous(memory_format=torch.channels_last)
+        geo = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        out_shape = F.conv2d(x[:1], conv.weight, None, *geo).shape[1:]
+        r = (torch.randn(batch, *out_shape, generator=g).to(dev, dtype)
+             .contiguous(memory_format=torch.channels_last) if role == "add_relu" else None)
+        relu = role != "bn"
+
+        def eager(x=x, r=r, conv=conv, bn=bn, role=role):
+            y = bn(conv(x))
+            if role == "add_relu":
+                return torch.relu(y + r)
+            return torch.relu(y) if role == "relu" else y
+
+        def ours(x=x, w=w, b=b, geo=geo, r=r, relu=relu):
+            return conv_bias_act(x, w, b, *geo, r, relu, backend=backend)
+
+        candidates = {"ours": ours, "eager": eager}
+        if device == "cuda" and relu:
+            candidates["cudnn_fused"] = (
+                (lambda: torch.cudnn_convolution_add_relu(x, w, r, 1.0, b, *geo))
+                if r is not None else (lambda: torch.cudnn_convolution_relu(x, w, b, *geo)))
+        with torch.inference_mode():
+            times = interleaved(candidates, dev, repeats=5 if batch >= 16 else 15, warmup=2)
+        flops = 2 * batch * out_shape.numel() * conv.weight[0].numel()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append(dict(layer=name, role=role, input=list(chw), flops=flops,
+                         **{f"{k}_ms": 1e3 * v for k, v in med.items()},
+                         ours_tflops=flops / med["ours"] / 1e12,
+                         ratio_vs_eager=med["eager"] / med["ours"]))
+        ours_all.append(ours)
+
+    def network():
+        for fn in ours_all:
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        benchmark.pedantic(network, rounds=3, warmup_rounds=1)
+    total = {k: sum(r[f"{k}_ms"] for r in rows) for k in ("ours", "eager")}
+    summary = dict(op="conv_bias_act (ResNet-50 sum)", device=device, backend=backend,
+                   dtype=str(dtype)[6:], shape=[batch, 3, 224, 224],
+                   ours_ms=total["ours"], eager_ms=total["eager"],
+                   ratio=total["eager"] / total["ours"], layers=rows)
+    if device == "cuda" and all("cudnn_fused_ms" in r for r in rows if r["role"] != "bn"):
+        summary["cudnn_fused_ms_relu_layers"] = sum(r.get("cudnn_fused_ms", 0) for r in rows)
+    benchmark.extra_info.update(summary)
+    record(summary)

@@ -1,0 +1,144 @@
+"""conv_bias_act(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True)
+= act(conv2d(x, weight) + bias[k] (+ residual)): a convolution whose BatchNorm was folded into
+weight and bias (see :func:`fold_bn`), with the block's tail (residual add, ReLU) in the
+epilogue.
+
+Variants: ``torch.ops.resnet_fast.conv_bias_act`` (C++: oneDNN on CPU, cuDNN on CUDA) and
+``torch.ops.resnet_fast.conv_bias_act_triton`` (implicit-GEMM Triton kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..backends import resolve
+from ..kernels.layout import layout_of
+from . import reference
+from ._checks import check_conv
+from ._registration import check_triton_device, register_common, triton_kernels
+
+
+@torch.library.custom_op("resnet_fast::conv_bias_act_triton", mutates_args=(),
+                         device_types=("cuda", "cpu"))
+def _conv_bias_act_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+                          padding: list[int], dilation: list[int], groups: int,
+                          residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    stride, padding, dilation, _ = check_conv(x, weight, bias, stride, padding, dilation, groups,
+                                              residual)
+    check_triton_device(x, "conv_bias_act")
+    from ..kernels.triton import conv
+    return conv.conv_bias_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+
+
+def _full_args(args):
+    """All nine arguments, with the schema defaults the dispatcher may have dropped."""
+    x, weight, bias, stride, padding, dilation, groups, *rest = args
+    residual = rest[0] if len(rest) > 0 else None
+    relu = rest[1] if len(rest) > 1 else True
+    return x, weight, bias, stride, padding, dilation, groups, residual, relu
+
+
+def _fake(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True):
+    *_, out_shape = check_conv(x, weight, bias, stride, padding, dilation, groups, residual)
+    return x.new_empty(out_shape).contiguous(memory_format=layout_of(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, residual, relu = _full_args(inputs)
+    ctx.n_inputs = len(inputs)
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.relu = relu
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, weight, output if relu else None)
+
+
+def _backward(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    g = torch.where(out > 0, grad, torch.zeros_like(grad)) if ctx.relu else grad
+    need = (list(ctx.needs_input_grad) + [False] * 9)[:9]
+    stride, padding, dilation, groups = ctx.conv
+    gx = gw = gb = None
+    if need[0] or need[1] or (need[2] and ctx.has_bias):
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation,
+            False, [0, 0], groups, [need[0], need[1], need[2] and ctx.has_bias])
+    gres = g if (need[7] and ctx.has_residual) else None
+    return (gx, gw, gb, None, None, None, None, gres, None)[:ctx.n_inputs]
+
+
+def _autocast(args):
+    # Like a convolution under autocast: everything runs in the autocast dtype.
+    x, weight, bias, stride, padding, dilation, groups, residual, relu = _full_args(args)
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    return (cast(x), cast(weight), cast(bias), stride, padding, dilation, groups, cast(residual),
+            relu)
+
+
+register_common("conv_bias_act", fake=_fake, backward=_backward, setup_context=_setup_context,
+                autocast=_autocast)
+
+
+def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padding=0,
+                  dilation=1, groups: int = 1, residual: Tensor | None = None, relu: bool = True,
+                  *, backend: str | None = None) -> Tensor:
+    """act(conv2d(x, weight, stride, padding, dilation, groups) + bias (+ residual)), fused.
+
+    Args:
+        x: (N, C, H, W), NCHW or channels_last; float32/64, float16, bfloat16.
+        weight: (K, C/groups, R, S) in x's dtype; bias: (K,) or None.
+        stride, padding, dilation: an int or 2 ints.
+        residual: optional tensor of the output's shape and dtype, added before the ReLU.
+        relu: apply ReLU (NaN-propagating).
+        backend: "reference", "cpu", "cuda", "triton" or "auto".
+    Returns:
+        (N, K, P, Q) in x's dtype and memory format.
+    """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, stride, padding, dilation, groups, residual, relu = _autocast(
+            (x, weight, bias, stride, padding, dilation, groups, residual, relu))
+    stride, padding, dilation, _ = check_conv(x, weight, bias, stride, padding, dilation, groups,
+                                              residual)
+    chosen = resolve("conv_bias_act", x.device, backend)
+    args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, residual, relu)
+    if chosen == "reference":
+        return reference.conv_bias_act(*args)
+    if chosen == "triton":
+        return torch.ops.resnet_fast.conv_bias_act_triton(*args)
+    return torch.ops.resnet_fast.conv_bias_act(*args)
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm into the convolution before it.
+
+    Returns ``(weight, bias)`` with ``conv2d(x, weight, bias) == bn(conv(x))`` using the BN's
+    running statistics and its own eps, computed in float32 and cast to the conv weight's
+    dtype. Handles a conv with or without bias and a BN with ``affine=False``. The result is
+    differentiable in the conv and BN parameters (fine-tuning with frozen BN statistics).
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"fold_bn: expected an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"fold_bn: expected a BatchNorm module, got {type(bn).__name__}")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"fold_bn: the BatchNorm has {bn.num_features} features but the conv "
+                         f"has {conv.out_channels} output channels")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_bn: the BatchNorm has no running statistics "
+                         "(track_running_stats=False), so it normalizes with batch statistics "
+                         "and cannot be folded into the conv")
+    dtype = conv.weight.dtype
+    inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
+    scale = inv_std * bn.weight.float() if bn.weight is not None else inv_std
+    shift = bn.bias.float() if bn.bias is not None else torch.zeros_like(scale)
+    conv_bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(scale)
+    weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
+    bias = shift + (conv_bias - bn.running_mean.float()) * scale
+    return weight.to(dtype), bias.to(dtype)

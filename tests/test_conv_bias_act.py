@@ -1,0 +1,264 @@
+"""conv_bias_act and fold_bn: every distinct conv of resnet18, resnet50 and resnext50_32x4d
+against the reference (F.conv2d + bias + residual + relu), odd sizes, layouts, gradients,
+opcheck; the Triton kernel under the interpreter (fp32/fp16)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+import resnet_fast
+from resnet_fast.ops import conv_bias_act, fold_bn, reference
+
+from _numerics import assert_within_reference_error
+
+
+def _distinct_convs(arch, size=32):
+    """(C_in, C_out, kernel, stride, padding, dilation, groups, H) of every conv as it runs
+    in ``arch`` on a size x size image, without duplicates."""
+    model = resnet_fast.create_model(arch).eval()
+    seen = {}
+
+    def hook(mod, inputs, _out):
+        key = (mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0],
+               mod.padding[0], mod.dilation[0], mod.groups, inputs[0].shape[2])
+        seen[key] = None
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    return list(seen)
+
+
+CONVS = sorted({c for arch in ("resnet18", "resnet50", "resnext50_32x4d") for c in _distinct_convs(arch)})
+
+
+def _case(conv, dtype=torch.float32, batch=2, channels_last=True, residual=True, seed=0, hw=None):
+    c_in, c_out, k, stride, pad, dil, groups, h = conv
+    h = hw or h
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c_in, h, h, generator=g, dtype=torch.float64)
+    w = torch.randn(c_out, c_in // groups, k, k, generator=g, dtype=torch.float64) / (c_in // groups * k * k) ** 0.5
+    b = torch.randn(c_out, generator=g, dtype=torch.float64)
+    p = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    r = torch.randn(batch, c_out, p, p, generator=g, dtype=torch.float64) if residual else None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    cast = lambda t: None if t is None else t.to(dtype).contiguous(memory_format=fmt) if t.dim() == 4 else t.to(dtype)
+    return cast(x), cast(w), cast(b), (stride, pad, dil, groups), cast(r)
+
+
+def _check(backend, x, w, b, geo, r, relu=True):
+    stride, pad, dil, groups = geo
+    out = conv_bias_act(x, w, b, stride, pad, dil, groups, r, relu, backend=backend)
+    ref = reference.conv_bias_act(x, w, b, stride, pad, dil, groups, r, relu)
+    d = lambda t: None if t is None else t.double()
+    truth = reference.conv_bias_act(d(x), d(w), d(b), stride, pad, dil, groups, d(r), relu)
+    magnitude = F.conv2d(x.double().abs(), w.double().abs(), None, stride, pad, dil, groups)
+    magnitude = magnitude + (0 if b is None else b.double().abs().view(1, -1, 1, 1))
+    if r is not None:
+        magnitude = magnitude + r.double().abs()
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    expect_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    assert_within_reference_error(out, ref, truth, magnitude.max().item())
+    return out
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=str)
+def test_cpu_every_resnet_conv(conv):
+    for channels_last, residual, relu in ((True, True, True), (True, False, True),
+                                          (False, True, True), (True, False, False)):
+        x, w, b, geo, r = _case(conv, channels_last=channels_last, residual=residual)
+        _check("cpu", x, w, b, geo, r, relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_cpu_other_dtypes_use_the_fallback(dtype):
+    x, w, b, geo, r = _case((16, 32, 3, 1, 1, 1, 1, 9), dtype)
+    _check("cpu", x, w, b, geo, r)
+
+
+@pytest.mark.parametrize("batch, hw", [(1, 7), (3, 13), (1, 33)])
+@pytest.mark.parametrize("conv", [(3, 64, 7, 2, 3, 1, 1, 0), (64, 64, 3, 1, 1, 1, 1, 0),
+                                  (64, 128, 3, 2, 1, 1, 1, 0), (64, 256, 1, 2, 0, 1, 1, 0),
+                                  (128, 128, 3, 1, 2, 2, 32, 0)], ids=str)
+def test_cpu_odd_sizes(conv, batch, hw):
+    x, w, b, geo, r = _case(conv, batch=batch, hw=hw)
+    _check("cpu", x, w, b, geo, r)
+    x, w, b, geo, r = _case(conv, batch=batch, hw=hw, channels_last=False, residual=False)
+    _check("cpu", x, w, None, geo, None)
+
+
+def test_weight_cache_is_never_stale():
+    x, w, b, geo, r = _case((16, 32, 3, 1, 1, 1, 1, 8))
+    first = conv_bias_act(x, w, b, *geo, r, backend="cpu")
+    with torch.no_grad():
+        w.mul_(2)  # in-place change: the cached reordered weight must not be used
+    second = conv_bias_act(x, w, b, *geo, r, backend="cpu")
+    torch.testing.assert_close(second, reference.conv_bias_act(x, w, b, *geo, r, True))
+    assert not torch.allclose(first, second)
+    w2 = w.clone()  # a new tensor, possibly at a recycled address
+    del w
+    torch.testing.assert_close(conv_bias_act(x, w2, b, *geo, r, backend="cpu"),
+                               reference.conv_bias_act(x, w2, b, *geo, r, True))
+
+
+def test_gradients_match_autograd_of_the_reference():
+    x, w, b, geo, r = _case((8, 16, 3, 2, 1, 1, 2, 9), torch.float64, channels_last=True)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
+    ours = conv_bias_act(*leaves[:3], *geo, leaves[3], True, backend="cpu")
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, b, r)]
+    ref = reference.conv_bias_act(*ref_leaves[:3], *geo, ref_leaves[3], True)
+    g = torch.randn_like(ref)
+    ours.backward(g)
+    ref.backward(g)
+    for a, e in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_gradcheck_float64():
+    x, w, b, geo, r = _case((4, 6, 3, 1, 1, 1, 2, 5), torch.float64, batch=1)
+    args = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), *[list((v, v)) for v in geo[:3]],
+            geo[3], r.requires_grad_(), True]
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.resnet_fast.conv_bias_act(*a), args)
+
+
+@pytest.mark.parametrize("residual, relu", [(True, True), (False, False)])
+def test_opcheck(residual, relu):
+    x, w, b, geo, r = _case((8, 16, 3, 2, 1, 1, 2, 7), residual=residual)
+    pairs = [list((v, v)) for v in geo[:3]]
+    torch.library.opcheck(torch.ops.resnet_fast.conv_bias_act, (x, w, b, *pairs, geo[3], r, relu))
+    grads = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    torch.library.opcheck(torch.ops.resnet_fast.conv_bias_act,
+                          (grads[0], grads[1], grads[2], *pairs, geo[3], grads[3], relu))
+
+
+def test_bad_arguments():
+    x, w, b, geo, r = _case((8, 16, 3, 1, 1, 1, 1, 6))
+    cases = [
+        (dict(w=w[:, :4]), ValueError, r"x has 8 channels but weight expects 4"),
+        (dict(b=b[:3]), ValueError, r"expected bias of shape \(16,\), got \(3,\)"),
+        (dict(r=r[:, :, :3]), ValueError, r"expected residual of the output's shape \(2, 16, 6, 6\), got \(2, 16, 3, 6\)"),
+        (dict(w=w.double()), TypeError, r"expected weight in x's dtype \(torch.float32\), got torch.float64"),
+        (dict(groups=3), ValueError, r"groups >= 1 dividing the 16 output channels, got groups=3"),
+        (dict(stride=0), ValueError, r"expected stride >= 1"),
+        (dict(x=x[:, :, :1, :1], pad=0), ValueError, r"the height of the output would be -1"),
+        (dict(x=x[0]), ValueError, r"expected x of shape \(N, C, H, W\), got \(8, 6, 6\)"),
+    ]
+    for change, exc, msg in cases:
+        args = dict(x=x, w=w, b=b, stride=1, pad=1, dil=1, groups=1, r=r) | change
+        with pytest.raises(exc, match=msg):
+            conv_bias_act(args["x"], args["w"], args["b"], args["stride"], args["pad"], args["dil"],
+                          args["groups"], args["r"], True, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"x has 8 channels but weight expects 4"):
+        torch.ops.resnet_fast.conv_bias_act(x, w[:, :4], b, [1, 1], [1, 1], [1, 1], 1, None, True)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    x, w, b, geo, r = _case((8, 16, 3, 1, 1, 1, 1, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv_bias_act(x, w, b, *geo, r, backend="cpu")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference.conv_bias_act(x, w, b, *geo, r), rtol=3e-2, atol=3e-2)
+
+
+# fold_bn -------------------------------------------------------------------------------
+
+
+def _bn(c, affine=True, eps=1e-5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(c, affine=affine, eps=eps).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.3)
+        if affine:
+            bn.weight.copy_(torch.randn(c, generator=g))
+            bn.bias.copy_(torch.randn(c, generator=g))
+    return bn
+
+
+@pytest.mark.parametrize("conv_bias, affine, eps, groups", [
+    (False, True, 1e-5, 1), (True, True, 1e-3, 1), (False, False, 1e-5, 1), (True, False, 1e-3, 4)])
+def test_fold_bn(conv_bias, affine, eps, groups):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 12, 3, padding=1, bias=conv_bias, groups=groups).eval()
+    bn = _bn(12, affine, eps)
+    w, b = fold_bn(conv, bn)
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        expected = bn(conv(x))
+        torch.testing.assert_close(F.conv2d(x, w, b, 1, 1, 1, groups), expected, rtol=1e-5, atol=1e-5)
+        fused = fuse_conv_bn_eval(conv, bn)
+        torch.testing.assert_close(w, fused.weight, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b, fused.bias, rtol=1e-6, atol=1e-6)
+        out = conv_bias_act(x, w, b, 1, 1, 1, groups, None, True, backend="cpu")
+        torch.testing.assert_close(out, torch.relu(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_bn_in_half_folds_in_float32():
+    conv = torch.nn.Conv2d(4, 4, 1, bias=False)
+    bn = _bn(4)
+    w32, b32 = fold_bn(conv, bn)
+    w16, b16 = fold_bn(conv.half(), bn.half())
+    assert w16.dtype == torch.float16 and b16.dtype == torch.float16
+    torch.testing.assert_close(w16.float(), w32, rtol=1e-3, atol=1e-3)
+
+
+def test_fold_bn_is_differentiable_for_frozen_bn_finetuning():
+    conv, bn = torch.nn.Conv2d(4, 6, 3), _bn(6)
+    w, b = fold_bn(conv, bn)
+    (w.sum() + b.sum()).backward()
+    assert conv.weight.grad is not None and bn.weight.grad is not None and bn.bias.grad is not None
+
+
+def test_fold_bn_refusals():
+    conv = torch.nn.Conv2d(4, 6, 3)
+    with pytest.raises(ValueError, match=r"no running statistics \(track_running_stats=False\)"):
+        fold_bn(conv, torch.nn.BatchNorm2d(6, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"BatchNorm has 5 features but the conv has 6 output channels"):
+        fold_bn(conv, torch.nn.BatchNorm2d(5))
+    with pytest.raises(TypeError, match=r"expected an nn.Conv2d, got Linear"):
+        fold_bn(torch.nn.Linear(2, 2), torch.nn.BatchNorm2d(6))
+
+
+# Triton under the interpreter ---------------------------------------------------------
+
+triton_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton on CPU needs its interpreter (the gpu tier runs it on CUDA)")
+
+
+@triton_only
+@pytest.mark.parametrize("conv", CONVS, ids=str)
+def test_triton_every_resnet_conv(conv):
+    x, w, b, geo, r = _case(conv, batch=1)
+    _check("triton", x, w, b, geo, r)
+
+
+@triton_only
+@pytest.mark.parametrize("conv", [(3, 64, 7, 2, 3, 1, 1, 13), (32, 64, 3, 1, 2, 2, 8, 7),
+                                  (24, 40, 1, 2, 0, 1, 1, 9)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_odd_shapes_layouts_and_fp16(conv, dtype):
+    for channels_last, residual, relu in ((True, True, True), (False, False, False)):
+        x, w, b, geo, r = _case(conv, dtype, batch=3, channels_last=channels_last, residual=residual)
+        _check("triton", x, w, b, geo, r, relu)
+
+
+@triton_only
+def test_triton_opcheck():
+    x, w, b, geo, r = _case((8, 16, 3, 2, 1, 1, 2, 5), batch=1)
+    pairs = [list((v, v)) for v in geo[:3]]
+    torch.library.opcheck(torch.ops.resnet_fast.conv_bias_act_triton, (x, w, b, *pairs, geo[3], r, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_every_resnet50_conv_full_size(backend, dtype):
+    for conv in _distinct_convs("resnet50", size=224):
+        x, w, b, geo, r = _case(conv, dtype, batch=8)
+        _check(backend, x.cuda(), w.cuda(), b.cuda(), geo, r.cuda())
