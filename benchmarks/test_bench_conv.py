@@ -21,7 +21,8 @@ BATCHES = {"cpu": [1, 16], "cuda": [1, 32, 256]}
 def resnet50_layers():
     """(name, conv, bn, role, input shape) for every conv of ResNet-50 in forward order;
     role: 'relu' (conv-BN-ReLU), 'add_relu' (block tail) or 'bn' (downsample)."""
-    model = resnet_fast.resnet50().eval()
+    # Train mode: the eval path fuses convs into conv_bias_act calls, which hooks do not see.
+    model = resnet_fast.resnet50().train()
     shapes = {}
 
     def remember(name):
@@ -32,9 +33,11 @@ def resnet50_layers():
     hooks = [m.register_forward_hook(remember(n)) for n, m in model.named_modules()
              if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
-        model(torch.randn(1, 3, 224, 224))
+        model(torch.randn(2, 3, 224, 224))
     for h in hooks:
         h.remove()
+    assert len(shapes) == 53, f"expected ResNet-50's 53 convs, saw {len(shapes)}"
+    model.eval()  # the eager baseline is conv -> BN(eval) -> ...
     modules = dict(model.named_modules())
     layers = []
     for name, shape in shapes.items():

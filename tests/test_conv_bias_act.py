@@ -18,7 +18,8 @@ from _numerics import assert_within_reference_error
 def _distinct_convs(arch, size=32):
     """(C_in, C_out, kernel, stride, padding, dilation, groups, H) of every conv as it runs
     in ``arch`` on a size x size image, without duplicates."""
-    model = resnet_fast.create_model(arch).eval()
+    # Train mode: the eval path fuses convs into conv_bias_act calls, which hooks do not see.
+    model = resnet_fast.create_model(arch).train()
     seen = {}
 
     def hook(mod, inputs, _out):
@@ -28,13 +29,20 @@ def _distinct_convs(arch, size=32):
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
-        model(torch.randn(1, 3, size, size))
+        model(torch.randn(2, 3, size, size))
     for h in handles:
         h.remove()
     return list(seen)
 
 
 CONVS = sorted({c for arch in ("resnet18", "resnet50", "resnext50_32x4d") for c in _distinct_convs(arch)})
+
+
+def test_the_shape_list_covers_the_family():
+    # Guards the parametrization above: a silent hook failure would leave nothing to test.
+    assert len(CONVS) >= 40
+    assert (3, 64, 7, 2, 3, 1, 1, 32) in CONVS  # the stem
+    assert any(c[6] == 32 for c in CONVS)  # ResNeXt's grouped 3x3
 
 
 def _case(conv, dtype=torch.float32, batch=2, channels_last=True, residual=True, seed=0, hw=None):

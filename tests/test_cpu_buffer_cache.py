@@ -4,7 +4,7 @@ the cap is honoured, and two threads can use it at once."""
 import os
 import subprocess
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -75,21 +75,13 @@ def test_cap_from_the_environment():
 
 
 def test_two_threads_at_once():
-    errors = []
-
     def work(seed):
-        try:
-            for i in range(30):
-                x, r = _big(seed * 100 + i)
-                out = add_relu(x, r, backend="cpu")
-                if not torch.equal(out, torch.relu(x + r)):
-                    errors.append(f"thread {seed} iteration {i}: wrong result")
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(repr(exc))
+        wrong = []
+        for i in range(30):
+            x, r = _big(seed * 100 + i)
+            if not torch.equal(add_relu(x, r, backend="cpu"), torch.relu(x + r)):
+                wrong.append(f"thread {seed} iteration {i}")
+        return wrong
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    with ThreadPoolExecutor(2) as pool:  # exceptions in a thread re-raise here
+        assert [w for wrong in pool.map(work, range(2)) for w in wrong] == []

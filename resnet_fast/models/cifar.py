@@ -84,6 +84,4 @@ class CifarResNet(_Backbone):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(N, in_channels, H, W) -> (N, 64, H/4, W/4)."""
-        self._check_input(x)
-        x = self.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+        return self._features(x, [self.layer1, self.layer2, self.layer3])

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..backends import requested_backend
+from ..kernels.layout import layout_of
+from ._fused import FusedEvalMixin, foldable
 from .regularizers import DropBlock2d, DropPath
 
 
@@ -32,10 +34,10 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class _Block(nn.Module):
-    """What BasicBlock and Bottleneck share: regularizers on the residual branch and the
-    residual join. ``drop_block``/``drop_path`` are None (not Identity) when off, so the
-    module tree of a default model is exactly torchvision's."""
+class _Block(FusedEvalMixin, nn.Module):
+    """What BasicBlock and Bottleneck share: regularizers on the residual branch, the
+    residual join, and the fused eval path. ``drop_block``/``drop_path`` are None (not
+    Identity) when off, so the module tree of a default model is exactly torchvision's."""
 
     backend: Optional[str]
 
@@ -54,6 +56,26 @@ class _Block(nn.Module):
             return ops.add_relu(out, identity, backend=self.backend)
         out = out + identity
         return torch.relu(out)
+
+    def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        raise NotImplementedError
+
+    def _fusable(self) -> bool:
+        """Eval mode with every conv -> BN foldable (always, unless a custom norm_layer)."""
+        if self.training or torch.jit.is_scripting():
+            return False
+        ds = self.downsample
+        return all(foldable(c, b) for c, b in self._pairs()) and (
+            ds is None or not isinstance(ds, nn.Sequential)
+            or (len(ds) == 2 and foldable(ds[0], ds[1])))
+
+    def _identity_fused(self, x: Tensor) -> Tensor:
+        ds = self.downsample
+        if ds is None:
+            return x
+        if isinstance(ds, nn.Sequential):  # conv1x1 -> BN, folded; no ReLU
+            return self._conv_bn(x, ds[0], ds[1], relu=False)
+        return ds(x)  # e.g. the CIFAR models' parameter-free shortcut
 
 
 class BasicBlock(_Block):
@@ -82,7 +104,13 @@ class BasicBlock(_Block):
         self.stride = stride
         self._init_extras(drop_path_rate, drop_block, backend)
 
+    def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._fusable():
+            out = self._conv_bn(x, self.conv1, self.bn1)
+            return self._conv_bn(out, self.conv2, self.bn2, residual=self._identity_fused(x))
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -115,7 +143,14 @@ class Bottleneck(_Block):
         self.stride = stride
         self._init_extras(drop_path_rate, drop_block, backend)
 
+    def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._fusable():
+            out = self._conv_bn(x, self.conv1, self.bn1)
+            out = self._conv_bn(out, self.conv2, self.bn2)
+            return self._conv_bn(out, self.conv3, self.bn3, residual=self._identity_fused(x))
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -125,9 +160,10 @@ class Bottleneck(_Block):
         return self._join(out, identity)
 
 
-class _Backbone(nn.Module):
-    """What the ImageNet and CIFAR ResNets share: input check, head and forward. Subclasses
-    define ``forward_features`` and set ``in_channels``, ``return_features``, ``backend``."""
+class _Backbone(FusedEvalMixin, nn.Module):
+    """What the ImageNet and CIFAR ResNets share: input check, stem, head and forward.
+    Subclasses define ``forward_features`` and set ``in_channels``, ``return_features``,
+    ``backend``."""
 
     in_channels: int
     return_features: bool
@@ -140,6 +176,32 @@ class _Backbone(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _fused_eval(self) -> bool:
+        return not self.training and not torch.jit.is_scripting() and foldable(self.conv1, self.bn1)
+
+    def _stem(self, x: Tensor) -> Tensor:
+        """relu(bn1(conv1(x))): one fused conv in eval mode."""
+        if self._fused_eval():
+            return self._conv_bn(x, self.conv1, self.bn1)
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def _features(self, x: Tensor, stages: list[nn.Module]) -> Tensor:
+        """Stem, (maxpool,) stages. The fused eval path runs channels_last inside (what oneDNN,
+        cuDNN and our Triton kernel are fast at; measured on CPU: NCHW activations made the
+        fused model slower than eager) and hands the features back in the input's layout."""
+        self._check_input(x)
+        fmt = layout_of(x)
+        fused = self._fused_eval()
+        if fused:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._stem(x)
+        maxpool = getattr(self, "maxpool", None)
+        if maxpool is not None:
+            x = maxpool(x)
+        for stage in stages:
+            x = stage(x)
+        return x.contiguous(memory_format=fmt) if fused else x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Global average pool and fc: (N, C, h, w) -> (N, num_classes), or the pooled (N, C)
@@ -303,12 +365,7 @@ class ResNet(_Backbone):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Stem and the four stages: (N, in_channels, H, W) -> (N, C, H/32, W/32)."""
-        self._check_input(x)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
+        return self._features(x, [self.layer1, self.layer2, self.layer3, self.layer4])
 
 
 def zero_init_last_bn(model: nn.Module) -> None:

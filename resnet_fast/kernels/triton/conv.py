@@ -6,7 +6,8 @@ K_gemm = R*S*C/groups. Activations are NHWC (channels_last) and the weight (K, R
 BLOCK_K consecutive channels. The K loop walks (r, s) and channel chunks; out-of-image taps
 and channel tails are masked to zero. Accumulation is float32; bias, residual and ReLU are
 applied to the accumulator in registers before the single store. Groups (ResNeXt) are the
-third grid axis. float32 inputs use TF32 only when torch.backends.cuda.matmul.allow_tf32 is on.
+third grid axis. float32 inputs use TF32 exactly when torch would for a convolution
+(torch.backends.cudnn.allow_tf32).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     wc = dense_in(weight, torch.channels_last)
     res = dense_in(residual, torch.channels_last) if residual is not None else out
     b = bias.contiguous() if bias is not None else out
-    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
     k_g = k // groups
     gemm_m = n * p * q
 

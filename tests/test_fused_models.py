@@ -1,0 +1,164 @@
+"""The fused eval path inside the models: every conv -> BN (-> add) -> ReLU runs as one
+conv_bias_act on folded weights, which are cached and never stale."""
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast.bench.calibrate import calibrate_
+
+
+class _UnfusedBN(torch.nn.BatchNorm2d):
+    """A BatchNorm the fused path does not recognise: the model runs eager conv -> BN."""
+
+
+def _pair(arch="resnet18", **kwargs):
+    torch.manual_seed(0)
+    model = calibrate_(resnet_fast.create_model(arch, **kwargs), batch_size=4, image_size=64)
+    unfused = resnet_fast.create_model(arch, norm_layer=_UnfusedBN, **kwargs).eval()
+    unfused.load_state_dict(model.state_dict())
+    return model, unfused
+
+
+def _close(a, b, rel=1e-4):
+    err = (a - b).abs().max().item()
+    assert err <= rel * b.abs().max().item(), f"max error {err:.3g} at scale {b.abs().max().item():.3g}"
+
+
+def _counting_conv_calls(monkeypatch):
+    calls = []
+    real = resnet_fast.ops.conv_bias_act
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("resnet_fast.models._fused.ops.conv_bias_act", spy)
+    return calls
+
+
+@pytest.mark.parametrize("arch, convs", [("resnet18", 20), ("resnet50", 53), ("resnext50_32x4d", 53),
+                                         ("resnet20", 19)])
+def test_every_conv_is_fused_and_output_matches(arch, convs, monkeypatch):
+    model, unfused = _pair(arch)
+    size = 32 if arch == "resnet20" else 64
+    x = torch.randn(2, 3, size, size)
+    calls = _counting_conv_calls(monkeypatch)
+    with torch.no_grad():
+        out = model(x)
+        _close(out, unfused(x))
+    assert len(calls) == convs  # stem, every block conv, every downsample conv
+
+
+def test_train_mode_is_not_fused(monkeypatch):
+    model, unfused = _pair()
+    calls = _counting_conv_calls(monkeypatch)
+    model.train()(torch.randn(2, 3, 32, 32))
+    assert calls == []
+    # A BN switched to train mode on its own keeps its block unfused (batch statistics).
+    unfused.load_state_dict(model.state_dict())  # the train forward above moved the stats
+    model.eval()
+    model.layer1[0].bn1.train()
+    unfused.layer1[0].bn1.train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _close(model(x), unfused(x))
+    assert len(calls) == 20 - 2  # that block's two convs ran unfused
+
+
+def test_folded_weights_are_refreshed_after_every_kind_of_change():
+    model, unfused = _pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)  # fill the fold cache
+
+        # load_state_dict (in-place copies)
+        torch.manual_seed(7)
+        other, other_unfused = _pair()
+        other_sd = calibrate_(other, batch_size=4, image_size=64, seed=3).state_dict()
+        model.load_state_dict(other_sd)
+        other_unfused.load_state_dict(other_sd)
+        _close(model(x), other_unfused(x))
+
+        # an optimizer-style in-place update of one conv weight
+        model.layer2[0].conv2.weight.mul_(1.5)
+        other_unfused.layer2[0].conv2.weight.mul_(1.5)
+        _close(model(x), other_unfused(x))
+
+        # a BN buffer and eps
+        model.layer3[1].bn1.running_var.mul_(2.0)
+        other_unfused.layer3[1].bn1.running_var.mul_(2.0)
+        model.layer3[1].bn1.eps = other_unfused.layer3[1].bn1.eps = 1e-2
+        _close(model(x), other_unfused(x))
+
+    # running stats updated by a train-mode forward (the BN kernel does not bump their versions)
+    model.train()(x)
+    other_unfused.train()(x)
+    model.eval()
+    other_unfused.eval()
+    with torch.no_grad():
+        _close(model(x), other_unfused(x))
+        # .to(dtype): new tensors
+        model.double()
+        other_unfused.double()
+        _close(model(x.double()), other_unfused(x.double()))
+        # a deep copy refolds for its own tensors
+        clone = copy.deepcopy(model)
+        clone.fc.weight.zero_()
+        clone.layer1[0].conv1.weight.zero_()
+        assert not torch.allclose(clone(x.double()), model(x.double()))
+        _close(model(x.double()), other_unfused(x.double()))
+
+
+def test_frozen_bn_finetuning_gradients_match_unfused():
+    model, unfused = _pair()
+    x = torch.randn(2, 3, 64, 64)
+    loss = model(x).square().mean()
+    loss.backward()
+    unfused(x).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), unfused.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_inference_mode_then_autograd():
+    model, unfused = _pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        model(x)  # folds under inference mode
+    for p in model.parameters():
+        p.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    model(xg).sum().backward()  # cached folds must be usable by autograd
+    assert xg.grad is not None
+
+
+def test_two_threads_at_once():
+    model, unfused = _pair()
+    inputs = [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with torch.no_grad():
+        expected = [unfused(x) for x in inputs]
+
+    def work(k):
+        errors = []
+        with torch.no_grad():
+            for i in range(k, len(inputs), 2):
+                out = model(inputs[i])
+                err = (out - expected[i]).abs().max().item()
+                if err > 1e-4 * expected[i].abs().max().item():
+                    errors.append((i, err))
+        return errors
+
+    with ThreadPoolExecutor(2) as pool:  # exceptions in a thread re-raise here
+        assert [e for errors in pool.map(work, range(2)) for e in errors] == []
+
+
+def test_channels_last_input_stays_channels_last():
+    model, unfused = _pair()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.is_contiguous(memory_format=torch.channels_last)
+        _close(model(x), unfused(x))

@@ -1,0 +1,54 @@
+"""Package-level behaviour: importing never fails for want of the extension, and the backend
+report says why a backend is missing."""
+
+import subprocess
+import sys
+
+import resnet_fast
+
+_WITHOUT_EXTENSION = """
+import sys, importlib.abc
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "resnet_fast._C":
+            raise ImportError("simulated: extension not built")
+        return None
+
+sys.meta_path.insert(0, Block())
+import torch, resnet_fast
+status = resnet_fast.available_backends()
+assert status["reference"].available
+assert not status["cpu"].available and "could not be imported" in status["cpu"].detail, status["cpu"]
+x = torch.randn(2, 3, 4, 4)
+assert torch.equal(resnet_fast.ops.add_relu(x, x), torch.relu(x + x))  # auto -> reference
+try:
+    resnet_fast.ops.add_relu(x, x, backend="cpu")
+except resnet_fast.BackendUnavailableError as e:
+    assert "could not be imported" in str(e)
+else:
+    raise AssertionError("backend='cpu' must not fall back silently")
+model = resnet_fast.resnet18().eval()
+with torch.no_grad():
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+print("ok")
+"""
+
+
+def test_import_and_models_work_without_the_extension():
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_cli_lists_backends(capsys):
+    from resnet_fast.cli import main
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "cpu" in out and "triton" in out
+    assert main(["frobnicate"]) == 2
+
+
+def test_version():
+    assert resnet_fast.__version__
