@@ -34,6 +34,8 @@ build: $(STAMPS)/build
 
 test: build
 	RESNET_FAST_REQUIRE_CUDA_BUILD=$(REQUIRE_CUDA) $(PY) -m pytest
+	@echo "kernel suites, one call each (so they cannot rot):"
+	RESNET_FAST_BENCH_BATCHES=1 $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
 bench: build
 	$(PY) -m resnet_fast.bench

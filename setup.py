@@ -137,6 +137,7 @@ setup(
     packages=find_packages(include=["resnet_fast", "resnet_fast.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "torchvision>=0.26"],
+    extras_require={"bench": ["tqdm", "matplotlib"], "test": ["pytest", "pytest-benchmark", "hypothesis"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["resnet-fast=resnet_fast.cli:main"]},

@@ -3,6 +3,7 @@ vs eager conv -> BN(eval) -> ReLU (-> add -> ReLU for a block's last conv; no Re
 downsample conv), layer by layer, interleaved per repeat, plus the sum over the network.
 On GPU also vs torch.cudnn_convolution_relu / cudnn_convolution_add_relu."""
 
+import os
 import statistics
 
 import pytest
@@ -16,6 +17,11 @@ from _timing import interleaved
 from conftest import devices_and_backends
 
 BATCHES = {"cpu": [1, 16], "cuda": [1, 32, 256]}
+
+
+def _batches(device: str) -> list[int]:
+    env = os.environ.get("RESNET_FAST_BENCH_BATCHES")
+    return [int(b) for b in env.split(",")] if env else BATCHES[device]
 
 
 def resnet50_layers():
@@ -57,7 +63,7 @@ def _cases():
     for device, backend in devices_and_backends():
         dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
         for dtype in dtypes:
-            for batch in BATCHES[device]:
+            for batch in _batches(device):
                 yield pytest.param(device, backend, dtype, batch,
                                    id=f"{device}-{backend}-{str(dtype)[6:]}-b{batch}")
 
@@ -96,7 +102,10 @@ def test_resnet50_conv_layers(benchmark, record, device, backend, dtype, batch):
                 (lambda: torch.cudnn_convolution_add_relu(x, w, r, 1.0, b, *geo))
                 if r is not None else (lambda: torch.cudnn_convolution_relu(x, w, b, *geo)))
         with torch.inference_mode():
-            times = interleaved(candidates, dev, repeats=5 if batch >= 16 else 15, warmup=2)
+            if benchmark.disabled:  # make test's smoke run: one call each
+                times = interleaved(candidates, dev, repeats=1, warmup=0)
+            else:
+                times = interleaved(candidates, dev, repeats=5 if batch >= 16 else 15, warmup=2)
         flops = 2 * batch * out_shape.numel() * conv.weight[0].numel()
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append(dict(layer=name, role=role, input=list(chw), flops=flops,

@@ -1,207 +1,271 @@
-"""Model benchmark: ``python -m resnet_fast.bench`` (also ``resnet-fast bench``, ``make bench``).
+"""Model benchmark: ``resnet-fast bench`` (also ``python -m resnet_fast.bench``, ``make bench``).
 
-ResNet-50 with calibrated weights on this machine's device: eager torchvision (NCHW and
-channels_last) against resnet_fast on every backend available here. Candidates are
-interleaved in each repeat (A B C A B C ...) so machine drift hits all of them alike; the
-table reports median img/s, p10/p90 latency, the median of per-repeat speedups over eager
-torchvision and the max abs error of the logits vs fp32 torchvision. JSON is the source of
-truth (``--json``); the table is made from it.
+Models x batch sizes x candidates on this machine's device, per BENCHMARKING.md: calibrated
+seeded weights (or ``--weights``), warm-up, candidates interleaved in every repeat, median and
+p10/p90 latency, per-repeat speedup ratios, first-call (compile) time reported separately,
+peak memory (GPU), max abs error vs fp32 torchvision with divergent candidates flagged. Writes
+a JSON file (the source of truth), a Markdown table and a PNG plot made from it.
+
+Candidates: ``eager`` (torchvision, NCHW), ``eager_cl`` (channels_last), ``compile``
+(torch.compile default), ``compile_freezing`` (inductor freezing, no_grad),
+``compile_max_autotune`` (GPU: max-autotune + freezing) and ``resnet_fast`` (our model on every
+available backend, NCHW input: the drop-in case).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import copy
 import json
 import os
-import platform
+import shlex
 import statistics
-import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torchvision
 
-from .. import __version__, available_backends, create_model
+from .. import available_backends, create_model
+from ..backends import BACKENDS
 from .calibrate import calibrate_
+from .env import device_slug, environment
+from .timing import interleaved, median_ratio, quantile
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-
-
-def environment(device: torch.device) -> dict:
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "resnet_fast": __version__,
-        "git_commit": _git_commit(),
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
-        "device": str(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version(),
-                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                   tf32_cudnn=torch.backends.cudnn.allow_tf32)
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+         "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+CANDIDATES = ("eager", "eager_cl", "compile", "compile_freezing", "compile_max_autotune",
+              "resnet_fast")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A candidate whose logits differ from fp32 torchvision by more than this fraction of the
+# logits' scale is flagged as diverged: fp32 differs only by summation order (BN folding,
+# fused kernels, compile); half precision by its rounding.
+DIVERGENCE = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: 0.05}
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+@dataclass
+class Candidate:
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    channels_last_input: bool
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def _compiled(model: torch.nn.Module, mode: Optional[str], freezing: bool):
+    """torch.compile with inductor options passed explicitly (not by patching the global
+    config): each variant is then a different backend, so dynamo compiles it on its own
+    instead of reusing another variant's graph (seen: a second variant's "first call" took
+    0.06 s)."""
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(mode)) if mode else {}
+    options["freezing"] = freezing
+    return torch.compile(model, dynamic=False, options=options)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def build_candidates(names, arch: str, reference: torch.nn.Module, dtype: torch.dtype,
+                     device: torch.device) -> tuple[list[Candidate], dict[str, str]]:
+    """The candidates asked for, each on its own copy of ``reference``'s weights, and the
+    reason for every one that cannot run here."""
+    out, skipped = [], {}
+    state = reference.state_dict()
+
+    def torchvision_copy(channels_last: bool):
+        m = copy.deepcopy(reference).to(device=device, dtype=dtype).eval()
+        return m.to(memory_format=torch.channels_last) if channels_last else m
+
+    for name in names:
+        if name == "eager":
+            out.append(Candidate(name, torchvision_copy(False), False))
+        elif name == "eager_cl":
+            out.append(Candidate(name, torchvision_copy(True), True))
+        elif name == "compile":
+            out.append(Candidate(name, _compiled(torchvision_copy(True), None, False), True))
+        elif name == "compile_freezing":
+            out.append(Candidate(name, _compiled(torchvision_copy(True), None, True), True))
+        elif name == "compile_max_autotune":
+            if device.type != "cuda":
+                skipped[name] = "max-autotune is benchmarked on GPU only"
+                continue
+            out.append(Candidate(name, _compiled(torchvision_copy(True), "max-autotune", True), True))
+        elif name == "resnet_fast":
+            status = available_backends()
+            serves = ("reference", "cpu") if device.type == "cpu" else ("reference", "cuda", "triton")
+            for backend in serves:
+                if not status[backend].available:
+                    skipped[f"resnet_fast:{backend}"] = status[backend].detail
+                    continue
+                model = create_model(arch, backend=backend)
+                model.load_state_dict(state)
+                out.append(Candidate(f"resnet_fast:{backend}",
+                                     model.to(device=device, dtype=dtype).eval(), False))
+        else:
+            raise ValueError(f"unknown candidate {name!r}; expected some of {', '.join(CANDIDATES)}")
+    return out, skipped
 
 
-def _time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds for one call: perf_counter around the call on CPU, CUDA events on GPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+def _peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None  # no per-call allocator statistics for CPU tensors
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
     fn()
-    return time.perf_counter() - t0
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def _quantile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.float32,
+        candidates=CANDIDATES, repeats: int = 10, warmup: int = 2, device: Optional[str] = None,
+        image_size: int = 224, weights: Optional[str] = None, progress: bool = True,
+        extra_candidates: Optional[list[Candidate]] = None) -> dict:
+    """Runs the benchmark and returns the results dict (the JSON's content)."""
+    from tqdm import tqdm
 
-
-def run(arch: str = "resnet50", batch_sizes=(1, 8), repeats: int = 10, warmup: int = 2,
-        device: str | None = None, image_size: int = 224) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # what a user of eager PyTorch does
     torch.manual_seed(0)
-    tv = calibrate_(getattr(torchvision.models, arch)()).to(dev)
-    tv_cl = getattr(torchvision.models, arch)().to(dev).to(memory_format=torch.channels_last)
-    tv_cl.load_state_dict(tv.state_dict())
-    tv_cl.eval()
+    reference = getattr(torchvision.models, arch)()
+    if weights:
+        reference.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        reference.eval()
+    else:
+        calibrate_(reference)
+    truth_model = copy.deepcopy(reference).to(dev).eval()  # fp32, NCHW: the yardstick
+    cands, skipped = build_candidates(candidates, arch, reference, dtype, dev)
+    cands += extra_candidates or []
+    if not any(c.name == "eager" for c in cands):
+        raise ValueError("the candidates must include 'eager' (the baseline of every ratio)")
 
-    candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "torchvision eager": lambda x: tv(x),
-        "torchvision eager channels_last": lambda x: tv_cl(x.contiguous(memory_format=torch.channels_last)),
-    }
-    status = available_backends()
-    serves = {"cpu": ("reference", "cpu"), "cuda": ("reference", "cuda", "triton")}[dev.type]
-    skipped = {}
-    for backend in serves:
-        if not status[backend].available:
-            skipped[backend] = status[backend].detail
-            continue
-        model = create_model(arch, backend=backend).to(dev)
-        model.load_state_dict(tv.state_dict())
-        model.eval()
-        candidates[f"resnet_fast [{backend}]"] = model
-
-    results = {"arch": arch, "image_size": image_size, "dtype": "float32",
-               "memory_format": "NCHW input", "repeats": repeats, "warmup": warmup,
-               "environment": environment(dev), "skipped_backends": skipped, "runs": []}
+    results = {"arch": arch, "image_size": image_size, "dtype": str(dtype).replace("torch.", ""),
+               "repeats": repeats, "warmup": warmup, "weights": weights or "calibrated (seeded)",
+               "environment": environment(dev), "skipped_candidates": skipped,
+               "command": "resnet-fast bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+               "runs": []}
     gen = torch.Generator().manual_seed(1)
+    total = len(batch_sizes) * len(cands) * (repeats + 2)
+    bar = tqdm(total=total, desc=f"{arch} bench", unit="call", file=sys.stderr,
+               disable=not progress, mininterval=1.0)
     for bs in batch_sizes:
-        x = torch.randn(bs, 3, image_size, image_size, generator=gen).to(dev)
+        x32 = torch.randn(bs, 3, image_size, image_size, generator=gen).to(dev)
+        x = x32.to(dtype)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        calls, first_call, errors, memory = {}, {}, {}, {}
         with torch.inference_mode():
-            truth = tv(x)
-            errors = {name: (fn(x) - truth).abs().max().item() for name, fn in candidates.items()}
-            for fn in candidates.values():
-                for _ in range(warmup):
-                    fn(x)
-            _sync(dev)
-            times: dict[str, list[float]] = {name: [] for name in candidates}
-            for _ in range(repeats):
-                for name, fn in candidates.items():  # interleaved: A B C A B C ...
-                    times[name].append(_time_call(lambda: fn(x), dev))
-        base = times["torchvision eager"]
+            truth = truth_model(x32)
+            scale = truth.abs().max().item()
+            for c in cands:
+                inp = x_cl if c.channels_last_input else x
+                calls[c.name] = (lambda fn=c.fn, inp=inp: fn(inp))
+                t0 = time.perf_counter()
+                out = calls[c.name]()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                first_call[c.name] = time.perf_counter() - t0
+                errors[c.name] = (out.float() - truth).abs().max().item()
+                bar.update(1)
+            for c in cands:
+                memory[c.name] = _peak_memory_mb(calls[c.name], dev)
+            times = interleaved(calls, dev, repeats, warmup, progress=bar.update)
+        base = times["eager"]
+        compiled = [n for n in times if n.startswith("compile")]
+        best_compile = min(compiled, key=lambda n: statistics.median(times[n])) if compiled else None
         for name, ts in times.items():
             results["runs"].append({
                 "candidate": name, "batch_size": bs,
                 "img_per_s": bs / statistics.median(ts),
                 "latency_ms": {"median": 1e3 * statistics.median(ts),
-                               "p10": 1e3 * _quantile(ts, 0.1), "p90": 1e3 * _quantile(ts, 0.9)},
-                "speedup_vs_eager": statistics.median(b / t for b, t in zip(base, ts)),
+                               "p10": 1e3 * quantile(ts, 0.1), "p90": 1e3 * quantile(ts, 0.9)},
+                "speedup_vs_eager": median_ratio(base, ts),
+                "speedup_vs_best_compile": (median_ratio(times[best_compile], ts)
+                                            if best_compile else None),
+                "best_compile": best_compile,
+                "first_call_s": first_call[name],
+                "peak_memory_mb": memory[name],
                 "max_abs_err_vs_torchvision": errors[name],
+                "diverged": errors[name] > DIVERGENCE[dtype] * max(scale, 1e-6),
                 "times_s": ts,
             })
+    bar.close()
     return results
 
 
-def format_table(results: dict) -> str:
-    env = results["environment"]
-    where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
-    lines = [f"{results['arch']}  {results['dtype']}  {results['image_size']}px  calibrated "
-             f"weights  on {where}  (torch {env['torch']}, {results['repeats']} interleaved repeats)",
-             ""]
-    header = f"{'candidate':<34}{'batch':>6}{'img/s':>10}{'p50 ms':>10}{'p90 ms':>10}" \
-             f"{'vs eager':>10}{'max err':>11}"
-    lines += [header, "-" * len(header)]
-    for r in results["runs"]:
-        lines.append(f"{r['candidate']:<34}{r['batch_size']:>6}{r['img_per_s']:>10.1f}"
-                     f"{r['latency_ms']['median']:>10.2f}{r['latency_ms']['p90']:>10.2f}"
-                     f"{r['speedup_vs_eager']:>9.2f}x{r['max_abs_err_vs_torchvision']:>11.2e}")
-    for backend, why in results["skipped_backends"].items():
-        lines.append(f"(backend {backend} not run: {why})")
-    return "\n".join(lines)
+def write_outputs(results: dict, out_dir: Path, plot: bool = True) -> list[Path]:
+    """JSON (atomically), Markdown table and PNG plot, named <arch>_<dtype>.*"""
+    from . import report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{results['arch']}_{results['dtype']}"
+    written = []
+    path = out_dir / f"{stem}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+    written.append(path)
+    md = out_dir / f"{stem}.md"
+    md.write_text(report.markdown_table(results) + "\n")
+    written.append(md)
+    if plot:
+        png = out_dir / f"{stem}.png"
+        report.plot(results, png)
+        written.append(png)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import report
+
     parser = argparse.ArgumentParser(prog="resnet-fast bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50", choices=ARCHS)
-    parser.add_argument("--batch-sizes", default="1,8",
-                        help="comma-separated batch sizes (default: 1,8)")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", default=None,
+                        help="comma-separated batch sizes (default: 1,16 on CPU; 1,32,256 on GPU)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES),
+                        help=f"comma-separated, from {', '.join(CANDIDATES)}")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 8 on CPU, 30 on GPU")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--weights", default=None,
+                        help="a torchvision state_dict checkpoint (loaded with weights_only=True) "
+                             "instead of calibrated random weights")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: bench-results/<device>)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    gpu = device.startswith("cuda")
     try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+        batches = tuple(int(b) for b in (args.batch or ("1,32,256" if gpu else "1,16")).split(","))
     except ValueError:
-        parser.error(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}")
-    if args.repeats < 1 or any(b < 1 for b in batch_sizes):
-        parser.error("--repeats and every batch size must be >= 1")
-    results = run(args.arch, batch_sizes, args.repeats, args.warmup, args.device, args.image_size)
-    print(format_table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, args.json)
-        print(f"\nwrote {args.json}")
+        parser.error(f"--batch: expected comma-separated integers, got {args.batch!r}")
+    names = tuple(n.strip() for n in args.candidates.split(",") if n.strip())
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        parser.error(f"--candidates: unknown {', '.join(unknown)}; expected some of {', '.join(CANDIDATES)}")
+    if "eager" not in names:
+        parser.error("--candidates must include eager (the baseline of every ratio)")
+    repeats = args.repeats or (30 if gpu else 8)
+    if repeats < 1 or any(b < 1 for b in batches) or args.warmup < 0:
+        parser.error("--repeats and every batch size must be >= 1, --warmup >= 0")
+    if args.weights and not Path(args.weights).is_file():
+        parser.error(f"--weights: no such file {args.weights}")
+    dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
+
+    results = run(args.arch, batches, dtype, names, repeats, args.warmup, device,
+                  args.image_size, args.weights, progress=not args.no_progress)
+    print(report.format_table(results))
+    out_dir = args.out or Path("bench-results") / device_slug(results["environment"])
+    for path in write_outputs(results, out_dir, plot=not args.no_plot):
+        print(f"wrote {path}")
     return 0
 
 
