@@ -7,7 +7,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bench": "benchmark ResNets: eager torchvision vs resnet_fast backends",
+    commands = {"bench": "benchmark ResNets: eager, torch.compile and resnet_fast backends",
+                "check": "parity of resnet_fast vs torchvision on every available backend",
+                "fuse": "fold BN into a checkpoint's convs, export, reload, report the error",
                 "backends": "list the kernel backends and whether they work here"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         usage = "\n".join(f"  {name:<10}{text}" for name, text in commands.items())
@@ -19,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "bench":
         from .bench import main as bench_main
         return bench_main(argv[1:])
+    if argv[0] in ("check", "fuse"):
+        from . import deploy
+        return (deploy.check_main if argv[0] == "check" else deploy.fuse_main)(argv[1:])
     from . import available_backends
     for name, status in available_backends().items():
         print(f"{name:<10} {'yes' if status.available else 'no ':<4} {status.detail}")

@@ -1,0 +1,150 @@
+"""Model-level conversions: ``fuse_bn`` (fold every conv -> BN pair for deployment) and
+``convert`` (a torchvision ResNet instance -> the equivalent resnet_fast model)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torchvision.models.resnet as tv_resnet
+from torch import fx, nn
+
+from .models import resnet as rf_resnet
+from .models.cifar import CifarResNet
+from .ops import fold_bn
+
+_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_RESNET_BLOCKS = (tv_resnet.BasicBlock, tv_resnet.Bottleneck, rf_resnet.BasicBlock,
+                  rf_resnet.Bottleneck)
+_RESNETS = (tv_resnet.ResNet, rf_resnet.ResNet, CifarResNet)
+
+
+def _check_foldable(name: str, bn: nn.Module) -> None:
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"fuse_bn: {name} has no running statistics (track_running_stats="
+                         "False): it normalizes with batch statistics and cannot be folded")
+    if bn.training:
+        raise ValueError(f"fuse_bn: {name} is in training mode, where it uses batch statistics "
+                         "that a folded conv cannot reproduce; call model.eval() first")
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.Module, name: str) -> None:
+    _check_foldable(name, bn)
+    weight, bias = fold_bn(conv, bn)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=conv.weight.requires_grad)
+        else:
+            conv.bias.copy_(bias)
+
+
+def _structural_pairs(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(parent, conv attribute, bn attribute) of every conv -> BN pair of a ResNet, by the
+    torchvision names (conv1/bn1, conv2/bn2, conv3/bn3, downsample.0/downsample.1)."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, _RESNETS + _RESNET_BLOCKS):
+            for i in (1, 2, 3):
+                conv, bn = getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None)
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, _BN):
+                    pairs.append((module, f"conv{i}", f"bn{i}"))
+        if isinstance(module, _RESNET_BLOCKS) and isinstance(module.downsample, nn.Sequential):
+            ds = module.downsample
+            if len(ds) == 2 and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], _BN):
+                pairs.append((ds, "0", "1"))
+    return pairs
+
+
+def _fuse_resnet(model: nn.Module) -> int:
+    names = {id(m): n for n, m in model.named_modules()}
+    pairs = _structural_pairs(model)
+    for parent, conv_attr, bn_attr in pairs:
+        bn = getattr(parent, bn_attr)
+        _check_foldable(f"{names[id(parent)] or 'model'}.{bn_attr}".lstrip("."), bn)
+    for parent, conv_attr, bn_attr in pairs:
+        _fold_into(getattr(parent, conv_attr), getattr(parent, bn_attr), bn_attr)
+        setattr(parent, bn_attr, nn.Identity())
+    return len(pairs)
+
+
+def _fuse_fx(model: nn.Module) -> nn.Module:
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types for untraceable Python
+        raise ValueError(f"fuse_bn: cannot find the conv -> BN pairs of a "
+                         f"{type(model).__name__}: torch.fx could not trace it ({exc})") from exc
+    modules = dict(traced.named_modules())
+    folds = []
+    for node in traced.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], _BN):
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module"
+                and isinstance(modules[src.target], nn.Conv2d)):
+            continue
+        if len(src.users) != 1:
+            others = ", ".join(str(u) for u in src.users if u is not node)
+            raise ValueError(f"fuse_bn: the output of conv {src.target} feeds {others} besides "
+                             f"BN {node.target}; folding the BN into it would change those")
+        _check_foldable(node.target, modules[node.target])
+        folds.append((src, node))
+    for conv_node, bn_node in folds:
+        _fold_into(modules[conv_node.target], modules[bn_node.target], bn_node.target)
+        bn_node.replace_all_uses_with(conv_node)
+        traced.graph.erase_node(bn_node)
+        traced.delete_submodule(bn_node.target)
+    traced.graph.lint()
+    traced.recompile()
+    return traced
+
+
+def fuse_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold every conv -> BatchNorm pair into the conv for deployment.
+
+    The conv gets the folded weight and a bias (folded in float32, then cast); the BN becomes
+    ``nn.Identity``. ResNets (resnet_fast's and torchvision's) are folded by their module
+    structure and keep their class; any other model is traced with torch.fx and returned as a
+    ``GraphModule``. Plain torch.nn modules result either way.
+
+    Raises ValueError where folding would be wrong: a BN in training mode or without running
+    statistics, a conv whose output feeds something besides its BN, an untraceable model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_bn: expected an nn.Module, got {type(model).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    if isinstance(target, _RESNETS):
+        _fuse_resnet(target)
+        return target
+    return _fuse_fx(target)
+
+
+def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.ResNet:
+    """A torchvision ResNet (any of the family, with its weights) -> the equivalent
+    resnet_fast model with a copy of its weights, on the same device/dtype, in the same mode."""
+    if isinstance(model, rf_resnet.ResNet):
+        return model
+    if not isinstance(model, tv_resnet.ResNet):
+        raise TypeError(f"convert: expected a torchvision ResNet, got {type(model).__name__}")
+    if model.conv1.kernel_size != (7, 7) or model.conv1.in_channels == 1:
+        raise ValueError(f"convert: expected torchvision's 7x7 stem with 2+ input channels, got "
+                         f"{model.conv1}; resnet_fast's in_channels=1 stem is a 3x3 conv")
+    first = model.layer1[0]
+    block = rf_resnet.Bottleneck if isinstance(first, tv_resnet.Bottleneck) else rf_resnet.BasicBlock
+    layers = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+    dilations, previous = [], 1
+    for i in (2, 3, 4):
+        d = getattr(model, f"layer{i}")[-1].conv2.dilation[0]
+        dilations.append(d > previous)
+        previous = d
+    norm = type(model.bn1)
+    ours = rf_resnet.ResNet(block, layers, num_classes=model.fc.out_features,
+                            groups=model.groups, width_per_group=model.base_width,
+                            replace_stride_with_dilation=dilations,
+                            norm_layer=None if norm is nn.BatchNorm2d else norm,
+                            in_channels=model.conv1.in_channels, backend=backend)
+    ref = next(model.parameters())
+    ours.load_state_dict(model.state_dict(), strict=True)
+    ours.to(device=ref.device, dtype=ref.dtype)
+    return ours.train(model.training)

@@ -1,0 +1,94 @@
+"""fuse_bn (deployment folding) and convert (torchvision -> resnet_fast)."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import resnet_fast
+from resnet_fast.bench.calibrate import calibrate_
+
+
+def _close(a, b, rel=1e-5):
+    err = (a - b).abs().max().item()
+    assert err <= rel * max(1.0, b.abs().max().item()), err
+
+
+@pytest.mark.parametrize("source", ["torchvision", "resnet_fast"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_fuse_bn_on_resnets(source, arch):
+    torch.manual_seed(0)
+    lib = torchvision.models if source == "torchvision" else resnet_fast
+    model = calibrate_(getattr(lib, arch)(), batch_size=2, image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    fused = resnet_fast.fuse_bn(model)
+    assert fused is not model and type(fused) is type(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # not inplace
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.bias is not None for c in convs)
+    with torch.no_grad():
+        _close(fused(x), model(x), rel=1e-4)
+    assert resnet_fast.fuse_bn(model, inplace=True) is model
+
+
+def test_fuse_bn_generic_model_through_fx_with_odd_bns():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(8, affine=False),
+        nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4),
+    )
+    calibrate_(model, batch_size=4, image_size=16)
+    fused = resnet_fast.fuse_bn(model)
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        _close(fused(x), model(x), rel=1e-5)
+
+
+class _Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y  # the conv output also bypasses its BN
+
+
+def test_fuse_bn_refusals():
+    with pytest.raises(ValueError, match=r"output of conv conv feeds add besides BN bn"):
+        resnet_fast.fuse_bn(_Branching().eval())
+    with pytest.raises(ValueError, match=r"model.bn1 is in training mode, .* call model.eval\(\) first"):
+        resnet_fast.fuse_bn(torchvision.models.resnet18().train())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match=r"no running statistics"):
+        resnet_fast.fuse_bn(model)
+    with pytest.raises(TypeError, match=r"expected an nn.Module, got int"):
+        resnet_fast.fuse_bn(3)
+
+
+@pytest.mark.parametrize("arch, kwargs", [
+    ("resnet18", {}), ("resnet50", {}), ("resnext50_32x4d", {}), ("wide_resnet50_2", {}),
+    ("resnet50", {"replace_stride_with_dilation": [False, True, True]}),
+    ("resnet34", {"num_classes": 10}),
+])
+def test_convert_torchvision_models(arch, kwargs):
+    torch.manual_seed(0)
+    tv = calibrate_(getattr(torchvision.models, arch)(**kwargs), batch_size=2, image_size=64)
+    ours = resnet_fast.convert(tv)
+    assert isinstance(ours, resnet_fast.ResNet) and not ours.training
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _close(ours(x), tv(x), rel=1e-4)
+
+
+def test_convert_refuses_other_models():
+    with pytest.raises(TypeError, match=r"expected a torchvision ResNet, got Sequential"):
+        resnet_fast.convert(nn.Sequential())
+    ours = resnet_fast.resnet18()
+    assert resnet_fast.convert(ours) is ours
