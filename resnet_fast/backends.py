@@ -114,6 +114,9 @@ def _serves(device_type: str) -> tuple[str, ...]:
     return names
 
 
+# Under torch.compile the choice is made once, at trace time, and baked into the graph
+# (the availability queries it makes are not traceable and do not change while running).
+@torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     """The backend that runs ``op`` on ``device`` for this call."""
     choice = requested_backend(backend)

@@ -92,3 +92,41 @@ def test_convert_refuses_other_models():
         resnet_fast.convert(nn.Sequential())
     ours = resnet_fast.resnet18()
     assert resnet_fast.convert(ours) is ours
+
+
+def test_optimize_a_torchvision_model():
+    torch.manual_seed(0)
+    tv = calibrate_(torchvision.models.resnet18(), batch_size=2, image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    fast = resnet_fast.optimize(tv, example_input=x)
+    assert isinstance(tv.layer1[0].bn1, nn.BatchNorm2d)  # the argument is untouched
+    with torch.no_grad():
+        expected = tv(x)
+    _close(fast(x), expected, rel=1e-4)
+    half = resnet_fast.optimize(tv, dtype=torch.bfloat16, backend="cpu")
+    out = half(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+def test_optimize_refusals():
+    with pytest.raises(TypeError, match=r"expected a resnet_fast or torchvision ResNet, got Linear"):
+        resnet_fast.optimize(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"cuda_graphs=True needs the model on a CUDA device, got cpu"):
+        resnet_fast.optimize(resnet_fast.resnet18(), cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"'fastest' is not a backend"):
+        resnet_fast.optimize(resnet_fast.resnet18(), backend="fastest")
+
+
+@pytest.mark.gpu
+def test_optimize_cuda_graphs_match_eager_and_recapture_per_shape():
+    torch.manual_seed(0)
+    tv = calibrate_(torchvision.models.resnet50(), batch_size=2, image_size=64).cuda()
+    fast = resnet_fast.optimize(tv, dtype=torch.bfloat16)
+    for batch in (1, 4, 1):
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        with torch.no_grad():
+            expected = tv(x)
+        out = fast(x)
+        assert (out.float() - expected).abs().max().item() < 0.15 * expected.abs().max().item()
+    assert len(fast._graphs) == 2

@@ -162,3 +162,14 @@ def test_channels_last_input_stays_channels_last():
         feats = model.forward_features(x)
         assert feats.is_contiguous(memory_format=torch.channels_last)
         _close(model(x), unfused(x))
+
+
+def test_torch_compile_fullgraph_and_no_stale_weights():
+    model, unfused = _pair()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        _close(compiled(x), unfused(x))
+        model.layer1[0].conv1.weight.mul_(1.5)
+        unfused.layer1[0].conv1.weight.mul_(1.5)
+        _close(compiled(x), unfused(x))

@@ -8,8 +8,9 @@ a JSON file (the source of truth), a Markdown table and a PNG plot made from it.
 
 Candidates: ``eager`` (torchvision, NCHW), ``eager_cl`` (channels_last), ``compile``
 (torch.compile default), ``compile_freezing`` (inductor freezing, no_grad),
-``compile_max_autotune`` (GPU: max-autotune + freezing) and ``resnet_fast`` (our model on every
-available backend, NCHW input: the drop-in case).
+``compile_max_autotune`` (GPU: max-autotune + freezing), ``resnet_fast`` (our model on every
+available backend, NCHW input: the drop-in case) and ``optimize`` (``resnet_fast.optimize``
+of the torchvision model: auto backend, CUDA graphs on GPU).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Callable, Optional
 import torch
 import torchvision
 
-from .. import available_backends, create_model
+from .. import available_backends, create_model, optimize
 from ..backends import BACKENDS
 from .calibrate import calibrate_
 from .env import device_slug, environment
@@ -38,7 +39,7 @@ from .timing import interleaved, median_ratio, quantile
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 CANDIDATES = ("eager", "eager_cl", "compile", "compile_freezing", "compile_max_autotune",
-              "resnet_fast")
+              "resnet_fast", "optimize")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A candidate whose logits differ from fp32 torchvision by more than this fraction of the
 # logits' scale is flagged as diverged: fp32 differs only by summation order (BN folding,
@@ -101,6 +102,9 @@ def build_candidates(names, arch: str, reference: torch.nn.Module, dtype: torch.
                 model.load_state_dict(state)
                 out.append(Candidate(f"resnet_fast:{backend}",
                                      model.to(device=device, dtype=dtype).eval(), False))
+        elif name == "optimize":
+            # resnet_fast.optimize() on the torchvision model: auto backend, CUDA graphs on GPU.
+            out.append(Candidate(name, optimize(torchvision_copy(False), dtype=dtype), False))
         else:
             raise ValueError(f"unknown candidate {name!r}; expected some of {', '.join(CANDIDATES)}")
     return out, skipped

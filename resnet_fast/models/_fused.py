@@ -47,8 +47,11 @@ class FusedEvalMixin:
     backend: Optional[str]
 
     def _folded(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in _tensors(conv, bn)):
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in _tensors(conv, bn))):
+            # Compiled: the fold is part of the graph (inductor's freezing constant-folds it);
+            # with gradients: it must stay differentiable. Neither may use the cache.
             return ops.fold_bn(conv, bn)
         cache = self.__dict__.setdefault("_fold_cache", {})
         key = _key(conv, bn)
