@@ -15,7 +15,7 @@ from .bench import ARCHS, DTYPES
 from .bench.calibrate import calibrate_
 from .convert import convert, fuse_bn
 
-FORMATS = ("torchscript", "export")
+FORMATS = ("torchscript", "trace", "export", "onnx")  # torchscript = torch.jit.script
 
 
 def _source_model(arch: str, weights: str | None) -> torch.nn.Module:
@@ -36,15 +36,33 @@ def export(model: torch.nn.Module, example: torch.Tensor, fmt: str, out: Path) -
     with torch.no_grad():
         if fmt == "torchscript":
             torch.jit.save(torch.jit.script(model), str(out))
+        elif fmt == "trace":
+            torch.jit.save(torch.jit.trace(model, (example,)), str(out))
         elif fmt == "export":
             torch.export.save(torch.export.export(model, (example,)), str(out))
+        elif fmt == "onnx":
+            try:
+                import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+            except ImportError as exc:
+                raise RuntimeError("ONNX export needs the onnx and onnxscript packages "
+                                   "(pip install onnx onnxscript onnxruntime)") from exc
+            torch.onnx.export(model, (example,), str(out), dynamo=True)
         else:
             raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
 def load(fmt: str, path: Path):
-    if fmt == "torchscript":
+    """A callable running the saved artefact (ONNX: through onnxruntime on CPU)."""
+    if fmt in ("torchscript", "trace"):
         return torch.jit.load(str(path))
+    if fmt == "onnx":
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise RuntimeError("reloading ONNX needs onnxruntime (pip install onnxruntime)") from exc
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
     return torch.export.load(str(path)).module()
 
 

@@ -25,7 +25,8 @@ print(err)
 """
 
 
-@pytest.mark.parametrize("fmt, suffix", [("torchscript", "pt"), ("export", "pt2")])
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", "pt"), ("trace", "pt"), ("export", "pt2"),
+                                         ("onnx", "onnx")])
 def test_fuse_exports_and_reloads_in_a_fresh_process(tmp_path, fmt, suffix, capsys):
     torch.manual_seed(3)
     ckpt = tmp_path / "resnet18.pth"
@@ -53,5 +54,5 @@ def test_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["fuse", "--arch", "resnet18", "--weights", "/nope.pth", "--out", "/tmp/x.pt"])
     assert "no such file /nope.pth" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"unknown format 'onnx'"):
-        deploy.export(torch.nn.Identity(), torch.zeros(1), "onnx", "/tmp/x")
+    with pytest.raises(ValueError, match=r"unknown format 'tflite'"):
+        deploy.export(torch.nn.Identity(), torch.zeros(1), "tflite", "/tmp/x")
