@@ -110,6 +110,16 @@ PackedWeights& packed_weights() {
   return *cache;
 }
 
+// act(out + bias (+ residual)) written over `out` (dense in fmt): our scale_shift_act kernel
+// with scale 1 (x * 1 + b is exactly x + b), reading and writing the same buffer.
+at::Tensor bias_act_inplace(const at::Tensor& out, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& residual, bool relu, at::MemoryFormat fmt) {
+  const at::Tensor shift = bias.has_value() ? *bias : at::zeros({out.size(1)}, out.options());
+  scale_shift_act(out, at::ones({out.size(1)}, out.options()), shift, residual, relu,
+                  fmt == at::MemoryFormat::ChannelsLast, out);
+  return out;
+}
+
 bool use_onednn(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat && at::hasMKLDNN();
 }
@@ -127,19 +137,13 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& w,
   if (x.numel() == 0 || w.numel() == 0) {
     at::Tensor out = at::empty(out_shape, x.options().memory_format(fmt));
     if (out.numel() == 0) return out;
-    // No input channels or no batch: the convolution sums nothing; the epilogue still applies.
-    out.zero_();
-    const at::Tensor b = bias.has_value() ? *bias : at::zeros({out.size(1)}, out.options());
-    (use_avx2() ? AVX2::scale_shift_act_kernel : DEFAULT::scale_shift_act_kernel)(
-        out, at::ones({out.size(1)}, out.options()), b, r, relu,
-        fmt == at::MemoryFormat::ChannelsLast, out);
-    return out;
+    // No input channels: the convolution sums nothing; the epilogue still applies.
+    return bias_act_inplace(out.zero_(), bias, r, relu, fmt);
   }
 
-  at::Tensor out;
   if (use_onednn(x)) {
     const at::Tensor packed = packed_weights().get(w, padding, stride, dilation, groups, x.sizes());
-    out = empty_output(out_shape, x.options(), fmt);
+    at::Tensor out = empty_output(out_shape, x.options(), fmt);
     if (r.defined()) {
       out.copy_(r);
     } else {
@@ -152,16 +156,10 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& w,
                 relu ? c10::IValue(std::string("relu")) : c10::IValue(), no_scalars, c10::IValue()});
     return out;
   }
-  out = at::convolution(x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
-  out = dense_in(out, fmt);
-  if (bias.has_value() || r.defined() || relu) {
-    const at::Tensor b = bias.has_value() ? *bias : at::zeros({out.size(1)}, out.options());
-    // scale 1, shift bias: x * 1 + b is exactly x + b; the kernel reads and writes `out` in place.
-    (use_avx2() ? AVX2::scale_shift_act_kernel : DEFAULT::scale_shift_act_kernel)(
-        out, at::ones({out.size(1)}, out.options()), b, r, relu,
-        fmt == at::MemoryFormat::ChannelsLast, out);
-  }
-  return out;
+  const at::Tensor out = dense_in(
+      at::convolution(x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups), fmt);
+  if (!bias.has_value() && !r.defined() && !relu) return out;
+  return bias_act_inplace(out, bias, r, relu, fmt);
 }
 
 }  // namespace

@@ -22,4 +22,16 @@ RESNET_FAST_CPU_KERNELS(AVX2)
 // ATEN_CPU_CAPABILITY (PyTorch's own override) does not ask for "default".
 bool use_avx2();
 
+// The entry points above, for this CPU's instruction set.
+inline void add_relu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out) {
+  use_avx2() ? AVX2::add_relu_kernel(x, r, out) : DEFAULT::add_relu_kernel(x, r, out);
+}
+
+inline void scale_shift_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                            const at::Tensor& residual, bool relu, bool channels_last,
+                            const at::Tensor& out) {
+  use_avx2() ? AVX2::scale_shift_act_kernel(x, scale, shift, residual, relu, channels_last, out)
+             : DEFAULT::scale_shift_act_kernel(x, scale, shift, residual, relu, channels_last, out);
+}
+
 }  // namespace resnet_fast::cpu

@@ -41,11 +41,7 @@ at::Tensor add_relu_cpu(const at::Tensor& x_in, const at::Tensor& residual_in) {
   const at::Tensor r = dense_in(residual_in, fmt);
   at::Tensor out = empty_output(x.sizes(), x.options(), fmt);
   if (out.numel() == 0) return out;
-  if (use_avx2()) {
-    AVX2::add_relu_kernel(x, r, out);
-  } else {
-    DEFAULT::add_relu_kernel(x, r, out);
-  }
+  add_relu(x, r, out);
   return out;
 }
 
@@ -60,12 +56,7 @@ at::Tensor scale_shift_act_cpu(const at::Tensor& x_in, const at::Tensor& scale,
   const at::Tensor r = residual.has_value() ? dense_in(*residual, fmt) : at::Tensor();
   at::Tensor out = empty_output(x.sizes(), x.options(), fmt);
   if (out.numel() == 0) return out;
-  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  if (use_avx2()) {
-    AVX2::scale_shift_act_kernel(x, scale, shift, r, relu, channels_last, out);
-  } else {
-    DEFAULT::scale_shift_act_kernel(x, scale, shift, r, relu, channels_last, out);
-  }
+  scale_shift_act(x, scale, shift, r, relu, fmt == at::MemoryFormat::ChannelsLast, out);
   return out;
 }
 

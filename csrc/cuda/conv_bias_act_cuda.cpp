@@ -16,8 +16,6 @@
 namespace resnet_fast::cuda {
 namespace {
 
-at::Tensor in_layout(const at::Tensor& t, at::MemoryFormat fmt) { return dense_in(t, fmt); }
-
 at::Tensor epilogue(const at::Tensor& conv_out, const std::optional<at::Tensor>& bias,
                     const at::Tensor& residual, bool relu) {
   static const auto op = c10::Dispatcher::singleton()
@@ -53,7 +51,7 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& w,
           ? at::cudnn_convolution_add_relu(x, w, r, at::Scalar(1.0), bias, stride, padding,
                                            dilation, groups)
           : at::cudnn_convolution_relu(x, w, bias, stride, padding, dilation, groups);
-      return in_layout(out, fmt);
+      return dense_in(out, fmt);
     } catch (const c10::Error& e) {
       TORCH_WARN_ONCE("conv_bias_act (cuda): cuDNN has no fused conv+bias(+add)+ReLU engine for a "
                       "layer (", e.what_without_backtrace(), "); using convolution + the "
@@ -61,9 +59,9 @@ at::Tensor conv_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& w,
     }
   }
   if (!r.defined() && !relu) {
-    return in_layout(at::convolution(x, w, bias, stride, padding, dilation, false, {0, 0}, groups), fmt);
+    return dense_in(at::convolution(x, w, bias, stride, padding, dilation, false, {0, 0}, groups), fmt);
   }
-  const at::Tensor conv = in_layout(
+  const at::Tensor conv = dense_in(
       at::convolution(x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups), fmt);
   return epilogue(conv, bias, r, relu);
 }

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..layout import dense_in, layout_of
+from .elementwise import _relu_nan
 
 SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -37,11 +38,6 @@ def _configs():
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
-
-
-@triton.jit
-def _relu_nan(v):
-    return tl.where((v > 0) | (v != v), v, 0.0)
 
 
 @triton.autotune(configs=_configs(), key=["GEMM_M", "GEMM_N", "GEMM_K"])
