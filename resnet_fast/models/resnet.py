@@ -61,7 +61,8 @@ class _Block(FusedEvalMixin, nn.Module):
         raise NotImplementedError
 
     def _fusable(self) -> bool:
-        """Eval mode with every conv -> BN foldable (always, unless a custom norm_layer)."""
+        """Eval mode with every conv -> BN foldable: not with a custom norm_layer, a BN put in
+        training mode on its own, or BNs that fuse_bn already replaced by Identity."""
         if self.training or torch.jit.is_scripting():
             return False
         ds = self.downsample
