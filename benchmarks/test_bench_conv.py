@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import resnet_fast
 from resnet_fast.ops import conv_bias_act, fold_bn
 
-from _timing import interleaved
+from resnet_fast.bench.timing import interleaved
 from conftest import devices_and_backends
 
 BATCHES = {"cpu": [1, 16], "cuda": [1, 32, 256]}

@@ -12,7 +12,7 @@ import torch
 
 from resnet_fast.ops import add_relu, scale_shift_act
 
-from _timing import interleaved, median_ratio
+from resnet_fast.bench.timing import interleaved, median_ratio
 from conftest import batch_sizes, devices_and_backends
 
 # (channels, spatial) of the ResNet-50 stage outputs, where every block joins its residual.

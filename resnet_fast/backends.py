@@ -106,9 +106,14 @@ _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "referenc
 _auto_logged: set[tuple[str, str]] = set()
 
 
+def device_backends(device_type: str) -> tuple[str, ...]:
+    """The backends that run tensors of a device type, in auto's order of preference."""
+    return _AUTO_ORDER.get(device_type, ("reference",))
+
+
 def _serves(device_type: str) -> tuple[str, ...]:
     """Backends that can be asked for by name on a device type."""
-    names = _AUTO_ORDER.get(device_type, ("reference",))
+    names = device_backends(device_type)
     if device_type == "cpu" and interpreting_triton():
         names += ("triton",)
     return names
@@ -122,7 +127,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     choice = requested_backend(backend)
     dev = device.type
     if choice == "auto":
-        for name in _AUTO_ORDER.get(dev, ("reference",)):
+        for name in device_backends(dev):
             native_ok = name not in ("cpu", "cuda") or _extension.has_kernel(op, dev.upper())
             if backend_status(name).available and native_ok:
                 if (op, dev) not in _auto_logged:

@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 from . import available_backends
+from .backends import device_backends
 from .bench import ARCHS, DTYPES
 from .bench.calibrate import calibrate_
 from .convert import convert, fuse_bn
@@ -121,7 +122,7 @@ def check_main(argv: list[str]) -> int:
     scale = expected.abs().max().item()
     ours = convert(tv)
     failed = False
-    serves = ("reference", "cpu") if device.type == "cpu" else ("reference", "cuda", "triton")
+    serves = device_backends(device.type)
     for backend, status in available_backends().items():
         if backend not in serves:
             continue

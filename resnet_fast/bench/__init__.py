@@ -31,7 +31,7 @@ import torch
 import torchvision
 
 from .. import available_backends, create_model, optimize
-from ..backends import BACKENDS
+from ..backends import device_backends
 from .calibrate import calibrate_
 from .env import device_slug, environment
 from .timing import interleaved, median_ratio, quantile
@@ -93,8 +93,7 @@ def build_candidates(names, arch: str, reference: torch.nn.Module, dtype: torch.
             out.append(Candidate(name, _compiled(torchvision_copy(True), "max-autotune", True), True))
         elif name == "resnet_fast":
             status = available_backends()
-            serves = ("reference", "cpu") if device.type == "cpu" else ("reference", "cuda", "triton")
-            for backend in serves:
+            for backend in device_backends(device.type):
                 if not status[backend].available:
                     skipped[f"resnet_fast:{backend}"] = status[backend].detail
                     continue

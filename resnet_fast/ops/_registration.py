@@ -27,7 +27,7 @@ def qualnames(name: str) -> list[str]:
 
 
 def register_common(name: str, *, fake: Callable, backward: Callable, setup_context: Callable,
-                    autocast: Callable[[Callable, tuple], tuple]) -> None:
+                    autocast: Callable[[tuple], tuple]) -> None:
     """Fake kernel, autograd and an autocast rule for every variant of op ``name``.
 
     ``autocast(args)`` returns the arguments cast as eager PyTorch's type promotion would
@@ -39,6 +39,12 @@ def register_common(name: str, *, fake: Callable, backward: Callable, setup_cont
         op = getattr(torch.ops.resnet_fast, qualname.split("::")[1]).default
         for key, device_type in (("AutocastCPU", "cpu"), ("AutocastCUDA", "cuda")):
             _LIB.impl(qualname.split("::")[1], _autocast_kernel(op, device_type, autocast), key)
+
+
+def relu_grad(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d relu(s)/ds applied to ``grad``: passes where the output is positive; a NaN output
+    gives 0, as torch.relu's backward does."""
+    return torch.where(out > 0, grad, torch.zeros_like(grad))
 
 
 def _autocast_kernel(op, device_type: str, cast: Callable[[tuple], tuple]):

@@ -14,7 +14,7 @@ from ..backends import resolve
 from . import reference
 from ..kernels.layout import layout_of
 from ._checks import check_same_meta, check_tensor
-from ._registration import check_triton_device, register_common, triton_kernels
+from ._registration import check_triton_device, register_common, relu_grad, triton_kernels
 
 
 def _validate(x: Tensor, residual: Tensor) -> None:
@@ -42,8 +42,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (out,) = ctx.saved_tensors
-    # d relu(s)/ds = 1 where the output is positive (a NaN output gives 0, as torch.relu).
-    g = torch.where(out > 0, grad, torch.zeros_like(grad))
+    g = relu_grad(out, grad)
     return g, g
 
 

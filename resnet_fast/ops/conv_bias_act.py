@@ -18,7 +18,7 @@ from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
 from ._checks import check_conv
-from ._registration import check_triton_device, register_common, triton_kernels
+from ._registration import check_triton_device, register_common, relu_grad
 
 
 @torch.library.custom_op("resnet_fast::conv_bias_act_triton", mutates_args=(),
@@ -58,7 +58,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight, out = ctx.saved_tensors
-    g = torch.where(out > 0, grad, torch.zeros_like(grad)) if ctx.relu else grad
+    g = relu_grad(out, grad) if ctx.relu else grad
     need = (list(ctx.needs_input_grad) + [False] * 9)[:9]
     stride, padding, dilation, groups = ctx.conv
     gx = gw = gb = None

@@ -18,7 +18,7 @@ from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
 from ._checks import check_scale_shift
-from ._registration import check_triton_device, register_common, triton_kernels
+from ._registration import check_triton_device, register_common, relu_grad, triton_kernels
 
 
 @torch.library.custom_op("resnet_fast::scale_shift_act_triton", mutates_args=(),
@@ -55,7 +55,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, scale, out = ctx.saved_tensors
-    g = torch.where(out > 0, grad, torch.zeros_like(grad)) if ctx.relu else grad
+    g = relu_grad(out, grad) if ctx.relu else grad
     shape = (1, -1) + (1,) * (x.dim() - 2)
     reduce_dims = [0] + list(range(2, x.dim()))
     need_x, need_scale, need_shift, need_res = (list(ctx.needs_input_grad) + [False] * 4)[:4]
