@@ -14,12 +14,14 @@ import os
 import re
 import subprocess
 import sys
+import platform
 import warnings
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _find_cuda_home():
@@ -130,6 +132,36 @@ else:
         extra_link_args=link_flags,
     )
 
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt",
+              "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+class BuildExt(BuildExtension):
+    """torch's BuildExtension, plus per-file flags for the CPU-capability sources.
+
+    ``csrc/cpu/*_avx2.cpp`` is compiled on its own with -mavx2 (and friends), as PyTorch
+    compiles its own capability kernels, and linked in as extra objects; the code runs only
+    after ``use_avx2()`` said the CPU has it. (A ``#pragma GCC target`` in the file instead
+    worked with GCC 12 but GCC 13 rejects it: libstdc++'s always_inline functions then have
+    a target mismatch.) Not x86-64: the file compiles without the flags and aliases the
+    portable kernels."""
+
+    def build_extension(self, ext):
+        special = [s for s in ext.sources if s.endswith("_avx2.cpp")]
+        if special:
+            ext.sources = [s for s in ext.sources if s not in special]
+            args = ext.extra_compile_args
+            extra = AVX2_FLAGS if _X86_64 else []
+            post = ({k: list(v) + (extra if k == "cxx" else []) for k, v in args.items()}
+                    if isinstance(args, dict) else list(args) + extra)
+            objects = self.compiler.compile(
+                special, output_dir=os.path.join(self.build_temp, "avx2"),
+                macros=ext.define_macros, include_dirs=ext.include_dirs,
+                debug=self.debug, extra_postargs=post, depends=ext.depends)
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
 setup(
     name="resnet_fast",
     version="0.1.0",
@@ -140,7 +172,7 @@ setup(
     extras_require={"bench": ["tqdm", "matplotlib"], "test": ["pytest", "pytest-benchmark", "hypothesis"],
                     "onnx": ["onnx", "onnxscript", "onnxruntime"]},
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["resnet-fast=resnet_fast.cli:main"]},
     zip_safe=False,
 )

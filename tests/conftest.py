@@ -20,6 +20,10 @@ settings.load_profile("ci")
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU the Triton conv takes its one heuristic config per shape: a full autotune search
+# per test shape made the gpu tier take 5 s a test. test_conv_bias_act checks every config of
+# the search list and the autotuned path on their own.
+os.environ.setdefault("RESNET_FAST_TRITON_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -270,3 +270,26 @@ def test_gpu_every_resnet50_conv_full_size(backend, dtype):
     for conv in _distinct_convs("resnet50", size=224):
         x, w, b, geo, r = _case(conv, dtype, batch=8)
         _check(backend, x.cuda(), w.cuda(), b.cuda(), geo, r.cuda())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(10))
+def test_gpu_triton_every_search_config(index, monkeypatch):
+    """Each config of the autotune list computes the same conv (the search only times them):
+    forced through heuristic_config, on an odd-sized conv with partial tiles and a grouped one."""
+    from resnet_fast.kernels.triton import conv as tconv
+
+    cfg = tconv._configs()[index]
+    forced = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    monkeypatch.setattr(tconv, "heuristic_config", lambda *a: forced)
+    for conv in [(64, 96, 3, 2, 1, 1, 1, 17), (128, 128, 3, 1, 1, 1, 32, 14)]:
+        x, w, b, geo, r = _case(conv, torch.float16, batch=3)
+        _check("triton", x.cuda(), w.cuda(), b.cuda(), geo, r.cuda())
+
+
+@pytest.mark.gpu
+def test_gpu_triton_autotuned_path(monkeypatch):
+    monkeypatch.setenv("RESNET_FAST_TRITON_AUTOTUNE", "1")
+    for conv in [(256, 64, 1, 1, 0, 1, 1, 28), (64, 64, 3, 1, 1, 1, 1, 28)]:
+        x, w, b, geo, r = _case(conv, torch.bfloat16, batch=4)
+        _check("triton", x.cuda(), w.cuda(), b.cuda(), geo, r.cuda())

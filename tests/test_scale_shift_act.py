@@ -14,12 +14,13 @@ LAYOUTS = [(shape, cl) for shape in SHAPES for cl in (False, True) if not cl or 
 
 
 def make_inputs(shape, dtype, device="cpu", channels_last=False, param_dtype=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    # Drawn on the device itself: fp64 randn of a 51M-element GPU case on the host took 4 s.
+    g = torch.Generator(device).manual_seed(seed)
     c = shape[1]
-    x = torch.randn(shape, generator=g, dtype=torch.float64)
-    r = torch.randn(shape, generator=g, dtype=torch.float64)
-    scale = torch.rand(c, generator=g, dtype=torch.float64) * 2 - 0.5
-    shift = torch.randn(c, generator=g, dtype=torch.float64)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, device=device)
+    r = torch.randn(shape, generator=g, dtype=torch.float64, device=device)
+    scale = torch.rand(c, generator=g, dtype=torch.float64, device=device) * 2 - 0.5
+    shift = torch.randn(c, generator=g, dtype=torch.float64, device=device)
     x, r = x.to(device, dtype), r.to(device, dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

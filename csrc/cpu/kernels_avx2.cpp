@@ -1,27 +1,12 @@
-// The CPU kernels for AVX2 CPUs: at::vec's 256-bit implementation. The target pragma (instead
-// of per-file -mavx2 flags, which setuptools cannot give one file) must precede every
-// include; the code here runs only after use_avx2() said the CPU supports it.
-#if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// The pragma enables the instructions but not the macros that headers (sleef.h, at::vec)
-// test to declare their AVX2 code; define them for this file only.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
+// The CPU kernels for AVX2 CPUs: at::vec's 256-bit implementation. setup.py compiles this file
+// on its own with -mavx2 -mfma -mf16c ... -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 (as
+// PyTorch compiles its capability kernels); the code runs only after use_avx2() said the CPU
+// supports it.
+#if defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)
 #include "kernels_impl.h"
 #else
-// Not x86-64: alias the AVX2 entry points to the portable kernels (never chosen anyway).
+// Built without the AVX2 flags (not x86-64): alias the AVX2 entry points to the portable
+// kernels (never chosen anyway: use_avx2() is false there).
 #include "kernels.h"
 namespace resnet_fast::cpu::AVX2 {
 void add_relu_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out) {

@@ -40,7 +40,6 @@ def _configs():
             for m, n, k, w, s in shapes]
 
 
-@triton.autotune(configs=_configs(), key=["GEMM_M", "GEMM_N", "GEMM_K"])
 @triton.jit
 def _conv_bias_act_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
@@ -92,6 +91,33 @@ def _conv_bias_act_kernel(
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_conv_bias_act_tuned = triton.autotune(configs=_configs(), key=["GEMM_M", "GEMM_N", "GEMM_K"])(
+    _conv_bias_act_kernel)
+
+
+def autotuning() -> bool:
+    """Whether launches search the config list (RESNET_FAST_TRITON_AUTOTUNE=1, the default on
+    GPU: once per GEMM shape and process, ~1 s of compiles each) or take one config per shape
+    from :func:`heuristic_config` (=0: first call in a second, a few percent slower)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    return os.environ.get("RESNET_FAST_TRITON_AUTOTUNE", "1") != "0"
+
+
+def heuristic_config(gemm_m: int, gemm_n: int, c_g: int) -> dict:
+    """One tile config for a GEMM shape, without a search: wide tiles where the problem is
+    large, narrow where it is not (the 64-channel layers, batch-1 late layers, grouped convs);
+    BLOCK_K no wider than the channels it walks (tl.dot needs >= 16)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    block_m = 128 if gemm_m >= 4096 else 64
+    block_n = 128 if gemm_n >= 128 else 64 if gemm_n >= 64 else 32
+    block_k = 64 if c_g >= 64 else 32 if c_g >= 32 else 16
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                num_stages=3 if block_k == 64 else 4)
+
+
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   stride: tuple[int, int], padding: tuple[int, int],
                   dilation: tuple[int, int], groups: int, residual: torch.Tensor | None,
@@ -121,13 +147,16 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     def grid(meta):
         return (triton.cdiv(gemm_m, meta["BLOCK_M"]), triton.cdiv(k_g, meta["BLOCK_N"]), groups)
 
-    _conv_bias_act_kernel[grid](
+    tuned = autotuning()
+    kernel = _conv_bias_act_tuned if tuned else _conv_bias_act_kernel
+    config = {} if tuned else heuristic_config(gemm_m, k_g, c_g)
+    kernel[grid](
         xc, wc, b, res, out,
         h, w_in, c, k, p, q,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         c_g, k_g,
         gemm_m, k_g, c_g * r * s,
         R=r, S=s, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
-        INPUT_PRECISION="tf32" if tf32 else "ieee",
+        INPUT_PRECISION="tf32" if tf32 else "ieee", **config,
     )
     return out if fmt == torch.channels_last else out.contiguous(memory_format=fmt)

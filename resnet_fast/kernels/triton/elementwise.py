@@ -44,12 +44,15 @@ def _scale_shift_act_tile(x_ptr, r_ptr, out_ptr, offs, mask, s, b, HAS_RES: tl.c
 
 
 @triton.jit
-def _scale_shift_act_planes_kernel(x_ptr, s_ptr, b_ptr, r_ptr, out_ptr, C, inner,
+def _scale_shift_act_planes_kernel(x_ptr, s_ptr, b_ptr, r_ptr, out_ptr, C, inner, chunks,
                                    BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
                                    RELU: tl.constexpr):
-    # NCHW: program (plane, chunk); plane = n * C + c holds `inner` = H*W contiguous values.
-    plane = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # NCHW: plane = n * C + c holds `inner` = H*W contiguous values, cut in `chunks` blocks.
+    # One grid axis (CUDA's axes 1 and 2 stop at 65535: 256 x 2048 planes, or a 2^31-element
+    # plane, would not launch).
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // chunks
+    cols = (pid % chunks) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inner
     offs = plane * inner + cols
     c = plane % C
@@ -114,6 +117,7 @@ def scale_shift_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                                            BLOCK_C=block_c, **flags)
     else:
         block = min(triton.next_power_of_2(inner), 4096)
-        grid = (n * c, triton.cdiv(inner, block))
-        _scale_shift_act_planes_kernel[grid](x, s, b, r, out, c, inner, BLOCK=block, **flags)
+        chunks = triton.cdiv(inner, block)
+        _scale_shift_act_planes_kernel[(n * c * chunks,)](x, s, b, r, out, c, inner, chunks,
+                                                          BLOCK=block, **flags)
     return out
