@@ -35,7 +35,11 @@ torchvision.__version__, torch.cuda.get_device_name(), torch.backends.cudnn.vers
     build)
       # Only this GPU's architecture: half the compile time of the default pair.
       arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-      stage build ${T_BUILD:-300} env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 \
+      # The image's default g++ is /opt/gcc/bin/g++ (GCC 13): an extension built with it
+      # segfaulted in std::ostream::_M_insert (a copy linked into _C.so, not libstdc++'s) on
+      # every CPU-op path that formats a message (2026-11-23). Prefer the system compiler.
+      cxx=$(command -v /usr/bin/g++ || command -v g++)
+      stage build ${T_BUILD:-300} env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=16 CXX="$cxx" \
         $PY -m pip install --no-build-isolation --no-deps --no-index -e . \
         || { grep -m5 -B2 -A8 "error" "$OUT/build.log"; exit 1; } ;;
     gpu-tests)

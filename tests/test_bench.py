@@ -84,3 +84,13 @@ def test_readme_results_block_is_generated_from_the_committed_json():
     assert "From `benchmarks/results/" in block  # there are committed model results
     assert block in readme, ("README results block is stale: run "
                              "`python -m resnet_fast.bench.report benchmarks/results --readme README.md`")
+
+
+def test_divergence_is_judged_against_eager_in_the_same_dtype():
+    # H100 bf16 numbers: eager itself is 0.337 off the fp32 logits (scale ~2); a candidate as
+    # far off as eager is not diverged, one three times as far is.
+    assert not bench.diverged(0.340, 0.337, 2.0, torch.bfloat16)
+    assert bench.diverged(1.0, 0.337, 2.0, torch.bfloat16)
+    # fp32: eager is exact (0), so the floor decides: 1e-3 of the logits' scale.
+    assert not bench.diverged(1e-4, 0.0, 2.0, torch.float32)
+    assert bench.diverged(1e-2, 0.0, 2.0, torch.float32)

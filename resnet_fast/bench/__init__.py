@@ -41,10 +41,15 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext5
 CANDIDATES = ("eager", "eager_cl", "compile", "compile_freezing", "compile_max_autotune",
               "resnet_fast", "optimize")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# A candidate whose logits differ from fp32 torchvision by more than this fraction of the
-# logits' scale is flagged as diverged: fp32 differs only by summation order (BN folding,
-# fused kernels, compile); half precision by its rounding.
-DIVERGENCE = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: 0.05}
+# A candidate is flagged as diverged when its logits differ from fp32 torchvision by more than
+# twice what eager torchvision in the same dtype does, and by more than this fraction of the
+# logits' scale (fp32 differs only by summation order; a 50-layer bf16 network is 10-30% off
+# the fp32 logits by its rounding alone: on an H100 eager bf16 itself was 0.34 at scale ~2).
+DIVERGENCE = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.01}
+
+
+def diverged(err: float, eager_err: float, scale: float, dtype: torch.dtype) -> bool:
+    return err > max(2 * eager_err, DIVERGENCE[dtype] * max(scale, 1e-6))
 
 
 @dataclass
@@ -189,7 +194,8 @@ def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.
                 "first_call_s": first_call[name],
                 "peak_memory_mb": memory[name],
                 "max_abs_err_vs_torchvision": errors[name],
-                "diverged": errors[name] > DIVERGENCE[dtype] * max(scale, 1e-6),
+                "logit_scale": scale,
+                "diverged": diverged(errors[name], errors["eager"], scale, dtype),
                 "times_s": ts,
             })
     bar.close()
