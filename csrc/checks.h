@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -122,6 +123,47 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
 
 inline at::Tensor dense_in(const at::Tensor& t, at::MemoryFormat fmt) {
   return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
+// batch_norm_act: a per-channel parameter (weight/bias), in x's dtype or float32.
+inline void check_bn_param(const std::optional<at::Tensor>& p, const at::Tensor& x, const char* name) {
+  if (!p.has_value()) return;
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), "batch_norm_act: expected ", name,
+              " of shape (", x.size(1), ",) (one value per channel of x), got ", p->sizes());
+  TORCH_CHECK(p->scalar_type() == x.scalar_type() || p->scalar_type() == at::kFloat,
+              "batch_norm_act: expected ", name, " in x's dtype (", x.scalar_type(),
+              ") or float32, got ", p->scalar_type());
+  TORCH_CHECK(p->device() == x.device(), "batch_norm_act: expected ", name,
+              " on x's device (", x.device(), "), got ", p->device());
+}
+
+// batch_norm_act in training: more than one value per channel.
+inline void check_bn_batch(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "batch_norm_act: expected x of shape (N, C, ...), got ", x.sizes());
+  const int64_t count = x.numel() / std::max<int64_t>(x.size(1), 1);
+  // nn.BatchNorm2d refuses the same (one value per channel has no variance).
+  TORCH_CHECK(count > 1 || x.size(1) == 0,
+              "Expected more than 1 value per channel when training, got input size ", x.sizes());
+}
+
+// batch_norm_act forward: everything bn_act_fwd takes, on any device.
+inline void check_bn_fwd_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual) {
+  check_floating(x, "batch_norm_act");
+  check_bn_batch(x);
+  check_bn_param(weight, x, "weight");
+  check_bn_param(bias, x, "bias");
+  if (residual.has_value()) check_same_tensor_meta(x, *residual, "batch_norm_act", "residual");
+}
+
+// batch_norm_act backward: grad and the saved output exactly like x.
+inline void check_bn_bwd_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
+                              const std::optional<at::Tensor>& weight) {
+  check_floating(x, "batch_norm_act backward");
+  check_same_tensor_meta(x, grad, "batch_norm_act backward", "grad");
+  check_same_tensor_meta(x, out, "batch_norm_act backward", "out");
+  check_bn_param(weight, x, "weight");
 }
 
 }  // namespace resnet_fast

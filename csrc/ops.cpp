@@ -17,6 +17,15 @@ TORCH_LIBRARY(resnet_fast, m) {
   // convolution whose BatchNorm was folded into weight/bias, with the block's tail fused.
   m.def("conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, Tensor? residual=None, bool relu=True) -> Tensor");
+  // Training BatchNorm (batch statistics) fused with (+ residual) and ReLU: returns
+  // (out, mean, var) with the batch mean and biased variance per channel in float32 (float64
+  // for float64 x). The running-stat update is left to the caller (resnet_fast.ops).
+  m.def("bn_act_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, bool relu, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
+  // Its backward from the saved statistics and output (the ReLU mask): (dx, dweight, dbias,
+  // dresidual); dresidual is the masked grad when residual_grad, else an empty tensor.
+  m.def("bn_act_bwd(Tensor grad, Tensor x, Tensor out, Tensor? weight, Tensor mean, "
+        "Tensor var, float eps, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   // The CPU output-buffer cache (csrc/cpu/buffer_pool.h): free it, or read its size in bytes.
   m.def("cpu_buffer_cache_clear() -> int");
   m.def("cpu_buffer_cache_bytes() -> int");

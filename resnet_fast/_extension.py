@@ -25,6 +25,6 @@ def loaded() -> bool:
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered a kernel for ``resnet_fast::<op>`` on a key."""
-    if _C is None:
-        return False
+    if _C is None or not hasattr(torch.ops.resnet_fast, op):
+        return False  # hasattr: an extension built from older sources lacks newer ops
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fast::{op}", dispatch_key)

@@ -1,6 +1,8 @@
 """The model benchmark end to end on a tiny config, the calibration, divergence flagging,
-the compile candidates, and the README's generated results block."""
+the compile candidates, and the README's generated results block; the same for the training
+step benchmark (``--train``)."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -94,3 +96,122 @@ def test_divergence_is_judged_against_eager_in_the_same_dtype():
     # fp32: eager is exact (0), so the floor decides: 1e-3 of the logits' scale.
     assert not bench.diverged(1e-4, 0.0, 2.0, torch.float32)
     assert bench.diverged(1e-2, 0.0, 2.0, torch.float32)
+
+
+TINY_TRAIN = ["--train", "--arch", "resnet18", "--batch", "2", "--repeats", "1", "--warmup", "0",
+              "--image-size", "64", "--no-progress"]
+
+
+def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path, capsys):
+    # compile is left out: compiling resnet18's forward and backward takes ~40 s on 2 cores.
+    # The compiled training step is tested on its own below, on a tiny model.
+    out = tmp_path / "cpu-test"
+    assert bench.main(TINY_TRAIN + ["--candidates", "eager,eager_cl,resnet_fast",
+                                    "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "training step" in printed and "resnet_fast" in printed and "DIVERGED" not in printed
+    data = json.loads((out / "resnet18_float32_train.json").read_text())
+    assert data["mode"] == "train" and data["step"]["autocast"] is None
+    assert data["command"].startswith("resnet-fast bench --train --arch resnet18")
+    assert [r["candidate"] for r in data["runs"]] == ["eager", "eager_cl", "resnet_fast"]
+    for r in data["runs"]:
+        assert r["img_per_s"] > 0 and len(r["times_s"]) == 1 and not r["diverged"]
+        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_best_compile"] is None
+        # Same weights, batch and labels: the same loss, and after one update a lower one.
+        assert r["loss_step1_abs_diff_vs_eager"] < 1e-3 * r["loss_step1"]
+        assert r["loss_step2"] < r["loss_step1"]
+    png = (out / "resnet18_float32_train.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| resnet_fast | 2 |" in (out / "resnet18_float32_train.md").read_text()
+    block = report.results_block(tmp_path)
+    assert "From `benchmarks/results/cpu-test/resnet18_float32_train.json`" in block
+    assert "training step (forward, cross-entropy, backward" in block
+    assert "| eager_cl | 2 |" in block
+
+
+def test_a_train_step_updates_every_weight_with_eagers_gradients():
+    reference = bench._reference("resnet18", None)
+    names = ("eager", "eager_cl", "resnet_fast")
+    steps = bench.build_train_steps(names, "resnet18", reference, torch.float32,
+                                    torch.device("cpu"))
+    # float64: at batch 2 the last stages normalize over 8 to 32 values per channel, and an fp32
+    # rounding difference that flips one ReLU moves a conv's gradient by several percent (seen:
+    # 5% in layer3.1.conv2 of resnet_fast for one seed, 1e-13 in float64). .double() keeps the
+    # Parameter objects the optimizers hold.
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    labels = torch.tensor([3, 7])
+    start = {name: p.double() for name, p in reference.named_parameters()}
+    for step in steps:
+        step.model.double()
+        step(x.contiguous(memory_format=torch.channels_last) if step.channels_last_input else x,
+             labels)
+        for name, p in step.model.named_parameters():
+            assert not torch.equal(p, start[name]), f"{step.name}: {name} was not updated"
+    eager = dict(steps[0].model.named_parameters())
+    for step in steps[1:]:
+        for name, p in step.model.named_parameters():
+            scale = eager[name].grad.abs().max()  # measured: <= 1e-13 of it apart
+            torch.testing.assert_close(p.grad, eager[name].grad, rtol=0, atol=1e-9 * scale,
+                                       msg=lambda m: f"{step.name} {name}: {m}")
+
+
+def _tiny_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+
+def test_compiled_train_step_matches_eager():
+    model, cpu = _tiny_classifier(), torch.device("cpu")
+    eager = bench.TrainStep("eager", copy.deepcopy(model), False, False, torch.float32, cpu)
+    compiled = bench.TrainStep("compile", copy.deepcopy(model), True, True, torch.float32, cpu)
+    x, labels = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(2):  # the second step runs on the weights the first one updated
+        torch.testing.assert_close(compiled(x_cl, labels), eager(x, labels), rtol=1e-5, atol=1e-6)
+    for p, q in zip(compiled.model.parameters(), eager.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_reset_restarts_from_the_weights_with_a_fresh_optimizer():
+    model = _tiny_classifier()
+    start = copy.deepcopy(model.state_dict())
+    step = bench.TrainStep("eager", model, False, False, torch.float32, torch.device("cpu"))
+    x, labels = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
+    first = torch.stack([step(x, labels) for _ in range(3)])
+    assert first[2] < first[1] < first[0]
+    step.reset(start)
+    # Momentum left over from the first run would make steps 2 and 3 differ.
+    torch.testing.assert_close(torch.stack([step(x, labels) for _ in range(3)]), first)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_train_step_keeps_fp32_weights_and_scales_fp16_losses(dtype):
+    step = bench.TrainStep("eager", _tiny_classifier(), False, False, dtype, torch.device("cpu"))
+    before = [p.detach().clone() for p in step.model.parameters()]
+    loss = step(torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4]))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)  # cross_entropy runs in fp32
+    assert all(p.dtype == torch.float32 for p in step.model.parameters())
+    assert all(not torch.equal(p, b) for p, b in zip(step.model.parameters(), before))
+    assert step.scaler.is_enabled() == (dtype == torch.float16)
+
+
+def test_train_cli_rejects_inference_only_and_unknown_candidates(capsys):
+    for candidates, msg in (("eager,compile_freezing,optimize",
+                             "compile_freezing, optimize (inference only) cannot run with --train; "
+                             "expected some of eager, eager_cl, compile, resnet_fast"),
+                            ("eager,fast", "unknown fast; expected some of eager, eager_cl"),
+                            ("eager_cl,resnet_fast", "must include eager")):
+        with pytest.raises(SystemExit):
+            bench.main(["--train", "--candidates", candidates])
+        assert msg in capsys.readouterr().err
+
+
+def test_train_divergence_is_relative_to_eagers_loss_and_catches_nan():
+    assert not bench.train_diverged(6.905, 6.9, torch.float32)  # 7e-4 relative
+    assert bench.train_diverged(6.92, 6.9, torch.float32)  # 3e-3
+    assert not bench.train_diverged(7.1, 6.9, torch.bfloat16)  # 3e-2: bf16 rounding
+    assert bench.train_diverged(7.5, 6.9, torch.float16)  # 9e-2
+    assert bench.train_diverged(float("nan"), 6.9, torch.float32)
+    assert bench.train_diverged(float("inf"), 6.9, torch.bfloat16)

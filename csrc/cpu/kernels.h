@@ -9,10 +9,11 @@ namespace resnet_fast::cpu {
 #define RESNET_FAST_CPU_KERNELS(NS)                                                          \
   namespace NS {                                                                             \
   void add_relu_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out);   \
-  /* residual: an undefined tensor when absent. */                                           \
+  /* residual, center: undefined tensors when absent; v = (x - center) * scale + shift. */   \
   void scale_shift_act_kernel(const at::Tensor& x, const at::Tensor& scale,                \
                               const at::Tensor& shift, const at::Tensor& residual, bool relu, \
-                              bool channels_last, const at::Tensor& out);                    \
+                              bool channels_last, const at::Tensor& out,                     \
+                              const at::Tensor& center);                                     \
   }
 RESNET_FAST_CPU_KERNELS(DEFAULT)
 RESNET_FAST_CPU_KERNELS(AVX2)
@@ -29,9 +30,11 @@ inline void add_relu(const at::Tensor& x, const at::Tensor& r, const at::Tensor&
 
 inline void scale_shift_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                             const at::Tensor& residual, bool relu, bool channels_last,
-                            const at::Tensor& out) {
-  use_avx2() ? AVX2::scale_shift_act_kernel(x, scale, shift, residual, relu, channels_last, out)
-             : DEFAULT::scale_shift_act_kernel(x, scale, shift, residual, relu, channels_last, out);
+                            const at::Tensor& out, const at::Tensor& center = at::Tensor()) {
+  use_avx2()
+      ? AVX2::scale_shift_act_kernel(x, scale, shift, residual, relu, channels_last, out, center)
+      : DEFAULT::scale_shift_act_kernel(x, scale, shift, residual, relu, channels_last, out,
+                                        center);
 }
 
 }  // namespace resnet_fast::cpu

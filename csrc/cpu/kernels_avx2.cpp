@@ -14,8 +14,8 @@ void add_relu_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor&
 }
 void scale_shift_act_kernel(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                             const at::Tensor& residual, bool relu, bool channels_last,
-                            const at::Tensor& out) {
-  DEFAULT::scale_shift_act_kernel(x, scale, shift, residual, relu, channels_last, out);
+                            const at::Tensor& out, const at::Tensor& center) {
+  DEFAULT::scale_shift_act_kernel(x, scale, shift, residual, relu, channels_last, out, center);
 }
 }  // namespace resnet_fast::cpu::AVX2
 #endif

@@ -11,6 +11,14 @@ Candidates: ``eager`` (torchvision, NCHW), ``eager_cl`` (channels_last), ``compi
 ``compile_max_autotune`` (GPU: max-autotune + freezing), ``resnet_fast`` (our model on every
 available backend, NCHW input: the drop-in case) and ``optimize`` (``resnet_fast.optimize``
 of the torchvision model: auto backend, CUDA graphs on GPU).
+
+``--train`` times a whole training step instead (forward, cross-entropy against fixed random
+labels, backward, SGD with momentum; autocast for bfloat16/float16, weights kept in fp32) of
+``eager``, ``eager_cl``, ``compile`` (the backward through AOTAutograd) and ``resnet_fast``
+(our model in training mode, channels_last), each on its own copy of the same weights with its
+own optimizer, restarted for every batch size. A step mutates the weights, so every repeat goes
+on training; all candidates take the same steps on the same batch, and a candidate whose loss
+before (step 1) or after (step 2) its first update is off eager's is flagged as diverged.
 """
 
 from __future__ import annotations
@@ -18,20 +26,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shlex
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torchvision
+from torch import nn
 
 from .. import available_backends, create_model, optimize
-from ..backends import device_backends
+from ..backends import device_backends, requested_backend
 from .calibrate import calibrate_
 from .env import device_slug, environment
 from .timing import interleaved, median_ratio, quantile
@@ -50,6 +61,20 @@ DIVERGENCE = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.01}
 
 def diverged(err: float, eager_err: float, scale: float, dtype: torch.dtype) -> bool:
     return err > max(2 * eager_err, DIVERGENCE[dtype] * max(scale, 1e-6))
+
+
+TRAIN_CANDIDATES = ("eager", "eager_cl", "compile", "resnet_fast")
+# A training candidate is flagged as diverged when a loss differs from eager's at the same step
+# by more than this fraction of it. Same weights, batch and labels: in fp32 only the summation
+# order differs; under bf16/fp16 autocast every conv rounds its inputs to 8/11 mantissa bits.
+TRAIN_DIVERGENCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+SGD_LR, SGD_MOMENTUM = 1e-3, 0.9
+
+
+def train_diverged(loss: float, eager_loss: float, dtype: torch.dtype) -> bool:
+    """Whether a step's loss is too far off eager's (a NaN or inf loss always is)."""
+    diff = abs(loss - eager_loss)
+    return not math.isfinite(diff) or diff > TRAIN_DIVERGENCE[dtype] * max(abs(eager_loss), 1e-6)
 
 
 @dataclass
@@ -114,6 +139,101 @@ def build_candidates(names, arch: str, reference: torch.nn.Module, dtype: torch.
     return out, skipped
 
 
+class TrainStep:
+    """One training candidate: its own model (fp32 weights), SGD optimizer and grad scaler.
+    Calling it runs one step on ``(x, labels)`` and returns the step's loss, detached (taken
+    before the update: the loss of the weights the step started from)."""
+
+    def __init__(self, name: str, model: nn.Module, channels_last: bool, compiled: bool,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.name = name
+        self.channels_last_input = channels_last
+        self.model = model.to(device).train()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = _compiled(self.model, None, False) if compiled else self.model
+        self.autocast = dtype if dtype != torch.float32 else None
+        self._new_optimizer()
+
+    def _new_optimizer(self) -> None:
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM)
+        # fp16 gradients underflow without loss scaling: the scaler is part of a real fp16 step
+        # (and its inf check costs a device sync per step). bf16 has fp32's range and needs none.
+        device = next(self.model.parameters()).device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
+
+    def reset(self, state: dict) -> None:
+        """Back to ``state``'s weights and BN statistics with a fresh optimizer (no momentum)
+        and grad scaler. In place: a compiled forward keeps its graph."""
+        self.model.load_state_dict(state)
+        self._new_optimizer()
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        amp = (torch.autocast(x.device.type, dtype=self.autocast) if self.autocast
+               else nullcontext())
+        with amp:
+            loss = nn.functional.cross_entropy(self.forward(x), labels)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+
+def build_train_steps(names, arch: str, reference: nn.Module, dtype: torch.dtype,
+                      device: torch.device) -> list[TrainStep]:
+    """The training candidates asked for, each on its own fp32 copy of ``reference``'s weights
+    (``dtype`` is the autocast dtype). ``compile`` compiles the channels_last torchvision model,
+    as the inference benchmark does; ``resnet_fast`` is our model on the auto backend."""
+    out = []
+    for name in names:
+        if name in ("eager", "eager_cl", "compile"):
+            channels_last = name != "eager"
+            out.append(TrainStep(name, copy.deepcopy(reference), channels_last,
+                                 name == "compile", dtype, device))
+        elif name == "resnet_fast":
+            model = create_model(arch)
+            model.load_state_dict(reference.state_dict())
+            out.append(TrainStep(name, model, True, False, dtype, device))
+        else:
+            raise ValueError(f"unknown training candidate {name!r}; expected some of "
+                             f"{', '.join(TRAIN_CANDIDATES)}")
+    return out
+
+
+def _device(device: Optional[str]) -> torch.device:
+    """``device``, else cuda when one is visible, else cpu."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # what a user of eager PyTorch does
+    return dev
+
+
+def _reference(arch: str, weights: Optional[str]) -> nn.Module:
+    """The seeded torchvision model every candidate copies: ``weights`` loaded, else calibrated."""
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)()
+    if weights:
+        reference.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        reference.eval()
+    else:
+        calibrate_(reference)
+    return reference
+
+
+def _header(arch: str, image_size: int, dtype: torch.dtype, repeats: int, warmup: int,
+            weights: Optional[str], device: torch.device) -> dict:
+    """The fields every result file starts with."""
+    return {"arch": arch, "image_size": image_size, "dtype": str(dtype).replace("torch.", ""),
+            "repeats": repeats, "warmup": warmup, "weights": weights or "calibrated (seeded)",
+            "environment": environment(device)}
+
+
+def _command(command: Optional[str]) -> str:
+    """The command recorded in the results: ``command``, else this process's arguments."""
+    return command or "resnet-fast bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def _peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None  # no per-call allocator statistics for CPU tensors
@@ -125,34 +245,38 @@ def _peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def _speed(times: dict[str, list[float]], name: str, batch_size: int) -> dict:
+    """A candidate's throughput, latency quantiles and per-repeat speedups vs eager and vs the
+    fastest torch.compile variant of the same run."""
+    ts = times[name]
+    compiled = [n for n in times if n.startswith("compile")]
+    best_compile = min(compiled, key=lambda n: statistics.median(times[n])) if compiled else None
+    return {"img_per_s": batch_size / statistics.median(ts),
+            "latency_ms": {"median": 1e3 * statistics.median(ts),
+                           "p10": 1e3 * quantile(ts, 0.1), "p90": 1e3 * quantile(ts, 0.9)},
+            "speedup_vs_eager": median_ratio(times["eager"], ts),
+            "speedup_vs_best_compile": (median_ratio(times[best_compile], ts)
+                                        if best_compile else None),
+            "best_compile": best_compile}
+
+
 def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.float32,
         candidates=CANDIDATES, repeats: int = 10, warmup: int = 2, device: Optional[str] = None,
         image_size: int = 224, weights: Optional[str] = None, progress: bool = True,
-        extra_candidates: Optional[list[Candidate]] = None) -> dict:
+        extra_candidates: Optional[list[Candidate]] = None, command: Optional[str] = None) -> dict:
     """Runs the benchmark and returns the results dict (the JSON's content)."""
     from tqdm import tqdm
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # what a user of eager PyTorch does
-    torch.manual_seed(0)
-    reference = getattr(torchvision.models, arch)()
-    if weights:
-        reference.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        reference.eval()
-    else:
-        calibrate_(reference)
+    dev = _device(device)
+    reference = _reference(arch, weights)
     truth_model = copy.deepcopy(reference).to(dev).eval()  # fp32, NCHW: the yardstick
     cands, skipped = build_candidates(candidates, arch, reference, dtype, dev)
     cands += extra_candidates or []
     if not any(c.name == "eager" for c in cands):
         raise ValueError("the candidates must include 'eager' (the baseline of every ratio)")
 
-    results = {"arch": arch, "image_size": image_size, "dtype": str(dtype).replace("torch.", ""),
-               "repeats": repeats, "warmup": warmup, "weights": weights or "calibrated (seeded)",
-               "environment": environment(dev), "skipped_candidates": skipped,
-               "command": "resnet-fast bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-               "runs": []}
+    results = {**_header(arch, image_size, dtype, repeats, warmup, weights, dev),
+               "skipped_candidates": skipped, "command": _command(command), "runs": []}
     gen = torch.Generator().manual_seed(1)
     total = len(batch_sizes) * len(cands) * (repeats + 2)
     bar = tqdm(total=total, desc=f"{arch} bench", unit="call", file=sys.stderr,
@@ -178,19 +302,9 @@ def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.
             for c in cands:
                 memory[c.name] = _peak_memory_mb(calls[c.name], dev)
             times = interleaved(calls, dev, repeats, warmup, progress=bar.update)
-        base = times["eager"]
-        compiled = [n for n in times if n.startswith("compile")]
-        best_compile = min(compiled, key=lambda n: statistics.median(times[n])) if compiled else None
         for name, ts in times.items():
             results["runs"].append({
-                "candidate": name, "batch_size": bs,
-                "img_per_s": bs / statistics.median(ts),
-                "latency_ms": {"median": 1e3 * statistics.median(ts),
-                               "p10": 1e3 * quantile(ts, 0.1), "p90": 1e3 * quantile(ts, 0.9)},
-                "speedup_vs_eager": median_ratio(base, ts),
-                "speedup_vs_best_compile": (median_ratio(times[best_compile], ts)
-                                            if best_compile else None),
-                "best_compile": best_compile,
+                "candidate": name, "batch_size": bs, **_speed(times, name, bs),
                 "first_call_s": first_call[name],
                 "peak_memory_mb": memory[name],
                 "max_abs_err_vs_torchvision": errors[name],
@@ -202,12 +316,85 @@ def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.
     return results
 
 
+def run_train(arch: str = "resnet50", batch_sizes=(16,), dtype: torch.dtype = torch.float32,
+              candidates=TRAIN_CANDIDATES, repeats: int = 10, warmup: int = 2,
+              device: Optional[str] = None, image_size: int = 224, weights: Optional[str] = None,
+              progress: bool = True, command: Optional[str] = None) -> dict:
+    """Runs the training-step benchmark and returns the results dict (the JSON's content).
+
+    Per batch size, every candidate restarts from the reference weights with a fresh optimizer
+    (steps on one fixed batch memorize it within a dozen steps: weights trained further at an
+    earlier batch size drift apart in the ReLUs they flip, and losses no longer compare) and
+    trains on one seeded batch with random labels: a first step (timed on its own:
+    compilation, cuDNN autotuning), a second, ``warmup`` steps, then ``repeats`` interleaved
+    timed steps. Step 1's loss checks the forward against eager's; step 2's, after one update,
+    catches a backward or update gone wrong wholesale (none, wrong sign, NaN) but not a
+    gradient a few percent off in one layer: tests/test_bench.py compares the gradients."""
+    from tqdm import tqdm
+
+    dev = _device(device)
+    reference = _reference(arch, weights)
+    steps = build_train_steps(candidates, arch, reference, dtype, dev)
+    if not any(s.name == "eager" for s in steps):
+        raise ValueError("the candidates must include 'eager' (the baseline of every ratio)")
+
+    header = _header(arch, image_size, dtype, repeats, warmup, weights, dev)
+    results = {"mode": "train", **header,
+               "step": {"loss": "cross_entropy vs fixed random labels", "optimizer": "SGD",
+                        "lr": SGD_LR, "momentum": SGD_MOMENTUM,
+                        "autocast": None if dtype == torch.float32 else header["dtype"],
+                        "grad_scaler": dtype == torch.float16,
+                        "resnet_fast_backend": requested_backend(None)},
+               "skipped_candidates": {}, "command": _command(command), "runs": []}
+    gen = torch.Generator().manual_seed(1)
+    num_classes = reference.fc.out_features
+    bar = tqdm(total=len(batch_sizes) * len(steps) * (repeats + 2), desc=f"{arch} train bench",
+               unit="step", file=sys.stderr, disable=not progress, mininterval=1.0)
+    start = reference.state_dict()
+    for bs in batch_sizes:
+        x = torch.randn(bs, 3, image_size, image_size, generator=gen).to(dev)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, num_classes, (bs,), generator=gen).to(dev)
+        calls, first_call, losses, memory = {}, {}, {}, {}
+        for s in steps:
+            s.reset(start)
+            inp = x_cl if s.channels_last_input else x
+            calls[s.name] = (lambda step=s, inp=inp: step(inp, labels))
+            t0 = time.perf_counter()
+            first = calls[s.name]()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            first_call[s.name] = time.perf_counter() - t0
+            losses[s.name] = (first.item(), calls[s.name]().item())
+            bar.update(1)
+        for s in steps:
+            memory[s.name] = _peak_memory_mb(calls[s.name], dev)
+        times = interleaved(calls, dev, repeats, warmup, progress=bar.update)
+        eager = losses["eager"]
+        for name in times:
+            loss = losses[name]
+            results["runs"].append({
+                "candidate": name, "batch_size": bs, **_speed(times, name, bs),
+                "first_call_s": first_call[name],
+                "peak_memory_mb": memory[name],
+                "loss_step1": loss[0], "loss_step1_abs_diff_vs_eager": abs(loss[0] - eager[0]),
+                "loss_step2": loss[1], "loss_step2_abs_diff_vs_eager": abs(loss[1] - eager[1]),
+                "diverged": any(train_diverged(a, b, dtype) for a, b in zip(loss, eager)),
+                "times_s": times[name],
+            })
+    bar.close()
+    return results
+
+
 def write_outputs(results: dict, out_dir: Path, plot: bool = True) -> list[Path]:
-    """JSON (atomically), Markdown table and PNG plot, named <arch>_<dtype>.*"""
+    """JSON (atomically), Markdown table and PNG plot, named <arch>_<dtype>.* (inference) or
+    <arch>_<dtype>_train.* (training step)."""
     from . import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{results['arch']}_{results['dtype']}"
+    if results.get("mode") == "train":
+        stem += "_train"
     written = []
     path = out_dir / f"{stem}.json"
     tmp = path.with_suffix(".json.tmp")
@@ -229,12 +416,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="resnet-fast bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50", choices=ARCHS)
+    parser.add_argument("--train", action="store_true",
+                        help="time a training step (forward, loss, backward, SGD) instead of "
+                             "inference")
     parser.add_argument("--batch", default=None,
-                        help="comma-separated batch sizes (default: 1,16 on CPU; 1,32,256 on GPU)")
+                        help="comma-separated batch sizes (default: 1,16 on CPU and 1,32,256 on "
+                             "GPU; with --train 16 on CPU and 256 on GPU)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                        help="default: float32 on CPU, bfloat16 on GPU")
-    parser.add_argument("--candidates", default=",".join(CANDIDATES),
-                        help=f"comma-separated, from {', '.join(CANDIDATES)}")
+                        help="default: float32 on CPU, bfloat16 on GPU (with --train: the "
+                             "autocast dtype; weights stay float32)")
+    parser.add_argument("--candidates", default=None,
+                        help=f"comma-separated, from {', '.join(CANDIDATES)} (default: all); with "
+                             f"--train from {', '.join(TRAIN_CANDIDATES)} (default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="default: 8 on CPU, 30 on GPU")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -252,14 +445,21 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     gpu = device.startswith("cuda")
+    default_batch = ("256" if gpu else "16") if args.train else ("1,32,256" if gpu else "1,16")
     try:
-        batches = tuple(int(b) for b in (args.batch or ("1,32,256" if gpu else "1,16")).split(","))
+        batches = tuple(int(b) for b in (args.batch or default_batch).split(","))
     except ValueError:
         parser.error(f"--batch: expected comma-separated integers, got {args.batch!r}")
-    names = tuple(n.strip() for n in args.candidates.split(",") if n.strip())
-    unknown = [n for n in names if n not in CANDIDATES]
+    allowed = TRAIN_CANDIDATES if args.train else CANDIDATES
+    names = tuple(n.strip() for n in (args.candidates or ",".join(allowed)).split(",") if n.strip())
+    unknown = [n for n in names if n not in CANDIDATES + TRAIN_CANDIDATES]
     if unknown:
-        parser.error(f"--candidates: unknown {', '.join(unknown)}; expected some of {', '.join(CANDIDATES)}")
+        parser.error(f"--candidates: unknown {', '.join(unknown)}; expected some of "
+                     f"{', '.join(allowed)}")
+    inference_only = [n for n in names if n not in allowed]
+    if inference_only:
+        parser.error(f"--candidates: {', '.join(inference_only)} (inference only) cannot run "
+                     f"with --train; expected some of {', '.join(allowed)}")
     if "eager" not in names:
         parser.error("--candidates must include eager (the baseline of every ratio)")
     repeats = args.repeats or (30 if gpu else 8)
@@ -269,8 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--weights: no such file {args.weights}")
     dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
 
-    results = run(args.arch, batches, dtype, names, repeats, args.warmup, device,
-                  args.image_size, args.weights, progress=not args.no_progress)
+    # This call's own arguments, not sys.argv: from `resnet-fast bench` sys.argv also holds
+    # the subcommand, and a caller may pass argv explicitly.
+    command = "resnet-fast bench " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    bench = run_train if args.train else run
+    results = bench(args.arch, batches, dtype, names, repeats, args.warmup, device,
+                    args.image_size, args.weights, progress=not args.no_progress, command=command)
     print(report.format_table(results))
     out_dir = args.out or Path("bench-results") / device_slug(results["environment"])
     for path in write_outputs(results, out_dir, plot=not args.no_plot):

@@ -21,23 +21,57 @@ def _where(results: dict) -> str:
     return env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
 
 
+def _train(results: dict) -> bool:
+    """Training-step results (``resnet-fast bench --train``) rather than inference."""
+    return results.get("mode") == "train"
+
+
+def _step(results: dict) -> str:
+    """What a training result times, for captions."""
+    step = results["step"]
+    amp = f", {step['autocast']} autocast" if step["autocast"] else ""
+    return (f"training step (forward, cross-entropy, backward, SGD lr {step['lr']:g} momentum "
+            f"{step['momentum']:g}{amp})")
+
+
+# Column titles of the latency quantiles in the JSON.
+_LATENCY = {"p10": "p10", "median": "p50", "p90": "p90"}
+
+
+def _latencies(results: dict) -> tuple[str, ...]:
+    """The quantiles a table shows: training tables add p10 (a step's spread is wider);
+    inference tables keep the median/p90 layout of the committed results."""
+    return ("p10", "median", "p90") if _train(results) else ("median", "p90")
+
+
 def format_table(results: dict) -> str:
     """The terminal table."""
+    train = _train(results)
     lines = [f"{results['arch']}  {results['dtype']}  {results['image_size']}px  "
              f"{results['weights']} weights  on {_where(results)}  (torch "
-             f"{results['environment']['torch']}, {results['repeats']} interleaved repeats)", ""]
-    header = (f"{'candidate':<24}{'batch':>6}{'img/s':>10}{'p50 ms':>10}{'p90 ms':>10}"
-              f"{'vs eager':>10}{'vs compile':>11}{'1st call s':>11}{'max err':>11}")
+             f"{results['environment']['torch']}, {results['repeats']} interleaved repeats)"]
+    lines += [_step(results), ""] if train else [""]
+    lat = _latencies(results)
+    header = (f"{'candidate':<24}{'batch':>6}{'img/s':>10}"
+              + "".join(f"{_LATENCY[q] + ' ms':>10}" for q in lat)
+              + f"{'vs eager':>10}{'vs compile':>11}{'1st call s':>11}"
+              + (f"{'loss 1':>10}{'diff 1':>10}{'diff 2':>10}" if train else f"{'max err':>11}"))
     lines += [header, "-" * len(header)]
     for r in results["runs"]:
         vs_compile = r["speedup_vs_best_compile"]
         lines.append(
             f"{r['candidate']:<24}{r['batch_size']:>6}{r['img_per_s']:>10.1f}"
-            f"{r['latency_ms']['median']:>10.2f}{r['latency_ms']['p90']:>10.2f}"
-            f"{r['speedup_vs_eager']:>9.2f}x"
+            + "".join(f"{r['latency_ms'][q]:>10.2f}" for q in lat)
+            + f"{r['speedup_vs_eager']:>9.2f}x"
             + (f"{vs_compile:>10.2f}x" if vs_compile else f"{'-':>11}")
-            + f"{r['first_call_s']:>11.2f}{r['max_abs_err_vs_torchvision']:>11.2e}"
+            + f"{r['first_call_s']:>11.2f}"
+            + (f"{r['loss_step1']:>10.4f}{r['loss_step1_abs_diff_vs_eager']:>10.1e}"
+               f"{r['loss_step2_abs_diff_vs_eager']:>10.1e}" if train
+               else f"{r['max_abs_err_vs_torchvision']:>11.2e}")
             + ("  DIVERGED" if r["diverged"] else ""))
+    if train:
+        lines.append("(loss 1: step 1's loss; diff 1, diff 2: |loss - eager's| at step 1, and at "
+                     "step 2, after one update)")
     for name, why in results["skipped_candidates"].items():
         lines.append(f"({name} not run: {why})")
     return "\n".join(lines)
@@ -45,21 +79,30 @@ def format_table(results: dict) -> str:
 
 def markdown_table(results: dict) -> str:
     env = results["environment"]
-    lines = [f"**{results['arch']}**, {results['dtype']}, {results['image_size']}px, "
+    train = _train(results)
+    lat = _latencies(results)
+    what = f", {_step(results)}" if train else ""
+    columns = (["candidate", "batch", "img/s"] + [f"{_LATENCY[q]} ms" for q in lat]
+               + ["vs eager", "vs best compile", "first call s"]
+               + (["step-1 loss", "step-1 loss diff vs eager", "step-2 loss diff vs eager"]
+                  if train else ["max abs err"]))
+    lines = [f"**{results['arch']}**{what}, {results['dtype']}, {results['image_size']}px, "
              f"{results['weights']} weights, on {_where(results)}; torch {env['torch']}, "
              f"commit {env['git_commit']}, {results['repeats']} interleaved repeats. "
              f"Command: `{results['command']}`", "",
-             "| candidate | batch | img/s | p50 ms | p90 ms | vs eager | vs best compile | "
-             "first call s | max abs err |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| " + " | ".join(columns) + " |",
+             "|---|" + "---:|" * (len(columns) - 1)]
     for r in results["runs"]:
         vs_compile = r["speedup_vs_best_compile"]
         flag = " **DIVERGED**" if r["diverged"] else ""
         lines.append(f"| {r['candidate']}{flag} | {r['batch_size']} | {r['img_per_s']:.1f} | "
-                     f"{r['latency_ms']['median']:.2f} | {r['latency_ms']['p90']:.2f} | "
-                     f"{r['speedup_vs_eager']:.2f}x | "
+                     + "".join(f"{r['latency_ms'][q]:.2f} | " for q in lat)
+                     + f"{r['speedup_vs_eager']:.2f}x | "
                      f"{f'{vs_compile:.2f}x' if vs_compile else '—'} | "
-                     f"{r['first_call_s']:.2f} | {r['max_abs_err_vs_torchvision']:.1e} |")
+                     f"{r['first_call_s']:.2f} | "
+                     + (f"{r['loss_step1']:.4f} | {r['loss_step1_abs_diff_vs_eager']:.1e} | "
+                        f"{r['loss_step2_abs_diff_vs_eager']:.1e} |" if train
+                        else f"{r['max_abs_err_vs_torchvision']:.1e} |"))
     for name, why in results["skipped_candidates"].items():
         lines.append(f"\n{name} not run: {why}")
     return "\n".join(lines)
@@ -83,15 +126,16 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"batch {bs}")
         ax.set_xlabel("images / s")
         ax.invert_yaxis()
-    fig.suptitle(f"{results['arch']} {results['dtype']} on {_where(results)}", fontsize=10)
+    what = " training step" if _train(results) else ""
+    fig.suptitle(f"{results['arch']} {results['dtype']}{what} on {_where(results)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def results_block(root: Path, shown_as: str = "benchmarks/results") -> str:
-    """The README block: one table per model-benchmark JSON under ``root`` (named in the
-    text as ``shown_as/<device>/<file>``)."""
+    """The README block: one table per model-benchmark JSON under ``root``, inference or
+    training step (named in the text as ``shown_as/<device>/<file>``)."""
     parts = [BEGIN]
     for path in sorted(root.glob("*/*.json")):
         data = json.loads(path.read_text())

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import weights as _weights
 from .cifar import CifarResNet, PadShortcut
+from .norm import BatchNormAct2d
 from .regularizers import DropBlock2d, DropPath, drop_path
 from .resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3
 
@@ -165,6 +166,6 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return globals()[name](**kwargs)
 
 
-__all__ = ["ResNet", "CifarResNet", "BasicBlock", "Bottleneck", "PadShortcut", "DropPath",
+__all__ = ["ResNet", "BatchNormAct2d", "CifarResNet", "BasicBlock", "Bottleneck", "PadShortcut", "DropPath",
            "DropBlock2d", "drop_path", "conv1x1", "conv3x3", "create_model", "list_models",
            *_ARCHS]

@@ -19,13 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .norm import BatchNormAct2d
 
 
 def foldable(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether conv -> bn can run as one fused conv in eval mode."""
     return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros"
             and isinstance(conv.padding, tuple)  # not "same"/"valid" strings
-            and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not bn.training
+            and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d) and not bn.training
             and bn.track_running_stats and bn.running_mean is not None)
 
 

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norm import BatchNormAct2d
 from .resnet import BasicBlock, _Backbone, _linear_schedule, conv3x3, zero_init_last_bn
 
 
@@ -51,7 +52,7 @@ class CifarResNet(_Backbone):
             raise ValueError(f"CifarResNet: expected depth = 6n+2 with n >= 1 (20, 32, 44, 56, "
                              f"110, ...), got {depth}")
         self._init_common(num_classes, in_channels, drop_path_rate, return_features, backend)
-        norm_layer = norm_layer or nn.BatchNorm2d
+        norm_layer = norm_layer or BatchNormAct2d
         n = (depth - 2) // 6
         rates = _linear_schedule(drop_path_rate, 3 * n)
         self.conv1 = conv3x3(in_channels, 16)

@@ -19,6 +19,7 @@ from .. import ops
 from ..backends import requested_backend
 from ..kernels.layout import layout_of
 from ._fused import FusedEvalMixin, foldable
+from .norm import BatchNormAct2d
 from .regularizers import DropBlock2d, DropPath
 
 
@@ -60,6 +61,24 @@ class _Block(FusedEvalMixin, nn.Module):
     def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         raise NotImplementedError
 
+    def _fused_train(self) -> bool:
+        """Training with our BatchNormAct2d everywhere: every BN -> (add ->) ReLU is one fused
+        batch_norm_act (a custom norm_layer keeps torchvision's unfused math)."""
+        return (self.training and not torch.jit.is_scripting()
+                and all(isinstance(bn, BatchNormAct2d) for _, bn in self._pairs()))
+
+    def _tail_train(self, out: Tensor, bn: BatchNormAct2d, identity: Tensor) -> Tensor:
+        """relu(bn(out) + identity) in training. With DropBlock/DropPath on, they act on the
+        residual branch (bn's output) before the join, which is then one fused add_relu."""
+        if self.drop_block is None and self.drop_path is None:
+            return bn.forward_act(out, residual=identity, backend=self.backend)
+        out = bn.forward_act(out, relu=False, backend=self.backend)
+        if self.drop_block is not None:
+            out = self.drop_block(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
+        return ops.add_relu(out, identity, backend=self.backend)
+
     def _fusable(self) -> bool:
         """Eval mode with every conv -> BN foldable: not with a custom norm_layer, a BN put in
         training mode on its own, or BNs that fuse_bn already replaced by Identity."""
@@ -89,7 +108,7 @@ class BasicBlock(_Block):
                  backend: Optional[str] = None) -> None:
         super().__init__()
         if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
+            norm_layer = BatchNormAct2d
         if groups != 1 or base_width != 64:
             raise ValueError(f"BasicBlock only supports groups=1 and base_width=64, got "
                              f"groups={groups}, base_width={base_width}")
@@ -112,6 +131,10 @@ class BasicBlock(_Block):
         if self._fusable():
             out = self._conv_bn(x, self.conv1, self.bn1)
             return self._conv_bn(out, self.conv2, self.bn2, residual=self._identity_fused(x))
+        if self._fused_train():
+            out = self.bn1.forward_act(self.conv1(x), backend=self.backend)
+            identity = x if self.downsample is None else self.downsample(x)
+            return self._tail_train(self.conv2(out), self.bn2, identity)
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -131,7 +154,7 @@ class Bottleneck(_Block):
                  backend: Optional[str] = None) -> None:
         super().__init__()
         if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
+            norm_layer = BatchNormAct2d
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = norm_layer(width)
@@ -152,6 +175,11 @@ class Bottleneck(_Block):
             out = self._conv_bn(x, self.conv1, self.bn1)
             out = self._conv_bn(out, self.conv2, self.bn2)
             return self._conv_bn(out, self.conv3, self.bn3, residual=self._identity_fused(x))
+        if self._fused_train():
+            out = self.bn1.forward_act(self.conv1(x), backend=self.backend)
+            out = self.bn2.forward_act(self.conv2(out), backend=self.backend)
+            identity = x if self.downsample is None else self.downsample(x)
+            return self._tail_train(self.conv3(out), self.bn3, identity)
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -185,6 +213,8 @@ class _Backbone(FusedEvalMixin, nn.Module):
         """relu(bn1(conv1(x))): one fused conv in eval mode."""
         if self._fused_eval():
             return self._conv_bn(x, self.conv1, self.bn1)
+        if self.training and not torch.jit.is_scripting() and isinstance(self.bn1, BatchNormAct2d):
+            return self.bn1.forward_act(self.conv1(x), backend=self.backend)
         return self.relu(self.bn1(self.conv1(x)))
 
     def _features(self, x: Tensor, stages: list[nn.Module]) -> Tensor:
@@ -281,7 +311,7 @@ class ResNet(_Backbone):
     ) -> None:
         super().__init__()
         if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
+            norm_layer = BatchNormAct2d
         self._norm_layer = norm_layer
         if len(layers) != 4:
             raise ValueError(f"ResNet: expected 4 stage depths in layers, got {layers}")

@@ -39,24 +39,30 @@ def check_scale_shift(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor 
     if x.dim() < 2:
         raise ValueError(f"{op}: expected x of shape (N, C, ...) with at least 2 dims, got "
                          f"{tuple(x.shape)}")
-    c = x.shape[1]
     for name, p in (("scale", scale), ("shift", shift)):
-        check_tensor(p, op, name)
-        if p.dim() != 1 or p.shape[0] != c:
-            raise ValueError(f"{op}: expected {name} of shape ({c},) (one value per channel of "
-                             f"x), got {tuple(p.shape)}")
-        if p.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{op}: expected {name} in x's dtype ({x.dtype}) or float32, got "
-                            f"{p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"{op}: expected {name} on the same device as x ({x.device}), got "
-                             f"{p.device}")
+        check_channel_param(x, p, op, name)
     if scale.dtype != shift.dtype:
         raise TypeError(f"{op}: expected scale and shift of one dtype, got {scale.dtype} and "
                         f"{shift.dtype}")
     if residual is not None:
         check_tensor(residual, op, "residual")
         check_same_meta(x, residual, op, "residual")
+
+
+def check_channel_param(x: Tensor, p, op: str, name: str) -> None:
+    """A per-channel parameter: 1-D, one value per channel of x (dim 1), in x's dtype or
+    float32, on x's device."""
+    check_tensor(p, op, name)
+    c = x.shape[1]
+    if p.dim() != 1 or p.shape[0] != c:
+        raise ValueError(f"{op}: expected {name} of shape ({c},) (one value per channel of x), "
+                         f"got {tuple(p.shape)}")
+    if p.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{op}: expected {name} in x's dtype ({x.dtype}) or float32, got "
+                        f"{p.dtype}")
+    if p.device != x.device:
+        raise ValueError(f"{op}: expected {name} on the same device as x ({x.device}), got "
+                         f"{p.device}")
 
 
 def _pair(v, name: str, op: str) -> tuple[int, int]:

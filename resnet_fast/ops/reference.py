@@ -31,3 +31,17 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddin
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out
+
+
+def bn_act_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+               relu: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Training BatchNorm (batch statistics, no running stats) -> (+ residual) -> ReLU as eager
+    PyTorch computes it, and the batch mean and biased variance (float32; float64 for float64)."""
+    dims = [0] + list(range(2, x.dim()))
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        var, mean = torch.var_mean(x.to(stat), dim=dims, correction=0)
+    out = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    if residual is not None:
+        out = out + residual
+    return (torch.relu(out) if relu else out), mean, var

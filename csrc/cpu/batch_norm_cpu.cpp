@@ -1,0 +1,264 @@
+// Training BatchNorm fused with (+ residual) and ReLU on CPU: bn_act_fwd and bn_act_bwd.
+//
+// Forward, two passes over x: per-channel batch statistics, then the apply pass fused with the
+// residual add and ReLU (our scale_shift_act kernel with scale = w * invstd, shift = b - mean *
+// scale). Backward, two passes: the per-channel sums sum(g') and sum(g' * (x - mean)) with
+// g' = grad masked by out > 0, then dx (and d residual = g') in one elementwise pass.
+// Eager PyTorch runs BN (2 passes), add and ReLU as separate passes forward and backward.
+//
+// Sums: shifted by the channel's first value (so a large mean does not cancel the variance
+// away), accumulated in the opmath type over blocks of at most kBlock rows and merged in double,
+// in a fixed chunk order: the result does not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "buffer_pool.h"
+#include "kernels.h"
+
+namespace resnet_fast::cpu {
+namespace {
+
+constexpr int64_t kBlock = 256;        // rows summed in opmath before a flush to double
+constexpr int64_t kChunkRows = 2048;   // rows per parallel chunk (channels_last)
+
+// Geometry of x viewed as N x C x HW, in either layout.
+struct Geo {
+  int64_t n, c, hw;
+  bool cl;  // channels_last: element (n, c, s) at (n * hw + s) * c + c_idx
+  int64_t count() const { return n * hw; }
+};
+
+Geo geo_of(const at::Tensor& x, at::MemoryFormat fmt) {
+  const int64_t n = x.size(0), c = x.size(1);
+  const int64_t hw = x.numel() / std::max<int64_t>(n * c, 1);
+  return {n, c, hw, fmt == at::MemoryFormat::ChannelsLast};
+}
+
+// Per-channel sums of f(x, g) terms: for each channel, S1 = sum(a(e)), S2 = sum(b(e)) where the
+// functor returns the pair for element e. Used for the statistics (a = x - K, b = a^2) and the
+// backward (a = g', b = g' * (x - mean)).
+template <typename acc_t, typename F>
+void channel_sums(const Geo& g, F term, std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t C = g.c;
+  s1.assign(C, 0.0);
+  s2.assign(C, 0.0);
+  if (g.cl) {
+    const int64_t rows = g.count();
+    const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+    std::vector<double> p1(chunks * C, 0.0), p2(chunks * C, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> a1(C), a2(C);
+      for (int64_t k = begin; k < end; ++k) {
+        double* d1 = p1.data() + k * C;
+        double* d2 = p2.data() + k * C;
+        const int64_t r_end = std::min(rows, (k + 1) * kChunkRows);
+        for (int64_t r0 = k * kChunkRows; r0 < r_end; r0 += kBlock) {
+          std::fill(a1.begin(), a1.end(), acc_t(0));
+          std::fill(a2.begin(), a2.end(), acc_t(0));
+          const int64_t r1 = std::min(r_end, r0 + kBlock);
+          for (int64_t r = r0; r < r1; ++r) {
+            for (int64_t c = 0; c < C; ++c) {
+              const auto t = term(r * C + c, c);
+              a1[c] += t.first;
+              a2[c] += t.second;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            d1[c] += a1[c];
+            d2[c] += a2[c];
+          }
+        }
+      }
+    });
+    for (int64_t k = 0; k < chunks; ++k) {
+      for (int64_t c = 0; c < C; ++c) {
+        s1[c] += p1[k * C + c];
+        s2[c] += p2[k * C + c];
+      }
+    }
+    return;
+  }
+  // NCHW: a channel's values are n planes of hw contiguous elements; one channel per task.
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double d1 = 0.0, d2 = 0.0;
+      for (int64_t n = 0; n < g.n; ++n) {
+        const int64_t base = (n * C + c) * g.hw;
+        for (int64_t s0 = 0; s0 < g.hw; s0 += kBlock) {
+          acc_t a1 = 0, a2 = 0;
+          const int64_t s1_end = std::min(g.hw, s0 + kBlock);
+          for (int64_t s = s0; s < s1_end; ++s) {
+            const auto t = term(base + s, c);
+            a1 += t.first;
+            a2 += t.second;
+          }
+          d1 += a1;
+          d2 += a2;
+        }
+      }
+      s1[c] = d1;
+      s2[c] = d2;
+    }
+  });
+}
+
+// out[e] = f(e, c) for every element, parallel, in x's layout.
+template <typename F>
+void for_each_element(const Geo& g, F f) {
+  if (g.cl) {
+    const int64_t C = g.c;
+    at::parallel_for(0, g.count(), std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t c = 0; c < C; ++c) f(r * C + c, c);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, g.n * g.c, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.hw, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % g.c;
+      for (int64_t s = 0; s < g.hw; ++s) f(p * g.hw + s, c);
+    }
+  });
+}
+
+at::ScalarType stat_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, bool relu,
+    double eps) {
+  TORCH_CHECK(x_in.device().is_cpu(), "batch_norm_act (cpu): expected CPU tensors, got ",
+              x_in.device());
+  check_bn_fwd_args(x_in, weight, bias, residual);
+  const auto fmt = layout_of(x_in);
+  const at::Tensor x = dense_in(x_in, fmt);
+  const Geo g = geo_of(x, fmt);
+  const auto st = stat_type(x);
+  at::Tensor mean = at::empty({g.c}, x.options().dtype(st));
+  at::Tensor var = at::empty({g.c}, x.options().dtype(st));
+  at::Tensor out = empty_output(x.sizes(), x.options(), fmt);
+  if (g.c == 0) return {out, mean, var};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    // Shift: each channel's first value (element (0, c, 0)).
+    std::vector<acc_t> shift(g.c);
+    for (int64_t c = 0; c < g.c; ++c) shift[c] = static_cast<acc_t>(xp[g.cl ? c : c * g.hw]);
+    std::vector<double> s1, s2;
+    channel_sums<acc_t>(g, [&](int64_t e, int64_t c) {
+      const acc_t d = static_cast<acc_t>(xp[e]) - shift[c];
+      return std::pair<acc_t, acc_t>(d, d * d);
+    }, s1, s2);
+    const double n = static_cast<double>(g.count());
+    auto* mp = mean.data_ptr<acc_t>();
+    auto* vp = var.data_ptr<acc_t>();
+    for (int64_t c = 0; c < g.c; ++c) {
+      const double m = s1[c] / n;
+      mp[c] = static_cast<acc_t>(shift[c] + m);
+      vp[c] = static_cast<acc_t>(std::max(s2[c] / n - m * m, 0.0));
+    }
+  });
+  // Apply, fused with the add and ReLU: (x - mean) * (w * invstd) + b, x - mean first so a
+  // large mean cannot cancel digits away.
+  const at::Tensor invstd = (var + eps).rsqrt();
+  const at::Tensor scale = weight.has_value() ? weight->to(st) * invstd : invstd;
+  const at::Tensor shift = bias.has_value() ? bias->to(st) : at::zeros_like(mean);
+  const at::Tensor r = residual.has_value() ? dense_in(*residual, fmt) : at::Tensor();
+  scale_shift_act(x, scale, shift, r, relu, g.cl, out, mean);
+  return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& out_in,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
+    double eps, bool relu, bool residual_grad) {
+  check_bn_bwd_args(grad_in, x_in, out_in, weight);
+  const auto fmt = layout_of(x_in);
+  const at::Tensor x = dense_in(x_in, fmt);
+  const at::Tensor grad = dense_in(grad_in, fmt);
+  const at::Tensor out = dense_in(out_in, fmt);
+  const Geo g = geo_of(x, fmt);
+  const auto st = stat_type(x);
+  TORCH_CHECK(mean.scalar_type() == st && var.scalar_type() == st && mean.numel() == g.c &&
+                  var.numel() == g.c,
+              "batch_norm_act backward: expected mean and var of shape (", g.c, ",) in ", st,
+              " (what the forward returned), got ", mean.sizes(), " ", mean.scalar_type(),
+              " and ", var.sizes(), " ", var.scalar_type());
+  // Pooled buffers (buffer_pool.h): fresh pages would cost more than the pass itself.
+  at::Tensor dx = empty_output(x.sizes(), x.options(), fmt);
+  at::Tensor dres = residual_grad ? empty_output(x.sizes(), x.options(), fmt)
+                                  : at::empty({0}, x.options());
+  at::Tensor dweight = at::empty({g.c}, x.options().dtype(st));
+  at::Tensor dbias = at::empty({g.c}, x.options().dtype(st));
+  if (g.c == 0 || x.numel() == 0) return {dx, dweight.zero_(), dbias.zero_(), dres};
+
+  const at::Tensor invstd_t = (var + eps).rsqrt().contiguous();
+  const at::Tensor w_t = weight.has_value() ? weight->to(st).contiguous()
+                                            : at::ones({g.c}, x.options().dtype(st));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* op = out.const_data_ptr<scalar_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* ip = invstd_t.const_data_ptr<acc_t>();
+    const acc_t* wp = w_t.const_data_ptr<acc_t>();
+    // g' = grad where out > 0 (a NaN output passes no gradient, as torch.relu's backward).
+    auto masked = [&](int64_t e) -> acc_t {
+      const acc_t gv = static_cast<acc_t>(gp[e]);
+      return (!relu || static_cast<acc_t>(op[e]) > acc_t(0)) ? gv : acc_t(0);
+    };
+    std::vector<double> sg, sgx;
+    channel_sums<acc_t>(g, [&](int64_t e, int64_t c) {
+      const acc_t gm = masked(e);
+      return std::pair<acc_t, acc_t>(gm, gm * (static_cast<acc_t>(xp[e]) - mp[c]));
+    }, sg, sgx);
+    // dx = w * invstd * (g' - sg / n - xhat * sgx * invstd / n), xhat = (x - mean) * invstd,
+    // as dx = a * g' + b * (x - mean) + k per channel (x - mean first: no cancellation).
+    const double n = static_cast<double>(g.count());
+    std::vector<acc_t> a(g.c), b(g.c), k(g.c);
+    auto* dwp = dweight.data_ptr<acc_t>();
+    auto* dbp = dbias.data_ptr<acc_t>();
+    for (int64_t c = 0; c < g.c; ++c) {
+      const double inv = ip[c], w = wp[c];
+      dbp[c] = static_cast<acc_t>(sg[c]);
+      dwp[c] = static_cast<acc_t>(sgx[c] * inv);
+      const double ac = w * inv;
+      const double bc = -ac * inv * inv * sgx[c] / n;
+      a[c] = static_cast<acc_t>(ac);
+      b[c] = static_cast<acc_t>(bc);
+      k[c] = static_cast<acc_t>(-ac * sg[c] / n);
+    }
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    scalar_t* drp = residual_grad ? dres.data_ptr<scalar_t>() : nullptr;
+    for_each_element(g, [&](int64_t e, int64_t c) {
+      const acc_t gm = masked(e);
+      dxp[e] = static_cast<scalar_t>(a[c] * gm + b[c] * (static_cast<acc_t>(xp[e]) - mp[c]) + k[c]);
+      if (drp != nullptr) drp[e] = static_cast<scalar_t>(gm);
+    });
+  });
+  return {dx, dweight, dbias, dres};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("bn_act_fwd", &bn_act_fwd_cpu);
+  m.impl("bn_act_bwd", &bn_act_bwd_cpu);
+}
+
+}  // namespace resnet_fast::cpu
