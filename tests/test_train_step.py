@@ -30,42 +30,57 @@ def _steps(model, xs, ys, channels_last):
     return losses
 
 
-def _param_error(model, truth):
-    """L2 norm over every parameter and buffer of (model - truth)."""
+def _relative_param_error(model, truth):
+    """||model - truth|| / ||truth|| over every floating-point parameter and buffer."""
     theirs = truth.state_dict()
-    return sum(((v.double() - theirs[k].double()) ** 2).sum() for k, v in model.state_dict().items()
-               if v.is_floating_point()).sqrt().item()
+    diff = sum(((v.double() - theirs[k].double()) ** 2).sum()
+               for k, v in model.state_dict().items() if v.is_floating_point())
+    norm = sum((theirs[k].double() ** 2).sum() for k, v in model.state_dict().items()
+               if v.is_floating_point())
+    return (diff / norm).sqrt().item()
 
 
-@pytest.mark.parametrize("arch, backend, channels_last, size", [
-    ("resnet18", "cpu", True, 64), ("resnet50", "cpu", False, 64), ("resnet18", "reference", False, 64),
-] + ([("resnet18", "triton", True, 64)] if INTERPRET else []))
-def test_three_sgd_steps_match_torchvision(arch, backend, channels_last, size):
-    """Judged as DESIGN.md's tolerance rule: against torchvision in float64, our fp32 steps may
-    be at most 2x as far off as torchvision's own fp32 steps (+ a small floor). A direct fp32
-    comparison is meaningless here: torchvision NCHW vs torchvision channels_last already
-    differ by 4-18% in gradients after one step (random init, batch 4: chaotic)."""
-    torch.manual_seed(0)
-    # zero_init_residual: a random-init ResNet-50 without it is chaotic at batch 4 (torchvision
-    # fp32 itself was 0.39 off its fp64 loss after 3 steps).
+CASES = [("resnet18", "cpu", True), ("resnet50", "cpu", False), ("resnet18", "reference", False)]
+
+
+def _pair(arch, backend, dtype):
+    # zero_init_residual for ResNet-50: without it a random-init ResNet-50 at batch 4 is
+    # chaotic (torchvision fp32 itself was 0.39 off its fp64 loss after 3 steps).
     kw = dict(num_classes=10, zero_init_residual=arch == "resnet50")
-    tv = getattr(torchvision.models, arch)(**kw)
-    truth = getattr(torchvision.models, arch)(**kw).double()
-    ours = resnet_fast.create_model(arch, num_classes=10, backend=backend)
-    truth.load_state_dict(tv.state_dict())
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, arch)(**kw).to(dtype)
+    ours = resnet_fast.create_model(arch, backend=backend, **kw).to(dtype)
     ours.load_state_dict(tv.state_dict())
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(4, 3, size, size, generator=g) for _ in range(3)]
+    xs = [torch.randn(4, 3, 64, 64, generator=g, dtype=dtype) for _ in range(3)]
     ys = [torch.randint(0, 10, (4,), generator=g) for _ in range(3)]
-    expect = torch.tensor(_steps(truth, [x.double() for x in xs], ys, channels_last))
-    theirs = torch.tensor(_steps(tv, xs, ys, channels_last))
-    got = torch.tensor(_steps(ours, xs, ys, channels_last))
-    floor = 1e-5
-    assert (got - expect).abs().max() <= 2 * (theirs - expect).abs().max() + floor * expect.abs().max(), (
-        f"losses: ours {got.tolist()}, torchvision fp32 {theirs.tolist()}, fp64 {expect.tolist()}")
-    err_ours, err_tv = _param_error(ours, truth), _param_error(tv, truth)
-    assert err_ours <= 2 * err_tv + floor, (
-        f"parameters after 3 steps: ours {err_ours:.3g} from the fp64 truth, torchvision fp32 {err_tv:.3g}")
+    return tv, ours, xs, ys
+
+
+@pytest.mark.parametrize("arch, backend, channels_last", CASES)
+def test_three_sgd_steps_match_torchvision_in_float64(arch, backend, channels_last):
+    """The whole training step's logic (fused forward, backward, running statistics), exactly:
+    our kernels run in float64 too."""
+    tv, ours, xs, ys = _pair(arch, backend, torch.float64)
+    expect = _steps(tv, xs, ys, channels_last)
+    got = _steps(ours, xs, ys, channels_last)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), rtol=1e-9, atol=1e-12)
+    assert _relative_param_error(ours, tv) < 1e-10
+
+
+@pytest.mark.parametrize("arch, backend, channels_last",
+                         CASES + ([("resnet18", "triton", True)] if INTERPRET else []))
+def test_three_sgd_steps_match_torchvision_in_float32(arch, backend, channels_last):
+    """In float32 the fused kernels sum in another order than ATen; where a ReLU input rounds to
+    the other side of 0 (in either implementation) one element's gradient drops out, and by
+    step 3 the loss moves by up to ~0.2% (seen: 4.7e-3 at 2.77, steps 1-2 equal to 5e-7). The
+    bound is therefore 1%, on the losses and on the parameters' relative L2 distance."""
+    tv, ours, xs, ys = _pair(arch, backend, torch.float32)
+    expect = _steps(tv, xs, ys, channels_last)
+    got = _steps(ours, xs, ys, channels_last)
+    torch.testing.assert_close(torch.tensor(got[:1]), torch.tensor(expect[:1]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), rtol=1e-2, atol=0)
+    assert _relative_param_error(ours, tv) < 1e-2
 
 
 def test_drop_path_acts_on_the_branch_before_the_fused_join():

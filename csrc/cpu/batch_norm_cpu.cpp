@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -27,7 +29,6 @@ namespace resnet_fast::cpu {
 namespace {
 
 constexpr int64_t kBlock = 256;        // rows summed in opmath before a flush to double
-constexpr int64_t kChunkRows = 2048;   // rows per parallel chunk (channels_last)
 
 // Geometry of x viewed as N x C x HW, in either layout.
 struct Geo {
@@ -42,35 +43,35 @@ Geo geo_of(const at::Tensor& x, at::MemoryFormat fmt) {
   return {n, c, hw, fmt == at::MemoryFormat::ChannelsLast};
 }
 
-// Per-channel sums of f(x, g) terms: for each channel, S1 = sum(a(e)), S2 = sum(b(e)) where the
-// functor returns the pair for element e. Used for the statistics (a = x - K, b = a^2) and the
-// backward (a = g', b = g' * (x - mean)).
-template <typename acc_t, typename F>
-void channel_sums(const Geo& g, F term, std::vector<double>& s1, std::vector<double>& s2) {
+// Per-channel sums S1, S2 of two terms per element: the statistics (x - K, (x - K)^2) and the
+// backward (g', g' * (x - mean)). rows_fn(r0, n, a1, a2) adds the terms of n channels_last rows
+// from row r0 into per-channel accumulators; plane_fn(base, n, k_c, a1, a2) those of n
+// contiguous values of channel c from element base (NCHW). Accumulation in acc_t over at most
+// kBlock rows / elements at a time, merged in double in a fixed order.
+template <typename acc_t, typename RowsFn, typename PlaneFn>
+void channel_sums(const Geo& g, RowsFn rows_fn, PlaneFn plane_fn, std::vector<double>& s1,
+                  std::vector<double>& s2) {
   const int64_t C = g.c;
   s1.assign(C, 0.0);
   s2.assign(C, 0.0);
   if (g.cl) {
     const int64_t rows = g.count();
-    const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+    // About 4 chunks per thread, whatever the size (uneven chunk counts idle a core).
+    const int64_t want = 4 * at::get_num_threads();
+    const int64_t chunk_rows =
+        std::max<int64_t>(kBlock, ((rows + want - 1) / want + kBlock - 1) / kBlock * kBlock);
+    const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
     std::vector<double> p1(chunks * C, 0.0), p2(chunks * C, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> a1(C), a2(C);
       for (int64_t k = begin; k < end; ++k) {
         double* d1 = p1.data() + k * C;
         double* d2 = p2.data() + k * C;
-        const int64_t r_end = std::min(rows, (k + 1) * kChunkRows);
-        for (int64_t r0 = k * kChunkRows; r0 < r_end; r0 += kBlock) {
+        const int64_t r_end = std::min(rows, (k + 1) * chunk_rows);
+        for (int64_t r0 = k * chunk_rows; r0 < r_end; r0 += kBlock) {
           std::fill(a1.begin(), a1.end(), acc_t(0));
           std::fill(a2.begin(), a2.end(), acc_t(0));
-          const int64_t r1 = std::min(r_end, r0 + kBlock);
-          for (int64_t r = r0; r < r1; ++r) {
-            for (int64_t c = 0; c < C; ++c) {
-              const auto t = term(r * C + c, c);
-              a1[c] += t.first;
-              a2[c] += t.second;
-            }
-          }
+          rows_fn(r0, std::min(r_end, r0 + kBlock) - r0, a1.data(), a2.data());
           for (int64_t c = 0; c < C; ++c) {
             d1[c] += a1[c];
             d2[c] += a2[c];
@@ -87,19 +88,15 @@ void channel_sums(const Geo& g, F term, std::vector<double>& s1, std::vector<dou
     return;
   }
   // NCHW: a channel's values are n planes of hw contiguous elements; one channel per task.
+  constexpr int64_t kPlaneBlock = 16 * kBlock;  // vector lanes each sum kPlaneBlock / width
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       double d1 = 0.0, d2 = 0.0;
       for (int64_t n = 0; n < g.n; ++n) {
         const int64_t base = (n * C + c) * g.hw;
-        for (int64_t s0 = 0; s0 < g.hw; s0 += kBlock) {
+        for (int64_t s0 = 0; s0 < g.hw; s0 += kPlaneBlock) {
           acc_t a1 = 0, a2 = 0;
-          const int64_t s1_end = std::min(g.hw, s0 + kBlock);
-          for (int64_t s = s0; s < s1_end; ++s) {
-            const auto t = term(base + s, c);
-            a1 += t.first;
-            a2 += t.second;
-          }
+          plane_fn(base + s0, std::min(g.hw - s0, kPlaneBlock), c, a1, a2);
           d1 += a1;
           d2 += a2;
         }
@@ -110,7 +107,30 @@ void channel_sums(const Geo& g, F term, std::vector<double>& s1, std::vector<dou
   });
 }
 
-// out[e] = f(e, c) for every element, parallel, in x's layout.
+// Generic (any dtype) rows_fn / plane_fn from a per-element term(e, c) -> (t1, t2).
+template <typename acc_t, typename Term>
+auto generic_sums(const Geo& g, Term term) {
+  const int64_t C = g.c;
+  auto rows_fn = [=](int64_t r0, int64_t n, acc_t* a1, acc_t* a2) {
+    for (int64_t r = r0; r < r0 + n; ++r) {
+      for (int64_t c = 0; c < C; ++c) {
+        const auto t = term(r * C + c, c);
+        a1[c] += t.first;
+        a2[c] += t.second;
+      }
+    }
+  };
+  auto plane_fn = [=](int64_t base, int64_t n, int64_t c, acc_t& a1, acc_t& a2) {
+    for (int64_t e = base; e < base + n; ++e) {
+      const auto t = term(e, c);
+      a1 += t.first;
+      a2 += t.second;
+    }
+  };
+  return std::make_pair(rows_fn, plane_fn);
+}
+
+// f(e, c) for every element e (channel c), parallel, in x's layout.
 template <typename F>
 void for_each_element(const Geo& g, F f) {
   if (g.cl) {
@@ -130,6 +150,23 @@ void for_each_element(const Geo& g, F f) {
       for (int64_t s = 0; s < g.hw; ++s) f(p * g.hw + s, c);
     }
   });
+}
+
+// The float32 rows_fn / plane_fn: the vectorized loops of kernels_impl.h for this CPU.
+auto f32_sums(const Geo& g, const float* x, const float* gr, const float* o, const float* k,
+              bool bwd, bool relu) {
+  const bool avx2 = use_avx2();
+  const int64_t C = g.c;
+  auto rows_fn = [=](int64_t r0, int64_t n, float* a1, float* a2) {
+    const int64_t off = r0 * C;
+    (avx2 ? AVX2::bn_sums_rows_f32 : DEFAULT::bn_sums_rows_f32)(
+        x + off, gr ? gr + off : nullptr, o ? o + off : nullptr, n, C, k, a1, a2, bwd, relu);
+  };
+  auto plane_fn = [=](int64_t base, int64_t n, int64_t c, float& a1, float& a2) {
+    (avx2 ? AVX2::bn_sums_plane_f32 : DEFAULT::bn_sums_plane_f32)(
+        x + base, gr ? gr + base : nullptr, o ? o + base : nullptr, n, k[c], &a1, &a2, bwd, relu);
+  };
+  return std::make_pair(rows_fn, plane_fn);
 }
 
 at::ScalarType stat_type(const at::Tensor& x) {
@@ -159,10 +196,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(
     std::vector<acc_t> shift(g.c);
     for (int64_t c = 0; c < g.c; ++c) shift[c] = static_cast<acc_t>(xp[g.cl ? c : c * g.hw]);
     std::vector<double> s1, s2;
-    channel_sums<acc_t>(g, [&](int64_t e, int64_t c) {
-      const acc_t d = static_cast<acc_t>(xp[e]) - shift[c];
-      return std::pair<acc_t, acc_t>(d, d * d);
-    }, s1, s2);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const auto [rows_fn, plane_fn] = f32_sums(g, reinterpret_cast<const float*>(xp), nullptr,
+                                                nullptr, reinterpret_cast<const float*>(shift.data()),
+                                                false, false);
+      channel_sums<float>(g, rows_fn, plane_fn, s1, s2);
+    } else {
+      const auto [rows_fn, plane_fn] = generic_sums<acc_t>(g, [&](int64_t e, int64_t c) {
+        const acc_t d = static_cast<acc_t>(xp[e]) - shift[c];
+        return std::pair<acc_t, acc_t>(d, d * d);
+      });
+      channel_sums<acc_t>(g, rows_fn, plane_fn, s1, s2);
+    }
     const double n = static_cast<double>(g.count());
     auto* mp = mean.data_ptr<acc_t>();
     auto* vp = var.data_ptr<acc_t>();
@@ -223,10 +268,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
       return (!relu || static_cast<acc_t>(op[e]) > acc_t(0)) ? gv : acc_t(0);
     };
     std::vector<double> sg, sgx;
-    channel_sums<acc_t>(g, [&](int64_t e, int64_t c) {
-      const acc_t gm = masked(e);
-      return std::pair<acc_t, acc_t>(gm, gm * (static_cast<acc_t>(xp[e]) - mp[c]));
-    }, sg, sgx);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const auto [rows_fn, plane_fn] = f32_sums(
+          g, reinterpret_cast<const float*>(xp), reinterpret_cast<const float*>(gp),
+          relu ? reinterpret_cast<const float*>(op) : nullptr,
+          reinterpret_cast<const float*>(mp), true, relu);
+      channel_sums<float>(g, rows_fn, plane_fn, sg, sgx);
+    } else {
+      const auto [rows_fn, plane_fn] = generic_sums<acc_t>(g, [&](int64_t e, int64_t c) {
+        const acc_t gm = masked(e);
+        return std::pair<acc_t, acc_t>(gm, gm * (static_cast<acc_t>(xp[e]) - mp[c]));
+      });
+      channel_sums<acc_t>(g, rows_fn, plane_fn, sg, sgx);
+    }
     // dx = w * invstd * (g' - sg / n - xhat * sgx * invstd / n), xhat = (x - mean) * invstd,
     // as dx = a * g' + b * (x - mean) + k per channel (x - mean first: no cancellation).
     const double n = static_cast<double>(g.count());
@@ -245,6 +299,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     }
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     scalar_t* drp = residual_grad ? dres.data_ptr<scalar_t>() : nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const auto elemt = use_avx2() ? AVX2::bn_bwd_elemt_f32 : DEFAULT::bn_bwd_elemt_f32;
+      // (The casts only compile the branch for other dtypes; it runs for float alone.)
+      const float* xf = reinterpret_cast<const float*>(xp);
+      const float* gf = reinterpret_cast<const float*>(gp);
+      const float* o = relu ? reinterpret_cast<const float*>(op) : nullptr;
+      const float* mf = reinterpret_cast<const float*>(mp);
+      float* dxf = reinterpret_cast<float*>(dxp);
+      float* drf = reinterpret_cast<float*>(drp);
+      const float* af = reinterpret_cast<const float*>(a.data());
+      const float* bf = reinterpret_cast<const float*>(b.data());
+      const float* kf = reinterpret_cast<const float*>(k.data());
+      if (g.cl) {
+        const int64_t C = g.c;
+        at::parallel_for(0, g.count(), std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)),
+                         [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t off = r * C;
+            elemt(xf + off, gf + off, o ? o + off : nullptr, dxf + off, drf ? drf + off : nullptr,
+                  C, mf, af, bf, kf, 0, 0, 0, 0, relu);
+          }
+        });
+      } else {
+        at::parallel_for(0, g.n * g.c, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.hw, 1)),
+                         [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) {
+            const int64_t c = p % g.c, off = p * g.hw;
+            elemt(xf + off, gf + off, o ? o + off : nullptr, dxf + off, drf ? drf + off : nullptr,
+                  g.hw, nullptr, nullptr, nullptr, nullptr, mf[c], af[c], bf[c], kf[c], relu);
+          }
+        });
+      }
+      return;
+    }
     for_each_element(g, [&](int64_t e, int64_t c) {
       const acc_t gm = masked(e);
       dxp[e] = static_cast<scalar_t>(a[c] * gm + b[c] * (static_cast<acc_t>(xp[e]) - mp[c]) + k[c]);

@@ -14,6 +14,14 @@ namespace resnet_fast::cpu {
                               const at::Tensor& shift, const at::Tensor& residual, bool relu, \
                               bool channels_last, const at::Tensor& out,                     \
                               const at::Tensor& center);                                     \
+  /* Training BN's float32 inner loops (kernels_impl.h says what they compute). */           \
+  void bn_sums_rows_f32(const float* x, const float* g, const float* o, int64_t rows,        \
+                        int64_t C, const float* k, float* a1, float* a2, bool bwd, bool relu); \
+  void bn_sums_plane_f32(const float* x, const float* g, const float* o, int64_t n, float k, \
+                         float* a1, float* a2, bool bwd, bool relu);                          \
+  void bn_bwd_elemt_f32(const float* x, const float* g, const float* o, float* dx, float* dr, \
+                        int64_t n, const float* m, const float* a, const float* b,           \
+                        const float* kk, float m0, float a0, float b0, float k0, bool relu); \
   }
 RESNET_FAST_CPU_KERNELS(DEFAULT)
 RESNET_FAST_CPU_KERNELS(AVX2)

@@ -17,5 +17,18 @@ void scale_shift_act_kernel(const at::Tensor& x, const at::Tensor& scale, const 
                             const at::Tensor& out, const at::Tensor& center) {
   DEFAULT::scale_shift_act_kernel(x, scale, shift, residual, relu, channels_last, out, center);
 }
+void bn_sums_rows_f32(const float* x, const float* g, const float* o, int64_t rows, int64_t C,
+                      const float* k, float* a1, float* a2, bool bwd, bool relu) {
+  DEFAULT::bn_sums_rows_f32(x, g, o, rows, C, k, a1, a2, bwd, relu);
+}
+void bn_sums_plane_f32(const float* x, const float* g, const float* o, int64_t n, float k,
+                       float* a1, float* a2, bool bwd, bool relu) {
+  DEFAULT::bn_sums_plane_f32(x, g, o, n, k, a1, a2, bwd, relu);
+}
+void bn_bwd_elemt_f32(const float* x, const float* g, const float* o, float* dx, float* dr,
+                      int64_t n, const float* m, const float* a, const float* b, const float* kk,
+                      float m0, float a0, float b0, float k0, bool relu) {
+  DEFAULT::bn_bwd_elemt_f32(x, g, o, dx, dr, n, m, a, b, kk, m0, a0, b0, k0, relu);
+}
 }  // namespace resnet_fast::cpu::AVX2
 #endif

@@ -173,5 +173,137 @@ void scale_shift_act_kernel(const at::Tensor& x, const at::Tensor& scale, const 
   });
 }
 
+// Training BatchNorm's inner loops, float32 (the hot dtype; others take the generic loops in
+// batch_norm_cpu.cpp). "rows": `rows` consecutive channels_last pixels of C channels, per-channel
+// accumulators a1/a2 (float, caller-zeroed, at most a few hundred rows per call so float
+// accumulation stays exact to ~1e-7). "plane": n contiguous values of one channel (NCHW).
+// bwd=false: a1 += x - k, a2 += (x - k)^2 (k: the shift). bwd=true: g' = relu ? (o > 0 ? g : 0)
+// : g, a1 += g', a2 += g' * (x - k) (k: the mean).
+
+namespace {
+template <bool kBwd, bool kRelu>
+inline void bn_terms(Vectorized<float> xv, Vectorized<float> kv, const float* g, const float* o,
+                     Vectorized<float>& t1, Vectorized<float>& t2) {
+  using V = Vectorized<float>;
+  const V d = xv - kv;
+  if constexpr (kBwd) {
+    V gv = V::loadu(g);
+    if constexpr (kRelu) gv = V::blendv(V(0), gv, V::loadu(o) > V(0));
+    t1 = gv;
+    t2 = gv * d;
+  } else {
+    t1 = d;
+    t2 = d * d;
+  }
+}
+
+template <bool kBwd, bool kRelu>
+inline void bn_terms_scalar(float x, float k, float g, float o, float& t1, float& t2) {
+  const float d = x - k;
+  if constexpr (kBwd) {
+    const float gv = (!kRelu || o > 0.f) ? g : 0.f;
+    t1 = gv;
+    t2 = gv * d;
+  } else {
+    t1 = d;
+    t2 = d * d;
+  }
+}
+
+template <bool kBwd, bool kRelu>
+void bn_sums_rows_impl(const float* x, const float* g, const float* o, int64_t rows, int64_t C,
+                       const float* k, float* a1, float* a2) {
+  using V = Vectorized<float>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = r * C;
+    int64_t c = 0;
+    for (; c + V::size() <= C; c += V::size()) {
+      V t1, t2;
+      bn_terms<kBwd, kRelu>(V::loadu(x + off + c), V::loadu(k + c), kBwd ? g + off + c : nullptr,
+                            kRelu ? o + off + c : nullptr, t1, t2);
+      (V::loadu(a1 + c) + t1).store(a1 + c);
+      (V::loadu(a2 + c) + t2).store(a2 + c);
+    }
+    for (; c < C; ++c) {
+      float t1, t2;
+      bn_terms_scalar<kBwd, kRelu>(x[off + c], k[c], kBwd ? g[off + c] : 0.f,
+                                   kRelu ? o[off + c] : 0.f, t1, t2);
+      a1[c] += t1;
+      a2[c] += t2;
+    }
+  }
+}
+
+template <bool kBwd, bool kRelu>
+void bn_sums_plane_impl(const float* x, const float* g, const float* o, int64_t n, float k,
+                        float* a1, float* a2) {
+  using V = Vectorized<float>;
+  V s1(0), s2(0);
+  const V kv(k);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    V t1, t2;
+    bn_terms<kBwd, kRelu>(V::loadu(x + i), kv, kBwd ? g + i : nullptr, kRelu ? o + i : nullptr,
+                          t1, t2);
+    s1 = s1 + t1;
+    s2 = s2 + t2;
+  }
+  float r1 = at::vec::vec_reduce_all<float>([](V a, V b) { return a + b; }, s1);
+  float r2 = at::vec::vec_reduce_all<float>([](V a, V b) { return a + b; }, s2);
+  for (; i < n; ++i) {
+    float t1, t2;
+    bn_terms_scalar<kBwd, kRelu>(x[i], k, kBwd ? g[i] : 0.f, kRelu ? o[i] : 0.f, t1, t2);
+    r1 += t1;
+    r2 += t2;
+  }
+  *a1 += r1;
+  *a2 += r2;
+}
+
+// dx = a * g' + b * (x - m) + kk; dr = g' (when dr != nullptr).
+template <bool kRelu>
+void bn_bwd_run(const float* x, const float* g, const float* o, float* dx, float* dr, int64_t n,
+                const float* m, const float* a, const float* b, const float* kk, float m0,
+                float a0, float b0, float k0) {
+  using V = Vectorized<float>;
+  auto at_ = [](const float* p, float v0, int64_t i) { return p ? V::loadu(p + i) : V(v0); };
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    V gv = V::loadu(g + i);
+    if constexpr (kRelu) gv = V::blendv(V(0), gv, V::loadu(o + i) > V(0));
+    const V d = V::loadu(x + i) - at_(m, m0, i);
+    (at_(a, a0, i) * gv + at_(b, b0, i) * d + at_(kk, k0, i)).store(dx + i);
+    if (dr) gv.store(dr + i);
+  }
+  for (; i < n; ++i) {
+    const float gv = (!kRelu || o[i] > 0.f) ? g[i] : 0.f;
+    const float d = x[i] - (m ? m[i] : m0);
+    dx[i] = (a ? a[i] : a0) * gv + (b ? b[i] : b0) * d + (kk ? kk[i] : k0);
+    if (dr) dr[i] = gv;
+  }
+}
+}  // namespace
+
+void bn_sums_rows_f32(const float* x, const float* g, const float* o, int64_t rows, int64_t C,
+                      const float* k, float* a1, float* a2, bool bwd, bool relu) {
+  if (!bwd) bn_sums_rows_impl<false, false>(x, g, o, rows, C, k, a1, a2);
+  else if (relu) bn_sums_rows_impl<true, true>(x, g, o, rows, C, k, a1, a2);
+  else bn_sums_rows_impl<true, false>(x, g, o, rows, C, k, a1, a2);
+}
+
+void bn_sums_plane_f32(const float* x, const float* g, const float* o, int64_t n, float k,
+                       float* a1, float* a2, bool bwd, bool relu) {
+  if (!bwd) bn_sums_plane_impl<false, false>(x, g, o, n, k, a1, a2);
+  else if (relu) bn_sums_plane_impl<true, true>(x, g, o, n, k, a1, a2);
+  else bn_sums_plane_impl<true, false>(x, g, o, n, k, a1, a2);
+}
+
+void bn_bwd_elemt_f32(const float* x, const float* g, const float* o, float* dx, float* dr,
+                      int64_t n, const float* m, const float* a, const float* b, const float* kk,
+                      float m0, float a0, float b0, float k0, bool relu) {
+  if (relu) bn_bwd_run<true>(x, g, o, dx, dr, n, m, a, b, kk, m0, a0, b0, k0);
+  else bn_bwd_run<false>(x, g, o, dx, dr, n, m, a, b, kk, m0, a0, b0, k0);
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace resnet_fast::cpu

@@ -17,8 +17,9 @@ labels, backward, SGD with momentum; autocast for bfloat16/float16, weights kept
 ``eager``, ``eager_cl``, ``compile`` (the backward through AOTAutograd) and ``resnet_fast``
 (our model in training mode, channels_last), each on its own copy of the same weights with its
 own optimizer, restarted for every batch size. A step mutates the weights, so every repeat goes
-on training; all candidates take the same steps on the same batch, and a candidate whose loss
-before (step 1) or after (step 2) its first update is off eager's is flagged as diverged.
+on training; all candidates take the same steps on the same batch. A candidate whose loss before
+its first update (step 1) is off eager's is flagged as diverged; so is ours when its loss after
+the update (step 2) is off eager's by more than 3x the spread of torch's own candidates there.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def diverged(err: float, eager_err: float, scale: float, dtype: torch.dtype) -> 
 
 
 TRAIN_CANDIDATES = ("eager", "eager_cl", "compile", "resnet_fast")
+TORCH_TRAIN = ("eager", "eager_cl", "compile")  # torch's own: they define the step-2 noise
 # A training candidate is flagged as diverged when a loss differs from eager's at the same step
 # by more than this fraction of it. Same weights, batch and labels: in fp32 only the summation
 # order differs; under bf16/fp16 autocast every conv rounds its inputs to 8/11 mantissa bits.
@@ -371,6 +373,10 @@ def run_train(arch: str = "resnet50", batch_sizes=(16,), dtype: torch.dtype = to
             memory[s.name] = _peak_memory_mb(calls[s.name], dev)
         times = interleaved(calls, dev, repeats, warmup, progress=bar.update)
         eager = losses["eager"]
+        # Step 2 (after one update) amplifies summation-order differences: torch's own
+        # candidates disagree with eager there (seen on CPU: eager_cl 9.7e-3, compile 2.9e-3 at
+        # a 7.1 loss). Their spread is the noise floor a step-2 loss is judged against.
+        noise = max((abs(losses[n][1] - eager[1]) for n in times if n in TORCH_TRAIN), default=0.0)
         for name in times:
             loss = losses[name]
             results["runs"].append({
@@ -379,7 +385,11 @@ def run_train(arch: str = "resnet50", batch_sizes=(16,), dtype: torch.dtype = to
                 "peak_memory_mb": memory[name],
                 "loss_step1": loss[0], "loss_step1_abs_diff_vs_eager": abs(loss[0] - eager[0]),
                 "loss_step2": loss[1], "loss_step2_abs_diff_vs_eager": abs(loss[1] - eager[1]),
-                "diverged": any(train_diverged(a, b, dtype) for a, b in zip(loss, eager)),
+                "diverged": (train_diverged(loss[0], eager[0], dtype)
+                             or not math.isfinite(loss[1])
+                             or (name not in TORCH_TRAIN
+                                 and abs(loss[1] - eager[1]) > 3 * noise
+                                 and train_diverged(loss[1], eager[1], dtype))),
                 "times_s": times[name],
             })
     bar.close()
