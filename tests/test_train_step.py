@@ -100,3 +100,21 @@ def test_drop_path_acts_on_the_branch_before_the_fused_join():
     a.sum().backward()
     b.sum().backward()
     torch.testing.assert_close(fused.conv1.weight.grad, plain.conv1.weight.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_a_compiled_training_step_matches_eager():
+    """torch.compile(fullgraph=True) traces the fused BN ops (fake kernels, autograd) and the
+    in-place running-stat update: same loss, gradients and running statistics."""
+    torch.manual_seed(0)
+    ours = resnet_fast.create_model("resnet20", num_classes=10).train()
+    plain = resnet_fast.create_model("resnet20", num_classes=10, norm_layer=torch.nn.BatchNorm2d).train()
+    plain.load_state_dict(ours.state_dict())
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    loss = torch.nn.functional.cross_entropy(torch.compile(ours, fullgraph=True)(x), y)
+    loss.backward()
+    expect = torch.nn.functional.cross_entropy(plain(x), y)
+    expect.backward()
+    torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.conv1.weight.grad, plain.conv1.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.bn1.running_var, plain.bn1.running_var, rtol=1e-5, atol=1e-6)
+    assert ours.bn1.num_batches_tracked.item() == 1
