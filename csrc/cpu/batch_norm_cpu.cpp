@@ -58,8 +58,9 @@ void channel_sums(const Geo& g, RowsFn rows_fn, PlaneFn plane_fn, std::vector<do
     const int64_t rows = g.count();
     // About 4 chunks per thread, whatever the size (uneven chunk counts idle a core).
     const int64_t want = 4 * at::get_num_threads();
-    const int64_t chunk_rows =
-        std::max<int64_t>(kBlock, ((rows + want - 1) / want + kBlock - 1) / kBlock * kBlock);
+    // Rounded to 16 rows, not kBlock: 16x2048x7x7 has 784 rows, and 256-row chunks split
+    // them 512/272 between two threads.
+    const int64_t chunk_rows = std::max<int64_t>(16, ((rows + want - 1) / want + 15) / 16 * 16);
     const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
     std::vector<double> p1(chunks * C, 0.0), p2(chunks * C, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
