@@ -181,29 +181,21 @@ void scale_shift_act_kernel(const at::Tensor& x, const at::Tensor& scale, const 
 // : g, a1 += g', a2 += g' * (x - k) (k: the mean).
 
 namespace {
-template <bool kBwd, bool kRelu>
-inline void bn_terms(Vectorized<float> xv, Vectorized<float> kv, const float* g, const float* o,
-                     Vectorized<float>& t1, Vectorized<float>& t2) {
-  using V = Vectorized<float>;
-  const V d = xv - kv;
-  if constexpr (kBwd) {
-    V gv = V::loadu(g);
-    if constexpr (kRelu) gv = V::blendv(V(0), gv, V::loadu(o) > V(0));
-    t1 = gv;
-    t2 = gv * d;
-  } else {
-    t1 = d;
-    t2 = d * d;
-  }
+// g where o > 0, else 0 (a NaN o passes nothing, as torch.relu's backward): vector and scalar.
+inline Vectorized<float> where_positive(Vectorized<float> g, Vectorized<float> o) {
+  return Vectorized<float>::blendv(Vectorized<float>(0), g, o > Vectorized<float>(0));
 }
+inline float where_positive(float g, float o) { return o > 0.f ? g : 0.f; }
 
-template <bool kBwd, bool kRelu>
-inline void bn_terms_scalar(float x, float k, float g, float o, float& t1, float& t2) {
-  const float d = x - k;
+// The two terms summed per element, for V = Vectorized<float> or float; g and o are read only
+// in the backward (kBwd) and with the ReLU mask (kRelu).
+template <bool kBwd, bool kRelu, typename V>
+inline void bn_terms(V x, V k, V g, V o, V& t1, V& t2) {
+  const V d = x - k;
   if constexpr (kBwd) {
-    const float gv = (!kRelu || o > 0.f) ? g : 0.f;
-    t1 = gv;
-    t2 = gv * d;
+    if constexpr (kRelu) g = where_positive(g, o);
+    t1 = g;
+    t2 = g * d;
   } else {
     t1 = d;
     t2 = d * d;
@@ -219,15 +211,16 @@ void bn_sums_rows_impl(const float* x, const float* g, const float* o, int64_t r
     int64_t c = 0;
     for (; c + V::size() <= C; c += V::size()) {
       V t1, t2;
-      bn_terms<kBwd, kRelu>(V::loadu(x + off + c), V::loadu(k + c), kBwd ? g + off + c : nullptr,
-                            kRelu ? o + off + c : nullptr, t1, t2);
+      bn_terms<kBwd, kRelu>(V::loadu(x + off + c), V::loadu(k + c),
+                            kBwd ? V::loadu(g + off + c) : V(0),
+                            kRelu ? V::loadu(o + off + c) : V(0), t1, t2);
       (V::loadu(a1 + c) + t1).store(a1 + c);
       (V::loadu(a2 + c) + t2).store(a2 + c);
     }
     for (; c < C; ++c) {
       float t1, t2;
-      bn_terms_scalar<kBwd, kRelu>(x[off + c], k[c], kBwd ? g[off + c] : 0.f,
-                                   kRelu ? o[off + c] : 0.f, t1, t2);
+      bn_terms<kBwd, kRelu>(x[off + c], k[c], kBwd ? g[off + c] : 0.f, kRelu ? o[off + c] : 0.f,
+                            t1, t2);
       a1[c] += t1;
       a2[c] += t2;
     }
@@ -243,8 +236,8 @@ void bn_sums_plane_impl(const float* x, const float* g, const float* o, int64_t 
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) {
     V t1, t2;
-    bn_terms<kBwd, kRelu>(V::loadu(x + i), kv, kBwd ? g + i : nullptr, kRelu ? o + i : nullptr,
-                          t1, t2);
+    bn_terms<kBwd, kRelu>(V::loadu(x + i), kv, kBwd ? V::loadu(g + i) : V(0),
+                          kRelu ? V::loadu(o + i) : V(0), t1, t2);
     s1 = s1 + t1;
     s2 = s2 + t2;
   }
@@ -252,7 +245,7 @@ void bn_sums_plane_impl(const float* x, const float* g, const float* o, int64_t 
   float r2 = at::vec::vec_reduce_all<float>([](V a, V b) { return a + b; }, s2);
   for (; i < n; ++i) {
     float t1, t2;
-    bn_terms_scalar<kBwd, kRelu>(x[i], k, kBwd ? g[i] : 0.f, kRelu ? o[i] : 0.f, t1, t2);
+    bn_terms<kBwd, kRelu>(x[i], k, kBwd ? g[i] : 0.f, kRelu ? o[i] : 0.f, t1, t2);
     r1 += t1;
     r2 += t2;
   }
@@ -270,13 +263,13 @@ void bn_bwd_run(const float* x, const float* g, const float* o, float* dx, float
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) {
     V gv = V::loadu(g + i);
-    if constexpr (kRelu) gv = V::blendv(V(0), gv, V::loadu(o + i) > V(0));
+    if constexpr (kRelu) gv = where_positive(gv, V::loadu(o + i));
     const V d = V::loadu(x + i) - at_(m, m0, i);
     (at_(a, a0, i) * gv + at_(b, b0, i) * d + at_(kk, k0, i)).store(dx + i);
     if (dr) gv.store(dr + i);
   }
   for (; i < n; ++i) {
-    const float gv = (!kRelu || o[i] > 0.f) ? g[i] : 0.f;
+    const float gv = kRelu ? where_positive(g[i], o[i]) : g[i];
     const float d = x[i] - (m ? m[i] : m0);
     dx[i] = (a ? a[i] : a0) * gv + (b ? b[i] : b0) * d + (kk ? kk[i] : k0);
     if (dr) dr[i] = gv;

@@ -27,6 +27,6 @@ class BatchNormAct2d(nn.BatchNorm2d):
             x, self.weight, self.bias,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
-            self.training or (self.running_mean is None and self.running_var is None),
+            self.training,  # batch_norm_act itself uses batch stats without running ones
             self.momentum, self.eps, residual, relu,
             self.num_batches_tracked if tracking else None, backend=backend)

@@ -48,11 +48,16 @@ class _Block(FusedEvalMixin, nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else None
         self.backend = backend
 
-    def _join(self, out: Tensor, identity: Tensor) -> Tensor:
+    def _regularize(self, out: Tensor) -> Tensor:
+        """DropBlock, then DropPath, on the residual branch (before the join)."""
         if self.drop_block is not None:
             out = self.drop_block(out)
         if self.drop_path is not None:
             out = self.drop_path(out)
+        return out
+
+    def _join(self, out: Tensor, identity: Tensor) -> Tensor:
+        out = self._regularize(out)
         if not self.training and not torch.jit.is_scripting():
             return ops.add_relu(out, identity, backend=self.backend)
         out = out + identity
@@ -72,11 +77,7 @@ class _Block(FusedEvalMixin, nn.Module):
         residual branch (bn's output) before the join, which is then one fused add_relu."""
         if self.drop_block is None and self.drop_path is None:
             return bn.forward_act(out, residual=identity, backend=self.backend)
-        out = bn.forward_act(out, relu=False, backend=self.backend)
-        if self.drop_block is not None:
-            out = self.drop_block(out)
-        if self.drop_path is not None:
-            out = self.drop_path(out)
+        out = self._regularize(bn.forward_act(out, relu=False, backend=self.backend))
         return ops.add_relu(out, identity, backend=self.backend)
 
     def _fusable(self) -> bool:

@@ -107,8 +107,8 @@ def _make_backward(bwd_op):
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, weight, mean, var, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dweight, dbias, dres = bwd_op(grad_out.contiguous(memory_format=layout_of(x)), x, out,
-                                          weight, mean, var, ctx.eps, ctx.relu,
+        # The kernels make grad dense in x's layout themselves.
+        dx, dweight, dbias, dres = bwd_op(grad_out, x, out, weight, mean, var, ctx.eps, ctx.relu,
                                           bool(ctx.has_residual and need[3]))
         return (dx if need[0] else None,
                 dweight.to(ctx.param_dtypes[0]) if ctx.has_weight and need[1] else None,
@@ -186,8 +186,6 @@ def batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         shift = -running_mean.to(invstd.dtype) * scale
         if bias is not None:
             shift = shift + bias.to(invstd.dtype)
-        if x.dtype == torch.float64:
-            scale, shift = scale.double(), shift.double()
         return scale_shift_act(x, scale, shift, residual, relu, backend=backend)
     out, mean, var = _batch_stats_forward(x, weight, bias, residual, relu, eps, backend)
     if training and running_mean is not None:
