@@ -279,3 +279,13 @@ def test_gpu_matches_the_float64_truth(backend, dtype, shape, channels_last):
         assert_within_reference_error(results["ours"][i], results["eager"][i], results["truth"][i])
     for i in (5, 6):
         torch.testing.assert_close(results["ours"][i].double(), results["truth"][i], rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_promotes_mixed_inputs_like_eager():
+    x, r = _inputs((2, 4, 3, 3))
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = batch_norm_act(x.bfloat16(), w, b, None, None, True, 0.1, 1e-5, r, True, backend="cpu")
+        ref = torch.relu(F.batch_norm(x.bfloat16(), None, None, w, b, True, 0.1, 1e-5) + r)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)

@@ -145,8 +145,6 @@ def _batch_stats_forward(x, weight, bias, residual, relu, eps, backend):
     chosen = resolve("bn_act_fwd", x.device, backend)
     if chosen == "reference":
         return reference.bn_act_fwd(x, weight, bias, residual, relu, eps)
-    if torch.is_autocast_enabled(x.device.type):
-        x, weight, bias, residual, relu, eps = _autocast((x, weight, bias, residual, relu, eps))
     op = (torch.ops.resnet_fast.bn_act_fwd_triton if chosen == "triton"
           else torch.ops.resnet_fast.bn_act_fwd)
     return op(x, weight, bias, residual, relu, eps)
@@ -173,6 +171,10 @@ def batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             running stats (required when momentum is None).
         backend: "reference", "cpu", "cuda", "triton" or "auto".
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Before the checks, as scale_shift_act does: mixed x/residual dtypes promote as eager's
+        # add would instead of being refused.
+        x, weight, bias, residual, relu, eps = _autocast((x, weight, bias, residual, relu, eps))
     use_batch_stats = training or (running_mean is None and running_var is None)
     _check(x, weight, bias, residual, use_batch_stats)
     if (running_mean is None) != (running_var is None):
