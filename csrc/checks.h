@@ -1,31 +1,64 @@
 // Argument checks shared by the CPU and CUDA kernels: the message says what was expected
-// and what was got, so a user never has to read a stack of template frames.
+// and what was got, so a user never has to read a stack of template frames. They raise what
+// the Python checks (resnet_fast/ops/_checks.py) raise: TypeError for a dtype, ValueError for
+// a shape, size or device.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <ostream>
 #include <optional>
 #include <vector>
 
 namespace resnet_fast {
 
+// A shape as Python prints a tuple, "(2, 3)" or "(3,)", so a message reads the same from the
+// C++ kernels and from the Python checks.
+struct Shape {
+  at::IntArrayRef sizes;
+};
+
+// A dtype as Python prints it, "torch.float32", for the same reason.
+struct DType {
+  at::ScalarType type;
+};
+
+inline std::ostream& operator<<(std::ostream& os, const DType& dtype) {
+  switch (dtype.type) {
+    case at::kFloat: return os << "torch.float32";
+    case at::kDouble: return os << "torch.float64";
+    case at::kHalf: return os << "torch.float16";
+    case at::kBFloat16: return os << "torch.bfloat16";
+    case at::kInt: return os << "torch.int32";
+    case at::kLong: return os << "torch.int64";
+    case at::kBool: return os << "torch.bool";
+    default: return os << "torch." << dtype.type;
+  }
+}
+
+inline std::ostream& operator<<(std::ostream& os, const Shape& shape) {
+  os << '(';
+  for (size_t i = 0; i < shape.sizes.size(); ++i) os << (i ? ", " : "") << shape.sizes[i];
+  return os << (shape.sizes.size() == 1 ? ",)" : ")");
+}
+
 inline void check_same_tensor_meta(const at::Tensor& x, const at::Tensor& other,
                                    const char* op, const char* other_name) {
-  TORCH_CHECK(x.sizes() == other.sizes(), op, ": expected ", other_name,
-              " to have the same shape as x ", x.sizes(), ", got ", other.sizes(),
+  TORCH_CHECK_VALUE(x.sizes() == other.sizes(), op, ": expected ", other_name,
+              " to have the same shape as x ", Shape{x.sizes()}, ", got ", Shape{other.sizes()},
               " (no broadcasting)");
-  TORCH_CHECK(x.scalar_type() == other.scalar_type(), op, ": expected ", other_name,
-              " to have the same dtype as x (", x.scalar_type(), "), got ",
-              other.scalar_type());
-  TORCH_CHECK(x.device() == other.device(), op, ": expected ", other_name,
+  TORCH_CHECK_TYPE(x.scalar_type() == other.scalar_type(), op, ": expected ", other_name,
+              " to have the same dtype as x (", DType{x.scalar_type()}, "), got ",
+              DType{other.scalar_type()});
+  TORCH_CHECK_VALUE(x.device() == other.device(), op, ": expected ", other_name,
               " on the same device as x (", x.device(), "), got ", other.device());
 }
 
 inline void check_floating(const at::Tensor& x, const char* op) {
   const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-              op, ": expected a float32, float64, float16 or bfloat16 tensor, got ", t);
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              op, ": expected a float32, float64, float16 or bfloat16 tensor, got ", DType{t});
 }
 
 // scale/shift: 1-D, one value per channel (dim 1 of x), in x's dtype or float32, on x's
@@ -34,22 +67,22 @@ inline void check_scale_shift_args(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& shift,
                                    const std::optional<at::Tensor>& residual, const char* op) {
   check_floating(x, op);
-  TORCH_CHECK(x.dim() >= 2, op, ": expected x of shape (N, C, ...) with at least 2 dims, got ",
-              x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": expected x of shape (N, C, ...) with at least 2 dims, got ",
+              Shape{x.sizes()});
   const int64_t c = x.size(1);
   for (const auto* p : {&scale, &shift}) {
     const char* name = p == &scale ? "scale" : "shift";
-    TORCH_CHECK(p->dim() == 1 && p->size(0) == c, op, ": expected ", name,
-                " of shape (", c, ",) (one value per channel of x), got ", p->sizes());
-    TORCH_CHECK(p->scalar_type() == x.scalar_type() || p->scalar_type() == at::kFloat, op,
-                ": expected ", name, " in x's dtype (", x.scalar_type(), ") or float32, got ",
-                p->scalar_type());
-    TORCH_CHECK(p->device() == x.device(), op, ": expected ", name,
+    TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == c, op, ": expected ", name,
+                " of shape (", c, ",) (one value per channel of x), got ", Shape{p->sizes()});
+    TORCH_CHECK_TYPE(p->scalar_type() == x.scalar_type() || p->scalar_type() == at::kFloat, op,
+                ": expected ", name, " in x's dtype (", DType{x.scalar_type()}, ") or float32, got ",
+                DType{p->scalar_type()});
+    TORCH_CHECK_VALUE(p->device() == x.device(), op, ": expected ", name,
                 " on the same device as x (", x.device(), "), got ", p->device());
   }
-  TORCH_CHECK(scale.scalar_type() == shift.scalar_type(), op,
-              ": expected scale and shift of one dtype, got ", scale.scalar_type(), " and ",
-              shift.scalar_type());
+  TORCH_CHECK_TYPE(scale.scalar_type() == shift.scalar_type(), op,
+              ": expected scale and shift of one dtype, got ", DType{scale.scalar_type()}, " and ",
+              DType{shift.scalar_type()});
   if (residual.has_value()) check_same_tensor_meta(x, *residual, op, "residual");
 }
 
@@ -57,7 +90,7 @@ inline void check_scale_shift_args(const at::Tensor& x, const at::Tensor& scale,
 inline int64_t conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil,
                              const char* dim) {
   const int64_t out = (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
-  TORCH_CHECK(out > 0, "conv_bias_act: the ", dim, " of the output would be ", out,
+  TORCH_CHECK_VALUE(out > 0, "conv_bias_act: the ", dim, " of the output would be ", out,
               " (input ", in, ", kernel ", k, ", stride ", stride, ", padding ", pad,
               ", dilation ", dil, "); expected >= 1");
   return out;
@@ -71,44 +104,44 @@ inline std::vector<int64_t> check_conv_args(const at::Tensor& x, const at::Tenso
                                             const std::optional<at::Tensor>& residual) {
   const char* op = "conv_bias_act";
   check_floating(x, op);
-  TORCH_CHECK(x.dim() == 4, op, ": expected x of shape (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(w.dim() == 4, op, ": expected weight of shape (K, C/groups, R, S), got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": expected weight in x's dtype (",
-              x.scalar_type(), "), got ", w.scalar_type());
-  TORCH_CHECK(w.device() == x.device(), op, ": expected weight on x's device (", x.device(),
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected x of shape (N, C, H, W), got ", Shape{x.sizes()});
+  TORCH_CHECK_VALUE(w.dim() == 4, op, ": expected weight of shape (K, C/groups, R, S), got ", Shape{w.sizes()});
+  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), op, ": expected weight in x's dtype (",
+              DType{x.scalar_type()}, "), got ", DType{w.scalar_type()});
+  TORCH_CHECK_VALUE(w.device() == x.device(), op, ": expected weight on x's device (", x.device(),
               "), got ", w.device());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
               ": expected 2 values each for stride, padding and dilation, got ", stride, ", ",
               padding, ", ", dilation);
   for (int i = 0; i < 2; ++i) {
-    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0, op,
+    TORCH_CHECK_VALUE(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0, op,
                 ": expected stride >= 1, dilation >= 1 and padding >= 0, got stride ", stride,
                 ", padding ", padding, ", dilation ", dilation);
   }
-  TORCH_CHECK(groups >= 1 && w.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ",
+  TORCH_CHECK_VALUE(groups >= 1 && w.size(0) % groups == 0, op, ": expected groups >= 1 dividing the ",
               w.size(0), " output channels, got groups=", groups);
-  TORCH_CHECK(x.size(1) == w.size(1) * groups, op, ": x has ", x.size(1),
+  TORCH_CHECK_VALUE(x.size(1) == w.size(1) * groups, op, ": x has ", x.size(1),
               " channels but weight expects ", w.size(1) * groups, " (", w.size(1),
               " per group x groups=", groups, ")");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), op, ": expected bias of shape (",
-                w.size(0), ",), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": expected bias in x's dtype (",
-                x.scalar_type(), "), got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == x.device(), op, ": expected bias on x's device (", x.device(),
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.size(0), op, ": expected bias of shape (",
+                w.size(0), ",), got ", Shape{bias->sizes()});
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": expected bias in x's dtype (",
+                DType{x.scalar_type()}, "), got ", DType{bias->scalar_type()});
+    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": expected bias on x's device (", x.device(),
                 "), got ", bias->device());
   }
   std::vector<int64_t> out{x.size(0), w.size(0),
                            conv_out_size(x.size(2), w.size(2), stride[0], padding[0], dilation[0], "height"),
                            conv_out_size(x.size(3), w.size(3), stride[1], padding[1], dilation[1], "width")};
   if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out), op,
-                ": expected residual of the output's shape ", at::IntArrayRef(out), ", got ",
-                residual->sizes(), " (no broadcasting)");
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op,
-                ": expected residual in x's dtype (", x.scalar_type(), "), got ",
-                residual->scalar_type());
-    TORCH_CHECK(residual->device() == x.device(), op, ": expected residual on x's device (",
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out), op,
+                ": expected residual of the output's shape ", Shape{out}, ", got ",
+                Shape{residual->sizes()}, " (no broadcasting)");
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), op,
+                ": expected residual in x's dtype (", DType{x.scalar_type()}, "), got ",
+                DType{residual->scalar_type()});
+    TORCH_CHECK_VALUE(residual->device() == x.device(), op, ": expected residual on x's device (",
                 x.device(), "), got ", residual->device());
   }
   return out;
@@ -128,22 +161,23 @@ inline at::Tensor dense_in(const at::Tensor& t, at::MemoryFormat fmt) {
 // batch_norm_act: a per-channel parameter (weight/bias), in x's dtype or float32.
 inline void check_bn_param(const std::optional<at::Tensor>& p, const at::Tensor& x, const char* name) {
   if (!p.has_value()) return;
-  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), "batch_norm_act: expected ", name,
-              " of shape (", x.size(1), ",) (one value per channel of x), got ", p->sizes());
-  TORCH_CHECK(p->scalar_type() == x.scalar_type() || p->scalar_type() == at::kFloat,
-              "batch_norm_act: expected ", name, " in x's dtype (", x.scalar_type(),
-              ") or float32, got ", p->scalar_type());
-  TORCH_CHECK(p->device() == x.device(), "batch_norm_act: expected ", name,
+  TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == x.size(1), "batch_norm_act: expected ", name,
+              " of shape (", x.size(1), ",) (one value per channel of x), got ", Shape{p->sizes()});
+  TORCH_CHECK_TYPE(p->scalar_type() == x.scalar_type() || p->scalar_type() == at::kFloat,
+              "batch_norm_act: expected ", name, " in x's dtype (", DType{x.scalar_type()},
+              ") or float32, got ", DType{p->scalar_type()});
+  TORCH_CHECK_VALUE(p->device() == x.device(), "batch_norm_act: expected ", name,
               " on x's device (", x.device(), "), got ", p->device());
 }
 
 // batch_norm_act in training: more than one value per channel.
 inline void check_bn_batch(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 2, "batch_norm_act: expected x of shape (N, C, ...), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 2, "batch_norm_act: expected x of shape (N, C, ...), got ", Shape{x.sizes()});
   const int64_t count = x.numel() / std::max<int64_t>(x.size(1), 1);
   // nn.BatchNorm2d refuses the same (one value per channel has no variance).
-  TORCH_CHECK(count > 1 || x.size(1) == 0,
-              "Expected more than 1 value per channel when training, got input size ", x.sizes());
+  TORCH_CHECK_VALUE(count > 1 || x.size(1) == 0,
+              "Expected more than 1 value per channel when training, got input size torch.Size(",
+              x.sizes(), ")");  // torch.Size([1, 4]), as nn.BatchNorm2d says
 }
 
 // batch_norm_act forward: everything bn_act_fwd takes, on any device.

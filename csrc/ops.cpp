@@ -17,6 +17,14 @@ TORCH_LIBRARY(resnet_fast, m) {
   // convolution whose BatchNorm was folded into weight/bias, with the block's tail fused.
   m.def("conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, Tensor? residual=None, bool relu=True) -> Tensor");
+  // The weight prepared once for conv_bias_act_packed on CPU: oneDNN's blocked layout for
+  // this geometry and input size (N, C, H, W); an mkldnn-layout tensor of the weight's shape.
+  m.def("prepack_conv_weight(Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups, int[4] input_size) -> Tensor");
+  // conv_bias_act with a weight from prepack_conv_weight (inference: no autograd).
+  m.def("conv_bias_act_packed(Tensor x, Tensor packed_weight, Tensor? bias, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups, Tensor? residual=None, bool relu=True) "
+        "-> Tensor");
   // Training BatchNorm (batch statistics) fused with (+ residual) and ReLU: returns
   // (out, mean, var) with the batch mean and biased variance per channel in float32 (float64
   // for float64 x). The running-stat update is left to the caller (resnet_fast.ops).

@@ -14,6 +14,7 @@ choice once per (op, device type).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import NamedTuple
@@ -103,7 +104,6 @@ def interpreting_triton() -> bool:
 # Which backends auto picks from on a device type, in order of preference (a static order
 # for now: per-shape measurement is future work).
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-_auto_logged: set[tuple[str, str]] = set()
 
 
 def device_backends(device_type: str) -> tuple[str, ...]:
@@ -124,15 +124,19 @@ def _serves(device_type: str) -> tuple[str, ...]:
 @torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     """The backend that runs ``op`` on ``device`` for this call."""
-    choice = requested_backend(backend)
-    dev = device.type
+    return _resolve(op, device.type, requested_backend(backend), interpreting_triton())
+
+
+# Availability is fixed once the extension is imported, so a choice is worked out once per
+# (op, device type, request); an unavailable request raises every time (exceptions are not
+# cached).
+@functools.lru_cache(maxsize=None)
+def _resolve(op: str, dev: str, choice: str, _interpreting: bool) -> str:
     if choice == "auto":
         for name in device_backends(dev):
             native_ok = name not in ("cpu", "cuda") or _extension.has_kernel(op, dev.upper())
             if backend_status(name).available and native_ok:
-                if (op, dev) not in _auto_logged:
-                    _auto_logged.add((op, dev))
-                    log.info("resnet_fast: %s on %s uses the %s backend", op, dev, name)
+                log.info("resnet_fast: %s on %s uses the %s backend", op, dev, name)
                 return name
         return "reference"
     candidates = _serves(dev)

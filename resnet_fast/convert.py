@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -76,6 +77,9 @@ def _fuse_fx(model: nn.Module) -> nn.Module:
         raise ValueError(f"fuse_bn: cannot find the conv -> BN pairs of a "
                          f"{type(model).__name__}: torch.fx could not trace it ({exc})") from exc
     modules = dict(traced.named_modules())
+    # Folding rewrites the conv *module*, so every call of it changes, not only the one that
+    # feeds the BN; and a BN called twice would be removed from both calls.
+    calls = Counter(n.target for n in traced.graph.nodes if n.op == "call_module")
     folds = []
     for node in traced.graph.nodes:
         if node.op != "call_module" or not isinstance(modules[node.target], _BN):
@@ -84,6 +88,14 @@ def _fuse_fx(model: nn.Module) -> nn.Module:
         if not (isinstance(src, fx.Node) and src.op == "call_module"
                 and isinstance(modules[src.target], nn.Conv2d)):
             continue
+        if calls[src.target] != 1:
+            raise ValueError(f"fuse_bn: conv {src.target} is called {calls[src.target]} times in "
+                             f"the forward; folding BN {node.target} into it would change the "
+                             "calls not followed by that BN")
+        if calls[node.target] != 1:
+            raise ValueError(f"fuse_bn: BN {node.target} is called {calls[node.target]} times in "
+                             f"the forward; folding it into conv {src.target} would leave the "
+                             "other calls without their normalization")
         if len(src.users) != 1:
             others = ", ".join(str(u) for u in src.users if u is not node)
             raise ValueError(f"fuse_bn: the output of conv {src.target} feeds {others} besides "
@@ -109,7 +121,8 @@ def fuse_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     ``GraphModule``. Plain torch.nn modules result either way.
 
     Raises ValueError where folding would be wrong: a BN in training mode or without running
-    statistics, a conv whose output feeds something besides its BN, an untraceable model.
+    statistics, a conv whose output feeds something besides its BN, a conv or BN module called
+    more than once in the forward, an untraceable model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_bn: expected an nn.Module, got {type(model).__name__}")
@@ -147,7 +160,20 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.Res
     ref = next(model.parameters())
     ours.load_state_dict(model.state_dict(), strict=True)
     ours.to(device=ref.device, dtype=ref.dtype)
-    return ours.train(model.training)
+    _copy_modes(model, ours)
+    return ours
+
+
+def _copy_modes(source: nn.Module, target: nn.Module) -> None:
+    """Each module's train/eval flag and each parameter's requires_grad, by name: a model-wide
+    ``.train()`` would unfreeze a BN put in eval on its own (its running stats would then
+    move) and ``requires_grad=False`` parameters would train. The trees match by construction."""
+    modules = dict(source.named_modules())
+    for name, module in target.named_modules():
+        module.training = modules[name].training
+    params = dict(source.named_parameters())
+    for name, param in target.named_parameters():
+        param.requires_grad_(params[name].requires_grad)
 
 
 class OptimizedModel(nn.Module):

@@ -215,3 +215,17 @@ def test_train_divergence_is_relative_to_eagers_loss_and_catches_nan():
     assert bench.train_diverged(7.5, 6.9, torch.float16)  # 9e-2
     assert bench.train_diverged(float("nan"), 6.9, torch.float32)
     assert bench.train_diverged(float("inf"), 6.9, torch.bfloat16)
+
+
+def test_host_overhead_benchmark_end_to_end(tmp_path, capsys):
+    from resnet_fast.bench import overhead
+    out = tmp_path / "overhead.json"
+    assert overhead.main(["--repeats", "2", "--inner", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"torchvision", "torchvision_direct", "resnet_fast",
+                                    "resnet_fast_direct"}
+    for name in ("torchvision", "resnet_fast"):
+        assert "overhead_us_per_conv" in data["results"][name]
+    assert "us/conv" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        overhead.main(["--repeats", "0"])

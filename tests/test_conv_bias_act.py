@@ -162,7 +162,7 @@ def test_bad_arguments():
         with pytest.raises(exc, match=msg):
             conv_bias_act(args["x"], args["w"], args["b"], args["stride"], args["pad"], args["dil"],
                           args["groups"], args["r"], True, backend="cpu")
-    with pytest.raises(RuntimeError, match=r"x has 8 channels but weight expects 4"):
+    with pytest.raises(ValueError, match=r"x has 8 channels but weight expects 4"):
         torch.ops.resnet_fast.conv_bias_act(x, w[:, :4], b, [1, 1], [1, 1], [1, 1], 1, None, True)
 
 
@@ -293,3 +293,54 @@ def test_gpu_triton_autotuned_path(monkeypatch):
     for conv in [(256, 64, 1, 1, 0, 1, 1, 28), (64, 64, 3, 1, 1, 1, 1, 28)]:
         x, w, b, geo, r = _case(conv, torch.bfloat16, batch=4)
         _check("triton", x.cuda(), w.cuda(), b.cuda(), geo, r.cuda())
+
+
+def _packed_case(residual=True, relu=True):
+    x, w, b, (stride, pad, dil, groups), r = _case((8, 16, 3, 2, 1, 1, 2, 7), residual=residual)
+    geo = ([stride] * 2, [pad] * 2, [dil] * 2, groups)
+    packed = torch.ops.resnet_fast.prepack_conv_weight(w, *geo, list(x.shape))
+    return x, w, b, geo, r, packed
+
+
+@pytest.mark.parametrize("residual, relu", [(True, True), (False, False)])
+def test_packed_weight_gives_the_dense_result(residual, relu):
+    x, w, b, geo, r, packed = _packed_case(residual, relu)
+    assert packed.is_mkldnn and packed.shape == w.shape
+    ours = torch.ops.resnet_fast.conv_bias_act_packed(x, packed, b, *geo, r, relu)
+    # Bit for bit: the dense op reorders the weight the same way for the same input size.
+    assert torch.equal(ours, torch.ops.resnet_fast.conv_bias_act(x, w, b, *geo, r, relu))
+    truth = reference.conv_bias_act(x.double(), w.double(), b.double(), *geo,
+                                    None if r is None else r.double(), relu)
+    magnitude = F.conv2d(x.double().abs(), w.double().abs(), None, *geo).abs().max().item()
+    assert_within_reference_error(ours, reference.conv_bias_act(x, w, b, *geo, r, relu), truth,
+                                  magnitude + b.abs().max().item() + (0 if r is None else r.abs().max().item()))
+    # A packed weight made for another input size is still right (oneDNN reorders it).
+    other = torch.ops.resnet_fast.prepack_conv_weight(w, *geo, [1, *x.shape[1:]])
+    torch.testing.assert_close(torch.ops.resnet_fast.conv_bias_act_packed(x, other, b, *geo, r, relu), ours)
+
+
+def test_packed_fake_kernel():
+    # opcheck cannot run this op: every one of its tests reads storages, which an mkldnn
+    # (opaque) tensor has none of. The fake kernel is checked directly instead: fake tensors
+    # carry the packed weight's layout, and the output is what the real op returns.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, w, b, geo, r, packed = _packed_case()
+    real = torch.ops.resnet_fast.conv_bias_act_packed(x, packed, b, *geo, r, True)
+    mode = FakeTensorMode()
+    fx, fp, fb, fr = (mode.from_tensor(t) for t in (x, packed, b, r))
+    with mode:
+        fake = torch.ops.resnet_fast.conv_bias_act_packed(fx, fp, fb, *geo, fr, True)
+    assert fake.shape == real.shape and fake.dtype == real.dtype
+    assert fake.stride() == real.stride()
+
+
+def test_packed_bad_arguments():
+    x, w, b, geo, r, packed = _packed_case()
+    with pytest.raises(ValueError, match=r"expected a 4-D strided float32 CPU weight .*torch.float64"):
+        torch.ops.resnet_fast.prepack_conv_weight(w.double(), *geo, list(x.shape))
+    with pytest.raises(ValueError, match=r"expected input_size \(N, C, H, W\) with C = 8, got \(2, 4, 7, 7\)"):
+        torch.ops.resnet_fast.prepack_conv_weight(w, *geo, [2, 4, 7, 7])
+    with pytest.raises(ValueError, match=r"expected a weight from prepack_conv_weight"):
+        torch.ops.resnet_fast.conv_bias_act_packed(x, w, b, *geo, r, True)
+    with pytest.raises(ValueError, match=r"x has 4 channels but weight expects 8"):
+        torch.ops.resnet_fast.conv_bias_act_packed(x[:, :4], packed, b, *geo, None, True)

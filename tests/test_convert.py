@@ -71,6 +71,56 @@ def test_fuse_bn_refusals():
         resnet_fast.fuse_bn(3)
 
 
+class _SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        # The same conv module runs twice; only its first call is followed by the BN.
+        return self.conv(torch.relu(self.bn(self.conv(x))))
+
+
+class _SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        # The BN also normalizes x itself, which no conv precedes.
+        return self.bn(self.conv(x)) + self.bn(x)
+
+
+class _SharedConvWithoutBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        # conv2 runs twice but feeds no BN: nothing is folded into it, so sharing it is fine.
+        return self.conv2(torch.relu(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def test_fuse_bn_refuses_modules_called_more_than_once():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"conv conv is called 2 times in the forward; folding BN "
+                                         r"bn into it would change the calls not followed by"):
+        resnet_fast.fuse_bn(calibrate_(_SharedConv(), batch_size=4, image_size=8, in_channels=4))
+    with pytest.raises(ValueError, match=r"BN bn is called 2 times in the forward; folding it "
+                                         r"into conv conv would leave the other calls"):
+        resnet_fast.fuse_bn(calibrate_(_SharedBN(), batch_size=4, image_size=8, in_channels=4))
+    model = calibrate_(_SharedConvWithoutBN(), batch_size=4, image_size=8, in_channels=4)
+    fused = resnet_fast.fuse_bn(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        _close(fused(x), model(x), rel=1e-5)
+
+
 @pytest.mark.parametrize("arch, kwargs", [
     ("resnet18", {}), ("resnet50", {}), ("resnext50_32x4d", {}), ("wide_resnet50_2", {}),
     ("resnet50", {"replace_stride_with_dilation": [False, True, True]}),
@@ -85,6 +135,31 @@ def test_convert_torchvision_models(arch, kwargs):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         _close(ours(x), tv(x), rel=1e-4)
+
+
+def test_convert_keeps_each_modules_mode_and_each_parameters_requires_grad():
+    torch.manual_seed(0)
+    tv = calibrate_(torchvision.models.resnet18(), batch_size=2, image_size=32).double().train()
+    for m in tv.layer1.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()  # a frozen BN inside a training model: its running stats must not move
+    tv.conv1.requires_grad_(False)
+    tv.bn1.requires_grad_(False)
+    ours = resnet_fast.convert(tv)
+    assert ({n: m.training for n, m in ours.named_modules()}
+            == {n: m.training for n, m in tv.named_modules()})
+    assert ({n: p.requires_grad for n, p in ours.named_parameters()}
+            == {n: p.requires_grad for n, p in tv.named_parameters()})
+    frozen = tv.layer1[0].bn1.running_mean.clone()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    expected, got = tv(x), ours(x)
+    _close(got, expected, rel=1e-9)
+    assert torch.equal(ours.layer1[0].bn1.running_mean, frozen)
+    for (name, theirs), (_, mine) in zip(tv.named_buffers(), ours.named_buffers()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-12, msg=name)
+    got.sum().backward()
+    assert ours.conv1.weight.grad is None and ours.bn1.weight.grad is None
+    assert ours.layer1[0].conv1.weight.grad is not None
 
 
 def test_convert_refuses_other_models():

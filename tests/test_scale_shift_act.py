@@ -101,7 +101,7 @@ def test_bad_inputs_are_refused():
     for args, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             scale_shift_act(*args, backend="cpu")
-    with pytest.raises(RuntimeError, match=r"expected scale of shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"expected scale of shape \(4,\)"):
         torch.ops.resnet_fast.scale_shift_act(x, s[:3], b, None, True)
 
 

@@ -1,6 +1,8 @@
 #include "buffer_pool.h"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -86,23 +88,34 @@ void* acquire(size_t bytes) {
   return ptr;
 }
 
+// The pool as a c10::Allocator: tensors made with it own an ordinary resizable storage whose
+// deleter hands the buffer back, so a buffer is reused only after its last owner is gone (the
+// contract of the CUDA caching allocator), whatever holds the tensor: inductor, export, other
+// threads, an `out=` that resizes it.
+struct PoolAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t nbytes) override {
+    if (nbytes < kMinBytes || cap_bytes() == 0) return c10::GetCPUAllocator()->allocate(nbytes);
+    const size_t rounded = (nbytes + kAlign - 1) / kAlign * kAlign;
+    void* ptr = acquire(rounded);
+    return {ptr, new Block{ptr, rounded}, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+PoolAllocator& pool_allocator() {
+  static auto* alloc = new PoolAllocator();  // never destroyed, like the pool
+  return *alloc;
+}
+
 }  // namespace
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat fmt) {
-  const at::Tensor meta = at::empty(sizes, options.device(at::kMeta).memory_format(fmt));
-  const size_t nbytes = static_cast<size_t>(meta.numel()) * meta.element_size();
-  if (nbytes < kMinBytes || cap_bytes() == 0) {
-    return at::empty(sizes, options.memory_format(fmt));
-  }
-  const size_t rounded = (nbytes + kAlign - 1) / kAlign * kAlign;
-  void* ptr = acquire(rounded);
-  auto* block = new Block{ptr, rounded};
-  return at::for_blob(ptr, sizes)
-      .strides(meta.strides())
-      .context(block, &release)
-      .options(options)
-      .make_tensor();
+  return at::detail::empty_generic(sizes, &pool_allocator(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), fmt);
 }
 
 int64_t buffer_cache_clear() {

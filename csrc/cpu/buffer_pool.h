@@ -14,7 +14,8 @@
 
 namespace resnet_fast::cpu {
 
-// An uninitialized CPU tensor like at::empty(sizes, options.memory_format(fmt)).
+// An uninitialized CPU tensor like at::empty(sizes, options.memory_format(fmt)), its storage
+// from the cache: resizable, handed back to the cache when the last owner frees it.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat fmt);
 

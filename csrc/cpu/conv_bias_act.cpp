@@ -1,26 +1,28 @@
-// conv_bias_act on CPU: act(conv2d(x, w) + bias (+ residual)).
+// conv_bias_act on CPU: act(conv2d(x, w) + bias (+ residual)), and its prepacked-weight form.
 //
 // float32 (the CPU inference dtype): oneDNN through the pointwise convolution ops PyTorch
-// ships, so bias, add and ReLU are post-ops of the convolution. The output buffer comes from
-// our buffer cache (buffer_pool.h), is filled with the residual (or zeros) and the convolution
-// accumulates into it in place (mkldnn::_convolution_pointwise_.binary, "add" post-op): a
-// reused buffer plus one fill pass costs half of what a fresh output's page faults do (measured
-// on ResNet-50's layer1 conv3 at batch 16: 16.8 ms vs 36.5 ms). The weight is reordered once
-// into oneDNN's blocked layout for the layer's input size and cached (a reorder per call is
-// what makes a naive version lose at batch 1). Other dtypes (float64, float16, bfloat16): ATen's
-// convolution, then our vectorized epilogue in place on its output (two passes, not three).
+// ships. The output buffer (buffer_pool.h) is filled with the residual (or zeros) and the
+// convolution accumulates into it in place with the bias and an "add" post-op
+// (mkldnn::_convolution_pointwise_.binary): a reused buffer plus one fill pass costs half of
+// what a fresh output's page faults do (ResNet-50 layer1 conv3, batch 16: 16.8 vs 36.5 ms).
+// The ReLU is our own in-place pass, not oneDNN's post-op: that one maps NaN to 0 and +inf to
+// FLT_MAX, where torch.relu keeps both.
+//
+// Both ops are pure functions of their inputs: nothing is cached here. A oneDNN-blocked weight
+// pays at small batches (a reorder per call is what makes batch 1 lose); it is made once by
+// prepack_conv_weight, held by the caller (the models' per-layer plans) and passed to
+// conv_bias_act_packed, the way torch's own mkldnn/quantized ops separate prepack from compute.
+//
+// Other dtypes (float64, float16, bfloat16): ATen's convolution, then our vectorized epilogue
+// in place on its output (two passes, not three).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
-#include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <optional>
-#include <sstream>
 #include <string>
-#include <unordered_map>
 
 #include "../checks.h"
 #include "buffer_pool.h"
@@ -29,141 +31,153 @@
 namespace resnet_fast::cpu {
 namespace {
 
-at::Tensor call_boxed(const char* name, const char* overload, torch::jit::Stack stack) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, c10::OperatorHandle> handles;
-  const std::string key = std::string(name) + "." + overload;
-  std::optional<c10::OperatorHandle> handle;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = handles.find(key);
-    if (it == handles.end()) {
-      it = handles.emplace(key, c10::Dispatcher::singleton().findSchemaOrThrow(name, overload)).first;
-    }
-    handle = it->second;
-  }
-  handle->callBoxed(stack);
-  return stack.at(0).toTensor();
+// The mkldnn ops are reached boxed through the dispatcher (their C++ declarations are not in
+// torch's public headers); each handle is looked up once.
+const c10::OperatorHandle& reorder_op() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_reorder_convolution_weight", "");
+  return op;
 }
 
-// Reordered (oneDNN-blocked) weights, keyed by the weight tensor and the layer geometry. An
-// entry is used only while the weight tensor is alive (weak reference) and unmodified (its
-// version counter), so it can never be stale.
-class PackedWeights {
- public:
-  at::Tensor get(const at::Tensor& w, at::IntArrayRef padding, at::IntArrayRef stride,
-                 at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
-    if (w.is_inference()) {  // no version counter to watch: reorder every call
-      return reorder(w, padding, stride, dilation, groups, input_size);
-    }
-    std::ostringstream key;
-    key << w.unsafeGetTensorImpl() << '|' << input_size << padding << stride << dilation << groups;
-    const auto version = w.unsafeGetTensorImpl()->version_counter().current_version();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = map_.find(key.str());
-      if (it != map_.end()) {
-        auto alive = it->second.weight.lock();
-        if (alive.get() == w.unsafeGetTensorImpl() && it->second.version == version) {
-          return it->second.packed;
-        }
-        map_.erase(it);
-      }
-    }
-    at::Tensor packed = reorder(w, padding, stride, dilation, groups, input_size);
-    std::lock_guard<std::mutex> lock(mu_);
-    if (map_.size() >= kMaxEntries) prune();
-    map_.insert_or_assign(key.str(), Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
-                                               w.getIntrusivePtr()),
-                                           version, packed});
-    return packed;
-  }
-
- private:
-  static constexpr size_t kMaxEntries = 1024;
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
-    uint32_t version;
-    at::Tensor packed;
-  };
-
-  static at::Tensor reorder(const at::Tensor& w, at::IntArrayRef padding, at::IntArrayRef stride,
-                            at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
-    return call_boxed("mkldnn::_reorder_convolution_weight", "",
-                      {w.contiguous(), padding.vec(), stride.vec(), dilation.vec(), groups,
-                       input_size.vec()});
-  }
-
-  void prune() {  // drop entries of dead weights; if that is not enough, start over
-    for (auto it = map_.begin(); it != map_.end();) {
-      it = it->second.weight.expired() ? map_.erase(it) : std::next(it);
-    }
-    if (map_.size() >= kMaxEntries) map_.clear();
-  }
-
-  std::mutex mu_;
-  std::unordered_map<std::string, Entry> map_;
-};
-
-PackedWeights& packed_weights() {
-  static auto* cache = new PackedWeights();  // never destroyed: outlives interpreter exit
-  return *cache;
+const c10::OperatorHandle& conv_add_op() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise_", "binary");
+  return op;
 }
 
 // act(out + bias (+ residual)) written over `out` (dense in fmt): our scale_shift_act kernel
 // with scale 1 (x * 1 + b is exactly x + b), reading and writing the same buffer.
-at::Tensor bias_act_inplace(const at::Tensor& out, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& residual, bool relu, at::MemoryFormat fmt) {
-  const at::Tensor shift = bias.has_value() ? *bias : at::zeros({out.size(1)}, out.options());
+void bias_act_inplace(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& residual,
+                      bool relu, at::MemoryFormat fmt) {
+  const at::Tensor shift = bias.defined() ? bias : at::zeros({out.size(1)}, out.options());
   scale_shift_act(out, at::ones({out.size(1)}, out.options()), shift, residual, relu,
                   fmt == at::MemoryFormat::ChannelsLast, out);
-  return out;
 }
 
 bool use_onednn(const at::Tensor& x) {
   return x.scalar_type() == at::kFloat && at::hasMKLDNN();
 }
 
+// The float32 oneDNN path; `w` is a dense weight or a prepacked (mkldnn-layout) one.
+at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t groups, const at::Tensor& r, bool relu,
+                       at::IntArrayRef out_shape, at::MemoryFormat fmt) {
+  at::Tensor out = empty_output(out_shape, x.options(), fmt);
+  if (r.defined()) {
+    out.copy_(r);
+  } else {
+    out.zero_();
+  }
+  c10::impl::GenericList no_scalars(c10::OptionalType::create(c10::NumberType::get()));
+  torch::jit::Stack stack{out, x, w, bias.defined() ? c10::IValue(bias) : c10::IValue(),
+                          padding.vec(), stride.vec(), dilation.vec(), groups,
+                          std::string("add"), c10::IValue(), c10::IValue(), no_scalars,
+                          c10::IValue()};
+  conv_add_op().callBoxed(stack);
+  if (relu) at::relu_(out);
+  return out;
+}
+
+at::Tensor prepack(const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                   at::IntArrayRef dilation, int64_t groups, at::IntArrayRef input_size) {
+  torch::jit::Stack stack{w.contiguous(), padding.vec(), stride.vec(), dilation.vec(), groups,
+                          input_size.vec()};
+  reorder_op().callBoxed(stack);
+  return stack.at(0).toTensor();
+}
+
+struct Prepared {
+  at::Tensor x, bias, residual;
+  std::vector<int64_t> out_shape;
+  at::MemoryFormat fmt;
+};
+
+// Checks (csrc/checks.h; the only validation on this path) and makes x, bias and the residual
+// dense: oneDNN reads the bias as a plain array whatever its strides.
+Prepared prepare(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                 int64_t groups, const std::optional<at::Tensor>& residual, const char* op) {
+  auto out_shape = check_conv_args(x_in, w, bias, stride, padding, dilation, groups, residual);
+  TORCH_CHECK(x_in.device().is_cpu(), op, " (cpu): expected CPU tensors, got ", x_in.device());
+  const auto fmt = layout_of(x_in);
+  return {dense_in(x_in, fmt), bias.has_value() ? bias->contiguous() : at::Tensor(),
+          residual.has_value() ? dense_in(*residual, fmt) : at::Tensor(), std::move(out_shape),
+          fmt};
+}
+
 at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& w,
                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                              const std::optional<at::Tensor>& residual, bool relu) {
-  const auto out_shape = check_conv_args(x_in, w, bias, stride, padding, dilation, groups, residual);
-  TORCH_CHECK(x_in.device().is_cpu(), "conv_bias_act (cpu): expected CPU tensors, got ",
-              x_in.device());
-  const auto fmt = layout_of(x_in);
-  const at::Tensor x = dense_in(x_in, fmt);
-  const at::Tensor r = residual.has_value() ? dense_in(*residual, fmt) : at::Tensor();
-  if (x.numel() == 0 || w.numel() == 0) {
-    at::Tensor out = at::empty(out_shape, x.options().memory_format(fmt));
+  const Prepared p = prepare(x_in, w, bias, stride, padding, dilation, groups, residual,
+                             "conv_bias_act");
+  if (p.x.numel() == 0 || w.numel() == 0) {
+    at::Tensor out = at::empty(p.out_shape, p.x.options().memory_format(p.fmt));
     if (out.numel() == 0) return out;
     // No input channels: the convolution sums nothing; the epilogue still applies.
-    return bias_act_inplace(out.zero_(), bias, r, relu, fmt);
-  }
-
-  if (use_onednn(x)) {
-    const at::Tensor packed = packed_weights().get(w, padding, stride, dilation, groups, x.sizes());
-    at::Tensor out = empty_output(out_shape, x.options(), fmt);
-    if (r.defined()) {
-      out.copy_(r);
-    } else {
-      out.zero_();
-    }
-    c10::impl::GenericList no_scalars(c10::OptionalType::create(c10::NumberType::get()));
-    call_boxed("mkldnn::_convolution_pointwise_", "binary",
-               {out, x, packed, bias, padding.vec(), stride.vec(), dilation.vec(), groups,
-                std::string("add"), c10::IValue(),
-                relu ? c10::IValue(std::string("relu")) : c10::IValue(), no_scalars, c10::IValue()});
+    bias_act_inplace(out.zero_(), p.bias, p.residual, relu, p.fmt);
     return out;
   }
+  if (use_onednn(p.x) && w.layout() == at::kStrided) {
+    // Reordered for this input size, as conv_bias_act_packed's weight is: one algorithm,
+    // so both give the same result (a plain weight lets oneDNN pick another one).
+    return onednn_conv(p.x, prepack(w, stride, padding, dilation, groups, p.x.sizes()), p.bias,
+                       stride, padding, dilation, groups, p.residual, relu, p.out_shape, p.fmt);
+  }
   const at::Tensor out = dense_in(
-      at::convolution(x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups), fmt);
-  if (!bias.has_value() && !r.defined() && !relu) return out;
-  return bias_act_inplace(out, bias, r, relu, fmt);
+      at::convolution(p.x, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups),
+      p.fmt);
+  if (p.bias.defined() || p.residual.defined() || relu) {
+    bias_act_inplace(out, p.bias, p.residual, relu, p.fmt);
+  }
+  return out;
+}
+
+// The weight in oneDNN's blocked layout for this geometry and input size: an mkldnn-layout
+// tensor of the weight's logical shape, valid only as conv_bias_act_packed's weight.
+at::Tensor prepack_conv_weight_cpu(const at::Tensor& w, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t groups, at::IntArrayRef input_size) {
+  TORCH_CHECK_VALUE(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 4 &&
+                        w.layout() == at::kStrided,
+                    "prepack_conv_weight: expected a 4-D strided float32 CPU weight (K, C/groups, "
+                    "R, S), got ", DType{w.scalar_type()}, " ", Shape{w.sizes()}, " of layout ",
+                    w.layout(), " on ", w.device());
+  TORCH_CHECK(at::hasMKLDNN(), "prepack_conv_weight: this PyTorch build has no oneDNN (mkldnn)");
+  TORCH_CHECK_VALUE(input_size.size() == 4 && input_size[1] == w.size(1) * groups,
+                    "prepack_conv_weight: expected input_size (N, C, H, W) with C = ",
+                    w.size(1) * groups, ", got ", Shape{input_size});
+  return prepack(w, stride, padding, dilation, groups, input_size);
+}
+
+at::Tensor conv_bias_act_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed,
+                                    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t groups, const std::optional<at::Tensor>& residual,
+                                    bool relu) {
+  TORCH_CHECK_VALUE(packed.is_mkldnn() && packed.scalar_type() == at::kFloat,
+                    "conv_bias_act_packed: expected a weight from prepack_conv_weight (float32, "
+                    "mkldnn layout), got a ", DType{packed.scalar_type()}, " tensor of layout ",
+                    packed.layout());
+  const Prepared p = prepare(x_in, packed, bias, stride, padding, dilation, groups, residual,
+                             "conv_bias_act_packed");
+  if (p.x.numel() == 0) return at::empty(p.out_shape, p.x.options().memory_format(p.fmt));
+  return onednn_conv(p.x, packed, p.bias, stride, padding, dilation, groups, p.residual, relu,
+                     p.out_shape, p.fmt);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) { m.impl("conv_bias_act", &conv_bias_act_cpu); }
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("conv_bias_act", &conv_bias_act_cpu);
+  m.impl("prepack_conv_weight", &prepack_conv_weight_cpu);
+  m.impl("conv_bias_act_packed", &conv_bias_act_packed_cpu);
+}
+
+// The packed weight has the mkldnn layout: its dispatch key is MkldnnCPU, x's is CPU.
+TORCH_LIBRARY_IMPL(resnet_fast, MkldnnCPU, m) {
+  m.impl("conv_bias_act_packed", &conv_bias_act_packed_cpu);
+}
 
 }  // namespace resnet_fast::cpu

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from torch import nn
 
 from . import weights as _weights
+from ._fused import refresh
 from .cifar import CifarResNet, PadShortcut
 from .norm import BatchNormAct2d
 from .regularizers import DropBlock2d, DropPath, drop_path
@@ -167,5 +168,5 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = ["ResNet", "BatchNormAct2d", "CifarResNet", "BasicBlock", "Bottleneck", "PadShortcut", "DropPath",
-           "DropBlock2d", "drop_path", "conv1x1", "conv3x3", "create_model", "list_models",
+           "DropBlock2d", "drop_path", "conv1x1", "conv3x3", "create_model", "list_models", "refresh",
            *_ARCHS]

@@ -1,73 +1,225 @@
 """The fused eval path shared by every block and stem: conv -> BN (-> add) -> ReLU as one
-``conv_bias_act`` call on BN-folded weights.
+fused conv on BN-folded weights, run from per-layer plans the module owns.
 
-Folded weights are cached per conv and can never be stale: the cache key holds the version
-counter, storage address, dtype and device of every tensor the fold reads (conv weight/bias,
-BN weight/bias/running stats) and the BN's eps, so ``load_state_dict``, an optimizer step,
-any in-place change and ``.to()`` force a refold. BatchNorm's kernel updates the running
-stats in train mode without bumping their version counters (measured), but every such update
-also increments ``num_batches_tracked`` in place, whose version is in the key too.
-When gradients are wanted (frozen-BN fine-tuning in eval mode) the fold is recomputed on every
-call so that it stays differentiable.
+A plan (:class:`ConvPlan`) is made once per conv -> BN pair: the folded weight and bias (the
+layout the kernel wants; on CPU float32 also oneDNN-packed per input size), the backend and the
+exact op resolved, the geometry as the op takes it. A forward then only calls the op.
+
+When a plan is rebuilt. A module keeps its plans together with a key: the BN's eps, the
+backend, and (version counter, data pointer) of every tensor the fold reads (conv weight and
+bias, BN weight, bias, running stats, num_batches_tracked: BatchNorm's kernel updates the
+running stats without bumping their versions, but every such update increments
+num_batches_tracked in place). The key is compared once per block forward, so an optimizer
+step, ``load_state_dict``, any in-place write through the tensor itself, a new tensor
+assigned to ``.data`` and an eps change all rebuild. The plans also hold an alias of each
+source tensor, which keeps its storage alive: no other tensor can be allocated at a recorded
+address while the plans live, so a matching key can never describe another tensor's data.
+``_apply`` (``.to()``, ``.half()``, ...), ``train()``/``eval()`` and ``set_backend`` drop the
+plans; ``resnet_fast.refresh(model)`` drops them explicitly after writes that bypass version
+counters (``p.data.copy_``, ``.numpy()``, DLPack, raw-pointer kernels), the same blind spot
+autograd has.
+
+No plans (the fold recomputed inside the call, differentiable) when gradients flow into the
+conv/BN parameters, under torch.compile/export (the fold is then part of the graph; inductor's
+freezing constant-folds it) and for inference tensors (no version counter to watch).
+
+Fused only where the fold reproduces the modules exactly: an ``nn.Conv2d`` and a BatchNorm of
+the exact classes, without hooks (so no pruning masks or old-style weight_norm, which are
+hooks) and with plain tensor weights; parametrizations, QAT modules and subclasses are other
+classes. Anything else runs as torchvision runs it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from .. import ops
+from .._extension import has_kernel
+from ..backends import resolve
+from ..ops import reference
 from .norm import BatchNormAct2d
+
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d)
+_PLAIN_TENSORS = (nn.Parameter, Tensor)
+_MAX_PACKED_SIZES = 4  # input sizes a CPU plan keeps packed weights for (oldest dropped)
+
+
+def no_hooks(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+def no_global_hooks() -> bool:
+    """No module hooks registered for every module (nn.modules.module.register_module_*)."""
+    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def in_functorch() -> bool:
+    """Inside a torch.func transform (vmap, grad, ...), where the models run torchvision's
+    plain math: our ops have no batching rules and the plans no meaning for wrapped tensors."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    """Whether conv -> bn can run as one fused conv in eval mode."""
-    return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple)  # not "same"/"valid" strings
-            and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d) and not bn.training
-            and bn.track_running_stats and bn.running_mean is not None)
+    """Whether conv -> bn can run as one fused conv in eval mode, computing exactly what the
+    two modules compute."""
+    return (type(conv) is nn.Conv2d and type(bn) in _BN_TYPES and no_hooks(conv)
+            and no_hooks(bn) and not bn.training
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)  # not "same"
+            and bn.track_running_stats and bn._buffers.get("running_mean") is not None
+            and type(conv._parameters.get("weight")) in _PLAIN_TENSORS)
 
 
-def _tensors(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
-    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+def _sources(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> list[Tensor]:
+    """Every tensor the fold reads (module dicts read directly: this runs on every forward)."""
+    p, q, b = conv._parameters, bn._parameters, bn._buffers
+    return [t for t in (p["weight"], p.get("bias"), q.get("weight"), q.get("bias"),
+                        b["running_mean"], b["running_var"], b.get("num_batches_tracked"))
+            if t is not None]
 
 
-def _key(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple:
-    parts = [bn.eps, conv.weight.dtype, conv.weight.device]
-    for t in (*_tensors(conv, bn), bn.num_batches_tracked):
-        parts.append(None if t is None else (t._version, t.data_ptr()))
-    return tuple(parts)
+class ConvPlan:
+    """One conv -> BN (-> add) -> ReLU, prepared: ``plan(x, residual)`` runs it.
+
+    ``differentiable=True`` folds with autograd and runs the autograd-capable op (gradients
+    into the parameters, torch.compile); otherwise the fold is done once, without autograd.
+    """
+
+    __slots__ = ("weight", "bias", "geometry", "relu", "run", "_op", "_packed")
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, relu: bool,
+                 backend: Optional[str], differentiable: bool) -> None:
+        if differentiable:
+            weight, bias = ops.fold_bn(conv, bn)
+        else:
+            # Normal (not inference) tensors even under inference_mode, so a later call with
+            # autograd on (input gradients) may save them for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                weight, bias = ops.fold_bn(conv, bn)
+        self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        self.relu = relu
+        chosen = resolve("conv_bias_act", weight.device, backend)
+        self.run: Callable[[Tensor, Optional[Tensor]], Tensor]
+        if chosen == "reference":
+            self._op = reference.conv_bias_act
+        elif chosen == "triton":
+            self._op = torch.ops.resnet_fast.conv_bias_act_triton.default
+        else:
+            self._op = torch.ops.resnet_fast.conv_bias_act.default
+        if chosen in ("cuda", "triton") and not differentiable:
+            # The layout both kernels read; laid out once here instead of on every call.
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        self.weight, self.bias = weight, bias
+        self.run = self._dense
+        if (chosen == "cpu" and not differentiable and weight.dtype == torch.float32
+                and has_kernel("conv_bias_act_packed", "CPU") and torch.backends.mkldnn.enabled):
+            self._packed: dict[torch.Size, Tensor] = {}
+            self.run = self._onednn
+
+    def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return self.run(x, residual)
+
+    def _dense(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return self._op(x, self.weight, self.bias, *self.geometry, residual, self.relu)
+
+    def _onednn(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None
+                                                              and residual.requires_grad)):
+            return self._dense(x, residual)  # the packed op has no autograd
+        packed = self._packed.get(x.shape)
+        if packed is None:
+            packed = torch.ops.resnet_fast.prepack_conv_weight.default(
+                self.weight, *self.geometry, list(x.shape))
+            if len(self._packed) >= _MAX_PACKED_SIZES:
+                self._packed.pop(next(iter(self._packed), None), None)
+            self._packed[x.shape] = packed
+        return torch.ops.resnet_fast.conv_bias_act_packed.default(
+            x, packed, self.bias, *self.geometry, residual, self.relu)
 
 
 class FusedEvalMixin:
-    """Gives a module ``_conv_bn(x, conv, bn, residual, relu)`` with a fold cache of its own
-    (a plain attribute: not a parameter or buffer, so state_dicts are unchanged)."""
+    """Per-layer plans for a module's conv -> BN pairs (a plain attribute, not a parameter or
+    buffer: state_dicts are unchanged; dropped when pickled or deep-copied).
+
+    A subclass lists its pairs as ``_fold_spec`` ((conv name, bn name, relu), ...) and the
+    modules the fused forward skips besides them as ``_skipped`` (e.g. its ReLU); a
+    ``downsample`` Sequential(conv, bn) is a further pair without ReLU.
+    """
 
     backend: Optional[str]
+    _fold_spec: tuple[tuple[str, str, bool], ...]
+    _skipped: tuple[str, ...] = ("relu",)
 
-    def _folded(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-        if torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                for t in _tensors(conv, bn))):
-            # Compiled: the fold is part of the graph (inductor's freezing constant-folds it);
-            # with gradients: it must stay differentiable. Neither may use the cache.
-            return ops.fold_bn(conv, bn)
-        cache = self.__dict__.setdefault("_fold_cache", {})
-        key = _key(conv, bn)
-        entry = cache.get(id(conv))
-        if entry is None or entry[0] is not conv or entry[1] != key:
-            # Normal (not inference) tensors even under inference_mode, so a later call with
-            # autograd on may save them for backward.
-            with torch.inference_mode(False), torch.no_grad():
-                weight, bias = ops.fold_bn(conv, bn)
-            entry = (conv, key, weight, bias)
-            cache[id(conv)] = entry  # one assignment: safe with concurrent readers
-        return entry[2], entry[3]
+    def _fused_plans(self) -> Optional[list[ConvPlan]]:
+        """The plans of every pair, in ``_fold_spec`` order then the downsample; None where the
+        fused forward must not run (training, a pair that is not foldable, hooks on a skipped
+        module, inside a torch.func transform). One pass, dicts read directly: it runs on
+        every forward, and its key is what keeps the plans from ever being stale."""
+        if self.training or in_functorch() or not no_global_hooks():
+            return None
+        mods = self._modules
+        pairs = [(mods[c], mods[b], relu) for c, b, relu in self._fold_spec]
+        ds = mods.get("downsample")
+        if type(ds) is nn.Sequential:
+            if len(ds) != 2 or not no_hooks(ds):
+                return None
+            pairs.append((ds._modules["0"], ds._modules["1"], False))
+        for name in self._skipped:
+            if not no_hooks(mods[name]):
+                return None
+        key = [self.backend]
+        sources = []
+        for conv, bn, _ in pairs:
+            if not foldable(conv, bn):
+                return None
+            key.append(bn.eps)
+            sources += _sources(conv, bn)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                             and any(t.requires_grad for t in sources)):
+            # The fold inside the graph / differentiable: nothing may be kept.
+            return [ConvPlan(c, b, relu, self.backend, differentiable=True)
+                    for c, b, relu in pairs]
+        try:
+            key += [(t._version, t.data_ptr()) for t in sources]
+        except RuntimeError:  # inference tensors have no version counter: nothing to watch
+            return [ConvPlan(c, b, relu, self.backend, differentiable=False)
+                    for c, b, relu in pairs]
+        cached = self.__dict__.get("_plan_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plans = [ConvPlan(c, b, relu, self.backend, differentiable=False) for c, b, relu in pairs]
+        # One assignment: a concurrent reader sees the old entry or the new one, both valid
+        # for their keys. The aliases keep the recorded storages (and addresses) alive.
+        self.__dict__["_plan_cache"] = (key, plans, [t.detach() for t in sources])
+        return plans
 
-    def _conv_bn(self, x: Tensor, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm,
-                 residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-        weight, bias = self._folded(conv, bn)
-        return ops.conv_bias_act(x, weight, bias, conv.stride, conv.padding, conv.dilation,
-                                 conv.groups, residual, relu, backend=self.backend)
+    def _drop_plans(self) -> None:
+        self.__dict__.pop("_plan_cache", None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_plans()
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._drop_plans()
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_plan_cache", None)  # packed oneDNN weights do not pickle; rebuilt on use
+        return state
+
+
+def refresh(model: nn.Module) -> nn.Module:
+    """Drop every prepared plan of ``model``; the next forward rebuilds them from the current
+    weights. Needed only after writes that bypass version counters (``p.data.copy_(...)``,
+    ``.numpy()`` views, DLPack, raw-pointer kernels); every other change is seen on its own."""
+    for m in model.modules():
+        if isinstance(m, FusedEvalMixin):
+            m._drop_plans()
+    return model

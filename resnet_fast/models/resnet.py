@@ -1,9 +1,11 @@
 """The ResNet family, module for module and key for key torchvision's
 (torchvision/models/resnet.py), so torchvision checkpoints load with strict=True.
 
-What differs from torchvision is inside ``forward`` only: in eval mode the residual join of
-every block is one fused ``add_relu`` kernel on the model's backend. Training mode computes
-exactly what torchvision computes. Extras for course-style use (all off by default, none of
+What differs from torchvision is inside ``forward`` only: in eval mode every conv -> BN
+(-> add) -> ReLU runs as one fused conv from the block's per-layer plans (``_fused.py``);
+in training mode every BN -> (add ->) ReLU is one fused ``batch_norm_act``. Both compute what
+torchvision computes; where they could not (hooks, custom norm layers, parametrized convs,
+torch.func transforms), the block runs torchvision's own code. Extras for course-style use (all off by default, none of
 them adds a parameter or buffer): ``in_channels`` (1 = grayscale 3x3 stem, no maxpool),
 ``drop_path_rate``, ``drop_block_prob``/``drop_block_size``, ``return_features``.
 """
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import requested_backend
 from ..kernels.layout import layout_of
-from ._fused import FusedEvalMixin, foldable
+from ._fused import FusedEvalMixin, in_functorch
 from .norm import BatchNormAct2d
 from .regularizers import DropBlock2d, DropPath
 
@@ -58,7 +60,7 @@ class _Block(FusedEvalMixin, nn.Module):
 
     def _join(self, out: Tensor, identity: Tensor) -> Tensor:
         out = self._regularize(out)
-        if not self.training and not torch.jit.is_scripting():
+        if not self.training and not torch.jit.is_scripting() and not in_functorch():
             return ops.add_relu(out, identity, backend=self.backend)
         out = out + identity
         return torch.relu(out)
@@ -69,7 +71,7 @@ class _Block(FusedEvalMixin, nn.Module):
     def _fused_train(self) -> bool:
         """Training with our BatchNormAct2d everywhere: every BN -> (add ->) ReLU is one fused
         batch_norm_act (a custom norm_layer keeps torchvision's unfused math)."""
-        return (self.training and not torch.jit.is_scripting()
+        return (self.training and not torch.jit.is_scripting() and not in_functorch()
                 and all(isinstance(bn, BatchNormAct2d) for _, bn in self._pairs()))
 
     def _tail_train(self, out: Tensor, bn: BatchNormAct2d, identity: Tensor) -> Tensor:
@@ -80,27 +82,15 @@ class _Block(FusedEvalMixin, nn.Module):
         out = self._regularize(bn.forward_act(out, relu=False, backend=self.backend))
         return ops.add_relu(out, identity, backend=self.backend)
 
-    def _fusable(self) -> bool:
-        """Eval mode with every conv -> BN foldable: not with a custom norm_layer, a BN put in
-        training mode on its own, or BNs that fuse_bn already replaced by Identity."""
-        if self.training or torch.jit.is_scripting():
-            return False
-        ds = self.downsample
-        return all(foldable(c, b) for c, b in self._pairs()) and (
-            ds is None or not isinstance(ds, nn.Sequential)
-            or (len(ds) == 2 and foldable(ds[0], ds[1])))
-
-    def _identity_fused(self, x: Tensor) -> Tensor:
-        ds = self.downsample
-        if ds is None:
-            return x
-        if isinstance(ds, nn.Sequential):  # conv1x1 -> BN, folded; no ReLU
-            return self._conv_bn(x, ds[0], ds[1], relu=False)
-        return ds(x)  # e.g. the CIFAR models' parameter-free shortcut
+    def _identity_fused(self, x: Tensor, downsample_plan) -> Tensor:
+        if downsample_plan is not None:
+            return downsample_plan(x)
+        return x if self.downsample is None else self.downsample(x)  # e.g. CIFAR's shortcut
 
 
 class BasicBlock(_Block):
     expansion: int = 1
+    _fold_spec = (("conv1", "bn1", True), ("conv2", "bn2", True))
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
@@ -129,9 +119,11 @@ class BasicBlock(_Block):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._fusable():
-            out = self._conv_bn(x, self.conv1, self.bn1)
-            return self._conv_bn(out, self.conv2, self.bn2, residual=self._identity_fused(x))
+        plans = self._fused_plans()
+        if plans is not None:
+            conv1, conv2, *ds = plans
+            identity = self._identity_fused(x, ds[0] if ds else None)
+            return conv2(conv1(x), identity)
         if self._fused_train():
             out = self.bn1.forward_act(self.conv1(x), backend=self.backend)
             identity = x if self.downsample is None else self.downsample(x)
@@ -147,6 +139,7 @@ class BasicBlock(_Block):
 class Bottleneck(_Block):
     # The stride for downsampling is on the 3x3 conv (conv2), as in torchvision ("ResNet V1.5").
     expansion: int = 4
+    _fold_spec = (("conv1", "bn1", True), ("conv2", "bn2", True), ("conv3", "bn3", True))
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
@@ -172,10 +165,11 @@ class Bottleneck(_Block):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._fusable():
-            out = self._conv_bn(x, self.conv1, self.bn1)
-            out = self._conv_bn(out, self.conv2, self.bn2)
-            return self._conv_bn(out, self.conv3, self.bn3, residual=self._identity_fused(x))
+        plans = self._fused_plans()
+        if plans is not None:
+            conv1, conv2, conv3, *ds = plans
+            identity = self._identity_fused(x, ds[0] if ds else None)
+            return conv3(conv2(conv1(x)), identity)
         if self._fused_train():
             out = self.bn1.forward_act(self.conv1(x), backend=self.backend)
             out = self.bn2.forward_act(self.conv2(out), backend=self.backend)
@@ -207,14 +201,14 @@ class _Backbone(FusedEvalMixin, nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _fused_eval(self) -> bool:
-        return not self.training and not torch.jit.is_scripting() and foldable(self.conv1, self.bn1)
+    _fold_spec = (("conv1", "bn1", True),)
 
-    def _stem(self, x: Tensor) -> Tensor:
+    def _stem(self, x: Tensor, plans) -> Tensor:
         """relu(bn1(conv1(x))): one fused conv in eval mode."""
-        if self._fused_eval():
-            return self._conv_bn(x, self.conv1, self.bn1)
-        if self.training and not torch.jit.is_scripting() and isinstance(self.bn1, BatchNormAct2d):
+        if plans is not None:
+            return plans[0](x)
+        if (self.training and not torch.jit.is_scripting() and not in_functorch()
+                and isinstance(self.bn1, BatchNormAct2d)):
             return self.bn1.forward_act(self.conv1(x), backend=self.backend)
         return self.relu(self.bn1(self.conv1(x)))
 
@@ -224,10 +218,11 @@ class _Backbone(FusedEvalMixin, nn.Module):
         fused model slower than eager) and hands the features back in the input's layout."""
         self._check_input(x)
         fmt = layout_of(x)
-        fused = self._fused_eval()
+        plans = None if torch.jit.is_scripting() else self._fused_plans()
+        fused = plans is not None
         if fused:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self._stem(x)
+        x = self._stem(x, plans)
         maxpool = getattr(self, "maxpool", None)
         if maxpool is not None:
             x = maxpool(x)
@@ -255,6 +250,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
         for m in self.modules():
             if isinstance(m, (_Block, _Backbone)):
                 m.backend = backend
+                m._drop_plans()
         return self
 
     def _init_common(self, num_classes: int, in_channels: int, drop_path_rate: float,

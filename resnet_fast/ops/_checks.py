@@ -65,6 +65,11 @@ def check_channel_param(x: Tensor, p, op: str, name: str) -> None:
                          f"{p.device}")
 
 
+def as_pair(v) -> list[int]:
+    """An int or a sequence as the list the C++ schemas take (they check the length)."""
+    return [v, v] if isinstance(v, int) else list(v)
+
+
 def _pair(v, name: str, op: str) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)

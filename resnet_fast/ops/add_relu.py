@@ -71,9 +71,11 @@ def add_relu(x: Tensor, residual: Tensor, *, backend: str | None = None) -> Tens
     """
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         x, residual = _autocast((x, residual))
-    _validate(x, residual)
+    check_tensor(x, "add_relu", "x")
+    check_tensor(residual, "add_relu", "residual")
     chosen = resolve("add_relu", x.device, backend)
-    if chosen == "reference":
+    if chosen == "reference":  # the kernels validate their own arguments
+        _validate(x, residual)
         return reference.add_relu(x, residual)
     if chosen == "triton":
         return torch.ops.resnet_fast.add_relu_triton(x, residual)

@@ -7,6 +7,8 @@ Training runs two primitives per call, each one op per backend:
 ``bn_act_fwd(x, weight, bias, residual, relu, eps) -> (out, mean, var)`` (statistics pass, then
 one fused apply + add + ReLU pass) and its backward ``bn_act_bwd`` (one reduction pass, one
 element pass for dx and d residual), from the saved statistics and the output (the ReLU mask).
+A backward that must itself be differentiable (create_graph=True, e.g. a gradient penalty) runs
+the same formula in PyTorch ops instead. An empty batch runs eager BatchNorm's empty path.
 Variants: ``torch.ops.resnet_fast.bn_act_fwd`` / ``bn_act_bwd`` (C++: CPU and CUDA) and
 ``*_triton``. ``torch.ops.resnet_fast.batch_norm_act`` is the whole thing as one registered op
 (CompositeImplicitAutograd: autograd and compile see the primitives).
@@ -23,7 +25,7 @@ from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
 from ._checks import check_channel_param, check_same_meta, check_tensor
-from ._registration import _LIB, _autocast_kernel, check_triton_device, qualnames
+from ._registration import _LIB, _autocast_kernel, check_triton_device, qualnames, relu_grad
 from .scale_shift_act import scale_shift_act
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -41,8 +43,8 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
             check_channel_param(x, p, "batch_norm_act", name)
     if residual is not None:
         check_same_meta(x, residual, "batch_norm_act", "residual")
-    if training and c and x.numel() // c <= 1:
-        # nn.BatchNorm2d raises the same.
+    if training and c and x.numel() // c == 1:
+        # nn.BatchNorm2d raises the same (and, like it, lets an empty batch through).
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size(x.shape)}")
 
@@ -103,13 +105,40 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, mean, var, out)
 
 
+def _differentiable_bwd(grad, x, out, weight, eps, relu):
+    """What bn_act_bwd computes, in differentiable PyTorch ops: the kernels' backward has no
+    autograd of its own, so a backward with create_graph=True (a gradient penalty) runs this
+    instead. The statistics are recomputed from x, since their dependence on x is part of the
+    second derivative; the ReLU mask is piecewise constant and comes from the saved output."""
+    stat = _stat_dtype(x)
+    dims = [0] + list(range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    xs = x.to(stat)
+    var, mean = torch.var_mean(xs, dim=dims, correction=0)
+    invstd = torch.rsqrt(var + eps)
+    xhat = (xs - mean.view(shape)) * invstd.view(shape)
+    g = relu_grad(out, grad) if relu else grad
+    gs = g.to(stat)
+    n = x.numel() // x.shape[1]
+    sg = gs.sum(dims)
+    sgx = (gs * xhat).sum(dims)
+    a = invstd if weight is None else weight.to(stat) * invstd
+    dx = a.view(shape) * (gs - (sg / n).view(shape) - xhat * (sgx / n).view(shape))
+    return dx.to(x.dtype), sgx, sg, g
+
+
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, weight, mean, var, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        # The kernels make grad dense in x's layout themselves.
-        dx, dweight, dbias, dres = bwd_op(grad_out, x, out, weight, mean, var, ctx.eps, ctx.relu,
-                                          bool(ctx.has_residual and need[3]))
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients must themselves be differentiable.
+            dx, dweight, dbias, dres = _differentiable_bwd(grad_out, x, out, weight, ctx.eps,
+                                                           ctx.relu)
+        else:
+            # The kernels make grad dense in x's layout themselves.
+            dx, dweight, dbias, dres = bwd_op(grad_out, x, out, weight, mean, var, ctx.eps,
+                                              ctx.relu, bool(ctx.has_residual and need[3]))
         return (dx if need[0] else None,
                 dweight.to(ctx.param_dtypes[0]) if ctx.has_weight and need[1] else None,
                 dbias.to(ctx.param_dtypes[1]) if ctx.has_bias and need[2] else None,
@@ -148,6 +177,12 @@ def _batch_stats_forward(x, weight, bias, residual, relu, eps, backend):
     op = (torch.ops.resnet_fast.bn_act_fwd_triton if chosen == "triton"
           else torch.ops.resnet_fast.bn_act_fwd)
     return op(x, weight, bias, residual, relu, eps)
+
+
+def _act(out: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
 
 
 def batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -189,14 +224,23 @@ def batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         if bias is not None:
             shift = shift + bias.to(invstd.dtype)
         return scale_shift_act(x, scale, shift, residual, relu, backend=backend)
-    out, mean, var = _batch_stats_forward(x, weight, bias, residual, relu, eps, backend)
+    empty = x.numel() == 0
+    if empty:
+        # No statistics to compute; eager BatchNorm's empty-batch output (x * weight + bias,
+        # empty) keeps weight and bias in the graph, so they get zero gradients as in torch.
+        out = _act(torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps),
+                   residual, relu)
+    else:
+        out, mean, var = _batch_stats_forward(x, weight, bias, residual, relu, eps, backend)
     if training and running_mean is not None:
         if momentum is None and num_batches_tracked is None:
             raise ValueError("batch_norm_act: momentum=None (cumulative average) needs "
                              "num_batches_tracked")
         with torch.no_grad():
             if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
+                num_batches_tracked.add_(1)  # nn.BatchNorm2d counts an empty batch too
+            if empty:
+                return out  # ... but leaves its running statistics alone
             factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
             n = x.numel() // x.shape[1]
             running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)

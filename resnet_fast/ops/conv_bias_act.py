@@ -4,7 +4,17 @@ weight and bias (see :func:`fold_bn`), with the block's tail (residual add, ReLU
 epilogue.
 
 Variants: ``torch.ops.resnet_fast.conv_bias_act`` (C++: oneDNN on CPU, cuDNN on CUDA) and
-``torch.ops.resnet_fast.conv_bias_act_triton`` (implicit-GEMM Triton kernel).
+``torch.ops.resnet_fast.conv_bias_act_triton`` (implicit-GEMM Triton kernel). Each validates
+its arguments once, where it runs: in C++ for the C++ op, in Python for the Triton op, the
+fake kernel and the reference path.
+
+On CPU, float32, a weight can be prepared once: ``prepack_conv_weight`` reorders it into
+oneDNN's blocked layout for one input size and ``conv_bias_act_packed`` takes that packed
+weight (inference only; no autograd). The caller holds the packed weight (the models keep it in
+their per-layer plans): no op caches anything keyed by a tensor's identity, so every op is a
+pure function of its inputs under torch.compile, export and concurrent threads. A packed
+weight is an mkldnn-layout tensor, which fake tensors can carry (``conv_bias_act_packed`` has
+a fake kernel) but not create: ``prepack_conv_weight`` runs eagerly, outside compiled graphs.
 """
 
 from __future__ import annotations
@@ -14,10 +24,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _extension
 from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
-from ._checks import check_conv
+from ._checks import as_pair, check_conv, check_tensor
 from ._registration import check_triton_device, register_common, relu_grad
 
 
@@ -26,8 +37,7 @@ from ._registration import check_triton_device, register_common, relu_grad
 def _conv_bias_act_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
                           padding: list[int], dilation: list[int], groups: int,
                           residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
-    stride, padding, dilation, _ = check_conv(x, weight, bias, stride, padding, dilation, groups,
-                                              residual)
+    check_conv(x, weight, bias, stride, padding, dilation, groups, residual)
     check_triton_device(x, "conv_bias_act")
     from ..kernels.triton import conv
     return conv.conv_bias_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
@@ -76,7 +86,9 @@ def _autocast(args):
     dtype = torch.get_autocast_dtype(x.device.type)
 
     def cast(t):
-        return t.to(dtype) if t is not None and t.is_floating_point() else t
+        # As autocast's own cast: float64 tensors are never cast.
+        return (t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                else t)
 
     return (cast(x), cast(weight), cast(bias), stride, padding, dilation, groups, cast(residual),
             relu)
@@ -84,6 +96,12 @@ def _autocast(args):
 
 register_common("conv_bias_act", fake=_fake, backward=_backward, setup_context=_setup_context,
                 autocast=_autocast)
+
+if _extension.has_kernel("conv_bias_act_packed", "CPU"):
+    @torch.library.register_fake("resnet_fast::conv_bias_act_packed")
+    def _packed_fake(x, packed_weight, bias, stride, padding, dilation, groups, residual=None,
+                     relu=True):
+        return _fake(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu)
 
 
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padding=0,
@@ -104,23 +122,25 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padd
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         x, weight, bias, stride, padding, dilation, groups, residual, relu = _autocast(
             (x, weight, bias, stride, padding, dilation, groups, residual, relu))
-    stride, padding, dilation, _ = check_conv(x, weight, bias, stride, padding, dilation, groups,
-                                              residual)
+    check_tensor(x, "conv_bias_act", "x")
     chosen = resolve("conv_bias_act", x.device, backend)
-    args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, residual, relu)
     if chosen == "reference":
-        return reference.conv_bias_act(*args)
-    if chosen == "triton":
-        return torch.ops.resnet_fast.conv_bias_act_triton(*args)
-    return torch.ops.resnet_fast.conv_bias_act(*args)
+        stride, padding, dilation, _ = check_conv(x, weight, bias, stride, padding, dilation,
+                                                  groups, residual)
+        return reference.conv_bias_act(x, weight, bias, stride, padding, dilation, groups,
+                                       residual, relu)
+    op = (torch.ops.resnet_fast.conv_bias_act_triton if chosen == "triton"
+          else torch.ops.resnet_fast.conv_bias_act)
+    return op(x, weight, bias, as_pair(stride), as_pair(padding), as_pair(dilation), groups,
+              residual, relu)
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
     """Fold an eval-mode BatchNorm into the convolution before it.
 
     Returns ``(weight, bias)`` with ``conv2d(x, weight, bias) == bn(conv(x))`` using the BN's
-    running statistics and its own eps, computed in float32 and cast to the conv weight's
-    dtype. Handles a conv with or without bias and a BN with ``affine=False``. The result is
+    running statistics and its own eps, computed in float32 (float64 for a float64 conv) and
+    cast to the conv weight's dtype. Handles a conv with or without bias and a BN with ``affine=False``. The result is
     differentiable in the conv and BN parameters (fine-tuning with frozen BN statistics).
     """
     if not isinstance(conv, nn.Conv2d):
@@ -135,10 +155,12 @@ def fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tenso
                          "(track_running_stats=False), so it normalizes with batch statistics "
                          "and cannot be folded into the conv")
     dtype = conv.weight.dtype
-    inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
-    scale = inv_std * bn.weight.float() if bn.weight is not None else inv_std
-    shift = bn.bias.float() if bn.bias is not None else torch.zeros_like(scale)
-    conv_bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(scale)
-    weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
-    bias = shift + (conv_bias - bn.running_mean.float()) * scale
+    # float32 for every dtype but float64, whose model would otherwise be float32-accurate.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_std = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    scale = inv_std * bn.weight.to(acc) if bn.weight is not None else inv_std
+    shift = bn.bias.to(acc) if bn.bias is not None else torch.zeros_like(scale)
+    conv_bias = conv.bias.to(acc) if conv.bias is not None else torch.zeros_like(scale)
+    weight = conv.weight.to(acc) * scale.view(-1, 1, 1, 1)
+    bias = shift + (conv_bias - bn.running_mean.to(acc)) * scale
     return weight.to(dtype), bias.to(dtype)

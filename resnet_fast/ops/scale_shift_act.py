@@ -17,7 +17,7 @@ from torch import Tensor
 from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
-from ._checks import check_scale_shift
+from ._checks import check_scale_shift, check_tensor
 from ._registration import check_triton_device, register_common, relu_grad, triton_kernels
 
 
@@ -102,9 +102,10 @@ def scale_shift_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | 
     """
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         x, scale, shift, residual, relu = _autocast((x, scale, shift, residual, relu))
-    check_scale_shift(x, scale, shift, residual, "scale_shift_act")
+    check_tensor(x, "scale_shift_act", "x")
     chosen = resolve("scale_shift_act", x.device, backend)
-    if chosen == "reference":
+    if chosen == "reference":  # the kernels validate their own arguments
+        check_scale_shift(x, scale, shift, residual, "scale_shift_act")
         return reference.scale_shift_act(x, scale, shift, residual, relu)
     if chosen == "triton":
         return torch.ops.resnet_fast.scale_shift_act_triton(x, scale, shift, residual, relu)

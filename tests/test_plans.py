@@ -1,0 +1,460 @@
+"""The models' per-layer plans (models/_fused.py) and the ops as pure functions: never stale,
+never another tensor's data, safe in threads, correct under inductor, and the fused path taken
+only where it computes exactly what the modules compute. Every expected value comes from
+torchvision (or plain PyTorch) on the same weights."""
+
+import copy
+import gc
+import io
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
+import torchvision
+from torch import nn
+
+import resnet_fast
+from resnet_fast.bench.calibrate import calibrate_
+from resnet_fast.models._fused import ConvPlan
+
+CPU = resnet_fast.available_backends()["cpu"].available
+needs_cpu = pytest.mark.skipif(not CPU, reason="C++ extension not built")
+
+
+def _pair(arch="resnet18", size=32, seed=0):
+    """(resnet_fast model, torchvision model) with the same calibrated weights, eval mode."""
+    torch.manual_seed(seed)
+    tv = calibrate_(getattr(torchvision.models, arch)(), batch_size=4, image_size=size, seed=seed)
+    return resnet_fast.convert(tv).eval(), tv
+
+
+def _close(ours, expected, rel=1e-4):
+    err = (ours - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} at logit scale {scale:.3g}"
+
+
+def _fused_calls(model, x):
+    """How many fused convs a forward runs (plan calls)."""
+    calls = []
+    real = ConvPlan.__call__
+
+    def spy(plan, *args):
+        calls.append(plan)
+        return real(plan, *args)
+
+    ConvPlan.__call__ = spy
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        ConvPlan.__call__ = real
+    return len(calls)
+
+
+# --- torch.compile with inductor (never a stand-in backend) and export -----------------------
+
+_MODES = {
+    "default": dict(),
+    "dynamic": dict(dynamic=True),
+    "max-autotune-no-cudagraphs": dict(mode="max-autotune-no-cudagraphs"),
+    "freezing": dict(),
+}
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+def test_inductor_resnet18_matches_torchvision_both_layouts(mode):
+    model, tv = _pair("resnet18")
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=mode == "freezing"):
+        compiled = torch.compile(model, fullgraph=True, **_MODES[mode])
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xf = x.contiguous(memory_format=fmt)
+            _close(compiled(xf), tv(xf))
+        if mode == "dynamic":
+            x3 = torch.randn(3, 3, 32, 32)
+            _close(compiled(x3), tv(x3))
+        if mode != "freezing":  # freezing bakes the weights in: that is its contract
+            model.layer1[0].conv1.weight.data.mul_(1.5)
+            tv.layer1[0].conv1.weight.data.mul_(1.5)
+            _close(compiled(x), tv(x))
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d"])
+def test_inductor_bottleneck_models_match_torchvision(arch):
+    model, tv = _pair(arch)
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _close(torch.compile(model, fullgraph=True)(x), tv(x))
+
+
+def test_inductor_training_step_matches_eager():
+    model, _ = _pair("resnet18")
+    model = model.double().train()
+    eager = copy.deepcopy(model)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    loss_c = compiled(x).square().mean()
+    loss_e = eager(x).square().mean()
+    loss_c.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+
+
+def test_export_with_a_dynamic_batch():
+    model, tv = _pair("resnet18")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        ep = torch.export.export(model, (torch.randn(2, 3, 32, 32),),
+                                 dynamic_shapes={"x": {0: batch}})
+        for n in (1, 5):
+            x = torch.randn(n, 3, 32, 32)
+            _close(ep.module()(x), tv(x))
+
+
+@needs_cpu
+def test_every_op_under_inductor_matches_eager():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 8, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 3, 3, generator=g) / 8
+    b, s = torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    packed = torch.ops.resnet_fast.prepack_conv_weight(w, *geo, list(x.shape))
+    rm, rv = torch.randn(8, generator=g), torch.rand(8, generator=g) + 0.5
+    cases = {
+        "add_relu": (lambda: torch.ops.resnet_fast.add_relu(x, r)),
+        "scale_shift_act": (lambda: torch.ops.resnet_fast.scale_shift_act(x, s, b, r, True)),
+        "conv_bias_act": (lambda: torch.ops.resnet_fast.conv_bias_act(x, w, b, *geo, r, True)),
+        "conv_bias_act_packed": (
+            lambda: torch.ops.resnet_fast.conv_bias_act_packed(x, packed, b, *geo, r, True)),
+        "bn_act_fwd": (lambda: torch.ops.resnet_fast.bn_act_fwd(x, s, b, r, True, 1e-5)[0]),
+        "batch_norm_act eval": (lambda: torch.ops.resnet_fast.batch_norm_act(
+            x, s, b, rm, rv, False, 0.1, 1e-5, r, True)),
+    }
+    for name, fn in cases.items():
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True)(), fn(), msg=name)
+
+
+# --- staleness: every way weights change ------------------------------------------------------
+
+def test_plans_follow_every_kind_of_weight_change():
+    model, tv = _pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+
+    def check():
+        with torch.no_grad():
+            _close(model(x), tv(x))
+
+    check()
+    # an optimizer step (in place, versions bumped)
+    for m in (model, tv):
+        for p in m.parameters():
+            p.grad = torch.full_like(p, 0.01)
+        torch.optim.SGD(m.parameters(), lr=1.0).step()
+    check()
+    # load_state_dict
+    _, other = _pair("resnet18", seed=3)
+    model.load_state_dict(other.state_dict())
+    tv.load_state_dict(other.state_dict())
+    check()
+    # .data.copy_ bypasses version counters: refresh() is the documented remedy
+    new = torch.randn_like(tv.layer2[0].conv1.weight) * 0.05
+    model.layer2[0].conv1.weight.data.copy_(new)
+    tv.layer2[0].conv1.weight.data.copy_(new)
+    resnet_fast.refresh(model)
+    check()
+    # w.data = new tensor (pointer changes, version does not)
+    model.layer3[0].conv2.weight.data = new_w = torch.randn_like(model.layer3[0].conv2.weight) * 0.03
+    tv.layer3[0].conv2.weight.data = new_w.clone()
+    check()
+    # eps
+    model.layer4[1].bn1.eps = tv.layer4[1].bn1.eps = 0.5
+    check()
+    # .to(float64)
+    model.double()
+    tv.double()
+    with torch.no_grad():
+        _close(model(x.double()), tv(x.double()), rel=1e-10)
+    # a train-mode forward moves the running stats (without bumping their versions)
+    model.train()(x.double())
+    tv.train()(x.double())
+    model.eval()
+    tv.eval()
+    with torch.no_grad():
+        _close(model(x.double()), tv(x.double()), rel=1e-10)
+
+
+def test_two_models_never_see_each_others_weights():
+    a, tv_a = _pair("resnet18", seed=0)
+    b, tv_b = _pair("resnet18", seed=5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(2):
+            _close(a(x), tv_a(x))
+            _close(b(x), tv_b(x))
+
+
+@needs_cpu
+def test_a_recycled_address_never_serves_a_stale_plan():
+    # Weights freed and new ones allocated (often at the same address) in a loop: each forward
+    # must use the weights it was given.
+    model, tv = _pair("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    conv, tv_conv = model.layer1[0].conv1, tv.layer1[0].conv1
+    for i in range(8):
+        w = torch.randn_like(tv_conv.weight, generator=None) * 0.05 * (i + 1)
+        conv.weight = nn.Parameter(w.clone())
+        tv_conv.weight = nn.Parameter(w)
+        del w
+        gc.collect()
+        with torch.no_grad():
+            _close(model(x), tv(x))
+
+
+def test_the_same_address_and_version_with_new_data_is_not_stale():
+    # Direct construction of the collision a (version, address) key alone would miss: a
+    # weight replaced by a tensor at the old address with the same version.
+    model, tv = _pair("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    conv = model.layer1[0].conv1
+    with torch.no_grad():
+        model(x)
+        old_ptr = conv.weight.data_ptr()
+        conv.weight.data = conv.weight.detach().clone()
+        tv.layer1[0].conv1.weight.data = conv.weight.detach().clone() * 2
+        conv.weight.data = tv.layer1[0].conv1.weight.detach().clone()
+        # The plans hold the old storage alive, so the new weight cannot sit at old_ptr.
+        assert conv.weight.data_ptr() != old_ptr
+        _close(model(x), tv(x))
+
+
+# --- the plans' own memory ---------------------------------------------------------------------
+
+@needs_cpu
+def test_plans_do_not_grow_with_gradients_or_batch_sizes():
+    model, tv = _pair("resnet18")
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    model(x).sum().backward()  # gradients on: folds in the graph, nothing kept
+    assert all("_plan_cache" not in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        for n in range(1, 12):
+            model(torch.randn(n, 3, 32, 32))
+    sizes = [len(p._packed) for m in model.modules() if "_plan_cache" in m.__dict__
+             for p in m.__dict__["_plan_cache"][1] if hasattr(p, "_packed")]
+    assert sizes and max(sizes) <= 4
+
+
+def test_pickle_and_deepcopy_do_not_carry_plans():
+    model, tv = _pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        clone = copy.deepcopy(model)
+        for m in (loaded, clone):
+            assert all("_plan_cache" not in s.__dict__ for s in m.modules())
+            _close(m(x), tv(x))
+
+
+# --- threads -------------------------------------------------------------------------------------
+
+def test_four_threads_on_one_model_and_on_different_models():
+    models = [_pair("resnet18", seed=s) for s in (0, 1)]
+    inputs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i))
+              for i in range(4)]
+    with torch.no_grad():
+        expected = {(m, i): tv(x) for m, (_, tv) in enumerate(models) for i, x in enumerate(inputs)}
+    errors = []
+    barrier = threading.Barrier(4)
+
+    def work(t):
+        barrier.wait()
+        with torch.no_grad():
+            for rep in range(3):
+                m = (t + rep) % 2
+                for i, x in enumerate(inputs):
+                    out = models[m][0](x)
+                    err = (out - expected[(m, i)]).abs().max().item()
+                    if err > 1e-4 * expected[(m, i)].abs().max().item():
+                        errors.append((t, m, i, err))
+                    if t == 0 and rep == 1 and i == 0:
+                        resnet_fast.refresh(models[m][0])  # plans rebuilt while others run
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not any(th.is_alive() for th in threads), "deadlock"
+    assert errors == []
+
+
+# --- the fused path runs only where the fold is exact -------------------------------------------
+
+def _with(model_change, tv_change, expect_fused):
+    model, tv = _pair("resnet18")
+    model_change(model)
+    tv_change(tv)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close(model(x), tv(x))
+    assert _fused_calls(model, x) == expect_fused
+
+
+def test_hooks_fire_and_hooked_blocks_run_unfused():
+    seen = []
+    hook = lambda m, i, o: seen.append(o.shape)  # noqa: E731
+    _with(lambda m: m.layer1[0].bn1.register_forward_hook(hook), lambda tv: None, 20 - 2)
+    assert len(seen) == 2  # _with runs two forwards
+    # A hook that changes the output must change ours like torchvision's.
+    double = lambda m, i, o: o * 2  # noqa: E731
+    _with(lambda m: m.layer2[0].conv1.register_forward_hook(double),
+          lambda tv: tv.layer2[0].conv1.register_forward_hook(double), 20 - 3)
+
+
+def test_pruning_parametrizations_and_subclasses_run_unfused():
+    def prune(m):
+        torch.nn.utils.prune.l1_unstructured(m.layer1[0].conv1, "weight", amount=0.5)
+
+    def prune_same(tv):
+        torch.nn.utils.prune.l1_unstructured(tv.layer1[0].conv1, "weight", amount=0.5)
+
+    _with(prune, prune_same, 20 - 2)
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    def param(m):
+        torch.nn.utils.parametrize.register_parametrization(m.layer2[1].conv2, "weight", Scale())
+
+    _with(param, param, 20 - 2)
+
+    class WSConv(nn.Conv2d):  # weight standardisation
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def swap(m):
+        old = m.layer3[0].conv1
+        new = WSConv(old.in_channels, old.out_channels, 3, old.stride, 1, bias=False)
+        new.weight = old.weight
+        m.layer3[0].conv1 = new
+
+    _with(swap, swap, 20 - 3)
+
+
+def test_global_module_hooks_disable_fusion():
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(1))
+    try:
+        _with(lambda m: None, lambda tv: None, 0)
+    finally:
+        handle.remove()
+    assert seen
+
+
+# --- more silent-wrong paths ------------------------------------------------------------------
+
+@needs_cpu
+def test_nan_and_inf_propagate_like_torchvision():
+    model, tv = _pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    x[0, 0, 5, 5] = float("nan")
+    x[1, 1, 3, 3] = float("inf")
+    with torch.no_grad():
+        ours, ref = model(x), tv(x)
+    assert torch.equal(ours.isnan(), ref.isnan())
+    assert torch.equal(ours.isinf(), ref.isinf())
+
+
+@needs_cpu
+def test_conv_relu_keeps_nan_and_inf():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), -1.0, 2.0]).view(1, 1, 1, 5)
+    w = torch.ones(1, 1, 1, 1)
+    ref = torch.relu(F.conv2d(x, w))
+    out = resnet_fast.ops.conv_bias_act(x, w, None, 1, 0, 1, 1, backend="cpu")
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    packed = torch.ops.resnet_fast.prepack_conv_weight(w, [1, 1], [0, 0], [1, 1], 1, [1, 1, 1, 5])
+    out = torch.ops.resnet_fast.conv_bias_act_packed(x, packed, None, [1, 1], [0, 0], [1, 1], 1)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+
+
+@needs_cpu
+@pytest.mark.parametrize("bias", ["strided", "expanded"])
+def test_non_contiguous_bias(bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 7, 7, generator=g)
+    w = torch.randn(16, 8, 3, 3, generator=g)
+    b = torch.randn(32, generator=g)[::2] if bias == "strided" else torch.randn(1, generator=g).expand(16)
+    out = resnet_fast.ops.conv_bias_act(x, w, b, 1, 1, 1, 1, backend="cpu")
+    torch.testing.assert_close(out, torch.relu(F.conv2d(x, w, b, padding=1)))
+
+
+def test_model_built_under_inference_mode():
+    with torch.inference_mode():
+        model, tv = _pair("resnet18")
+        x = torch.randn(2, 3, 32, 32)
+        _close(model(x), tv(x))
+        _close(model(x), tv(x))
+
+
+def test_torch_func_ensembles_and_per_sample_grads():
+    models = [_pair("resnet18", seed=s) for s in (0, 1)]
+    ours = [m for m, _ in models]
+    tvs = [tv for _, tv in models]
+    x = torch.randn(2, 3, 32, 32)
+    params, buffers = torch.func.stack_module_state(ours)
+    base = copy.deepcopy(ours[0]).to("meta")
+
+    def run(p, b, x):
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    out = torch.func.vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+    with torch.no_grad():
+        for i, tv in enumerate(tvs):
+            _close(out[i], tv(x))
+    # per-sample gradients of the eval model
+    model, tv = models[0]
+    p = {k: v.detach() for k, v in model.named_parameters()}
+    b = dict(model.named_buffers())
+
+    def loss(p, xi):
+        return torch.func.functional_call(model, (p, b), (xi[None],)).square().sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(p, x)
+    tv_p = dict(tv.named_parameters())
+    for i in range(2):
+        tv.zero_grad()
+        tv(x[i:i + 1]).square().sum().backward()
+        for name in ("conv1.weight", "layer4.1.bn2.weight", "fc.bias"):
+            # fp32 gradients summed in another order (vmap batches the convs): judged
+            # against the gradient's scale, not element by element.
+            _close(grads[name][i], tv_p[name].grad, rel=1e-3)
+
+
+@needs_cpu
+def test_cpu_outputs_can_be_resized_and_written_with_out():
+    x = torch.randn(4, 64, 64, 64)  # outputs of 1 MiB and more come from the buffer cache
+    out = torch.ops.resnet_fast.conv_bias_act(x, torch.randn(64, 64, 1, 1) / 8, None, [1, 1],
+                                              [0, 0], [1, 1], 1, None, True)
+    y = torch.randn(8, 64, 64, 64)
+    out.resize_(0)
+    torch.add(y, 1, out=out)  # grows the storage
+    torch.testing.assert_close(out, y + 1)
