@@ -135,9 +135,12 @@ class ConvPlan:
         if packed is None:
             packed = torch.ops.resnet_fast.prepack_conv_weight.default(
                 self.weight, *self.geometry, list(x.shape))
-            if len(self._packed) >= _MAX_PACKED_SIZES:
-                self._packed.pop(next(iter(self._packed), None), None)
-            self._packed[x.shape] = packed
+            # Copy, change, assign: threads reading the old dict never see it change size.
+            sizes = dict(self._packed)
+            if len(sizes) >= _MAX_PACKED_SIZES:
+                del sizes[next(iter(sizes))]  # the oldest
+            sizes[x.shape] = packed
+            self._packed = sizes
         return torch.ops.resnet_fast.conv_bias_act_packed.default(
             x, packed, self.bias, *self.geometry, residual, self.relu)
 
