@@ -71,23 +71,20 @@ def test_fuse_bn_refusals():
         resnet_fast.fuse_bn(3)
 
 
-class _SharedConv(nn.Module):
+class _ConvBN(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
 
+
+class _SharedConv(_ConvBN):
     def forward(self, x):
         # The same conv module runs twice; only its first call is followed by the BN.
         return self.conv(torch.relu(self.bn(self.conv(x))))
 
 
-class _SharedBN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
+class _SharedBN(_ConvBN):
     def forward(self, x):
         # The BN also normalizes x itself, which no conv precedes.
         return self.bn(self.conv(x)) + self.bn(x)

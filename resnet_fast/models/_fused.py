@@ -182,20 +182,21 @@ class FusedEvalMixin:
                 return None
             key.append(bn.eps)
             sources += _sources(conv, bn)
+
+        def build(differentiable: bool) -> list[ConvPlan]:
+            return [ConvPlan(c, b, relu, self.backend, differentiable) for c, b, relu in pairs]
+
         if torch.compiler.is_compiling() or (torch.is_grad_enabled()
                                              and any(t.requires_grad for t in sources)):
-            # The fold inside the graph / differentiable: nothing may be kept.
-            return [ConvPlan(c, b, relu, self.backend, differentiable=True)
-                    for c, b, relu in pairs]
+            return build(True)  # the fold inside the graph / differentiable: nothing kept
         try:
             key += [(t._version, t.data_ptr()) for t in sources]
         except RuntimeError:  # inference tensors have no version counter: nothing to watch
-            return [ConvPlan(c, b, relu, self.backend, differentiable=False)
-                    for c, b, relu in pairs]
+            return build(False)
         cached = self.__dict__.get("_plan_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
-        plans = [ConvPlan(c, b, relu, self.backend, differentiable=False) for c, b, relu in pairs]
+        plans = build(False)
         # One assignment: a concurrent reader sees the old entry or the new one, both valid
         # for their keys. The aliases keep the recorded storages (and addresses) alive.
         self.__dict__["_plan_cache"] = (key, plans, [t.detach() for t in sources])

@@ -5,8 +5,8 @@ What differs from torchvision is inside ``forward`` only: in eval mode every con
 (-> add) -> ReLU runs as one fused conv from the block's per-layer plans (``_fused.py``);
 in training mode every BN -> (add ->) ReLU is one fused ``batch_norm_act``. Both compute what
 torchvision computes; where they could not (hooks, custom norm layers, parametrized convs,
-torch.func transforms), the block runs torchvision's own code. Extras for course-style use (all off by default, none of
-them adds a parameter or buffer): ``in_channels`` (1 = grayscale 3x3 stem, no maxpool),
+torch.func transforms), the block runs torchvision's own code. Extras for course-style use
+(all off by default, none of them adds a parameter or buffer): ``in_channels`` (1 = grayscale 3x3 stem, no maxpool),
 ``drop_path_rate``, ``drop_block_prob``/``drop_block_size``, ``return_features``.
 """
 
@@ -66,7 +66,8 @@ class _Block(FusedEvalMixin, nn.Module):
         return torch.relu(out)
 
     def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        raise NotImplementedError
+        """(conv, bn) of the block's own pairs, as ``_fold_spec`` names them."""
+        return [(getattr(self, c), getattr(self, b)) for c, b, _ in self._fold_spec]
 
     def _fused_train(self) -> bool:
         """Training with our BatchNormAct2d everywhere: every BN -> (add ->) ReLU is one fused
@@ -115,9 +116,6 @@ class BasicBlock(_Block):
         self.stride = stride
         self._init_extras(drop_path_rate, drop_block, backend)
 
-    def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
-
     def forward(self, x: Tensor) -> Tensor:
         plans = self._fused_plans()
         if plans is not None:
@@ -160,9 +158,6 @@ class Bottleneck(_Block):
         self.downsample = downsample
         self.stride = stride
         self._init_extras(drop_path_rate, drop_block, backend)
-
-    def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
 
     def forward(self, x: Tensor) -> Tensor:
         plans = self._fused_plans()

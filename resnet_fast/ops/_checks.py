@@ -65,12 +65,7 @@ def check_channel_param(x: Tensor, p, op: str, name: str) -> None:
                          f"{p.device}")
 
 
-def as_pair(v) -> list[int]:
-    """An int or a sequence as the list the C++ schemas take (they check the length)."""
-    return [v, v] if isinstance(v, int) else list(v)
-
-
-def _pair(v, name: str, op: str) -> tuple[int, int]:
+def int_pair(v, name: str, op: str) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
     v = tuple(v)
@@ -94,8 +89,8 @@ def check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, 
         raise TypeError(f"{op}: expected weight in x's dtype ({x.dtype}), got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"{op}: expected weight on x's device ({x.device}), got {weight.device}")
-    stride, padding, dilation = (_pair(stride, "stride", op), _pair(padding, "padding", op),
-                                 _pair(dilation, "dilation", op))
+    stride, padding, dilation = (int_pair(stride, "stride", op), int_pair(padding, "padding", op),
+                                 int_pair(dilation, "dilation", op))
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"{op}: expected stride >= 1, dilation >= 1 and padding >= 0, got "
                          f"stride {stride}, padding {padding}, dilation {dilation}")

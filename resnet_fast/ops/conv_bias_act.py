@@ -28,7 +28,7 @@ from .. import _extension
 from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
-from ._checks import as_pair, check_conv, check_tensor
+from ._checks import check_conv, check_tensor, int_pair
 from ._registration import check_triton_device, register_common, relu_grad
 
 
@@ -131,8 +131,9 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padd
                                        residual, relu)
     op = (torch.ops.resnet_fast.conv_bias_act_triton if chosen == "triton"
           else torch.ops.resnet_fast.conv_bias_act)
-    return op(x, weight, bias, as_pair(stride), as_pair(padding), as_pair(dilation), groups,
-              residual, relu)
+    return op(x, weight, bias, list(int_pair(stride, "stride", "conv_bias_act")),
+              list(int_pair(padding, "padding", "conv_bias_act")),
+              list(int_pair(dilation, "dilation", "conv_bias_act")), groups, residual, relu)
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
@@ -140,8 +141,9 @@ def fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tenso
 
     Returns ``(weight, bias)`` with ``conv2d(x, weight, bias) == bn(conv(x))`` using the BN's
     running statistics and its own eps, computed in float32 (float64 for a float64 conv) and
-    cast to the conv weight's dtype. Handles a conv with or without bias and a BN with ``affine=False``. The result is
-    differentiable in the conv and BN parameters (fine-tuning with frozen BN statistics).
+    cast to the conv weight's dtype. Handles a conv with or without bias and a BN with
+    ``affine=False``. The result is differentiable in the conv and BN parameters (fine-tuning
+    with frozen BN statistics).
     """
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"fold_bn: expected an nn.Conv2d, got {type(conv).__name__}")
