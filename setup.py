@@ -103,7 +103,7 @@ def _extra_cuda_include_dirs(cuda_home):
     return [d for d in dirs if d]
 
 
-sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+sources = ["csrc/ops.cpp", "csrc/tensor_states.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 # No -std flag: torch's cpp_extension picks the standard its headers need (C++20 from 2.10 on).
 # -fopenmp: at::parallel_for is a header template that runs threads only when the including
 # code is compiled with OpenMP (as libtorch is); without it our kernels run on one thread.

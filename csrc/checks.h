@@ -1,7 +1,7 @@
 // Argument checks shared by the CPU and CUDA kernels: the message says what was expected
 // and what was got, so a user never has to read a stack of template frames. They raise what
-// the Python checks (resnet_fast/ops/_checks.py) raise: TypeError for a dtype, ValueError for
-// a shape, size or device.
+// the Python checks (resnet_fast/ops/_common.py and each op's file) raise: TypeError for a
+// dtype, ValueError for a shape, size or device.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

@@ -2,8 +2,9 @@
 //
 // Schemas are defined once here; kernels register per dispatch key in csrc/cpu and
 // csrc/cuda; fake (meta) kernels, autograd and autocast are registered from Python
-// (resnet_fast/ops). The module has no Python functions of its own: importing it runs
-// the static registrations, and everything is then reached through torch.ops.resnet_fast.
+// (resnet_fast/ops). Importing the module runs the static registrations; the ops are then
+// reached through torch.ops.resnet_fast. Its one Python function is tensor_states (the
+// models' per-forward check of their plans, csrc/tensor_states.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -40,15 +41,22 @@ TORCH_LIBRARY(resnet_fast, m) {
 }
 
 extern "C" {
-// A plain CPython module (no pybind11): the registrations above are all it needs to carry,
-// and skipping torch/extension.h keeps this translation unit quick to compile.
+PyObject* resnet_fast_tensor_states(PyObject* module, PyObject* arg);  // tensor_states.cpp
+
+// A plain CPython module (no pybind11): the registrations above, plus one function the
+// models call once per forward; skipping torch/extension.h keeps this file quick to compile.
 PyMODINIT_FUNC PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"tensor_states", resnet_fast_tensor_states, METH_O,
+       "tensor_states(tensors) -> bytes: (version, data pointer) of each tensor as int64 pairs"},
+      {nullptr, nullptr, 0, nullptr},
+  };
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",
       "resnet_fast native kernels; use torch.ops.resnet_fast.*",
       -1,
-      nullptr,
+      methods,
   };
   return PyModule_Create(&module_def);
 }

@@ -8,6 +8,7 @@ torch, or was built without CUDA: the failure is recorded here and reported by
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -33,3 +34,14 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     if _C is None or not hasattr(torch.ops.resnet_fast, op):
         return False  # hasattr: an extension built from older sources lacks newer ops
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fast::{op}", dispatch_key)
+
+
+def _tensor_states_py(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    return [(t._version, t.data_ptr()) for t in tensors]
+
+
+# (version counter, data pointer) of each tensor, as one comparable value: what the models'
+# plans are keyed on. From the extension when it has it (~20 ns a tensor instead of ~0.3 us);
+# both raise RuntimeError for inference tensors, which have no version counter.
+tensor_states: Callable[[list[torch.Tensor]], object] = getattr(_C, "tensor_states",
+                                                                _tensor_states_py)

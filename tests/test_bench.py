@@ -226,6 +226,14 @@ def test_host_overhead_benchmark_end_to_end(tmp_path, capsys):
                                     "resnet_fast_direct"}
     for name in ("torchvision", "resnet_fast"):
         assert "overhead_us_per_conv" in data["results"][name]
+        assert "overhead_us_per_conv" in data["host_only"][name]
+    for name, r in data["host_only"].items():
+        # The kernels answered from a recording: much less work than the real forward.
+        assert r["median_us"] < 0.5 * data["results"][name]["median_us"], name
+    # Every replaced function is torch's own again afterwards.
+    import torch.nn.functional as F
+    assert F.conv2d is torch.conv2d and F.relu.__module__ == "torch.nn.functional"
+    assert F.batch_norm.__module__ == "torch.nn.functional"
     assert "us/conv" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         overhead.main(["--repeats", "0"])

@@ -196,6 +196,78 @@ def test_plans_follow_every_kind_of_weight_change():
         _close(model(x.double()), tv(x.double()), rel=1e-10)
 
 
+def test_plans_follow_changes_to_the_model_itself():
+    # After the plans exist: conv geometry edited (output-stride-16 surgery, as segmentation
+    # backbones do), a block swapped out, a hook added, one block's backend changed.
+    model, tv = _pair("resnet18")
+    x = torch.randn(2, 3, 64, 64)
+
+    def check(expect_fused):
+        with torch.no_grad():
+            _close(model(x), tv(x))
+        assert _fused_calls(model, x) == expect_fused
+
+    check(20)
+    for m in (model, tv):
+        m.layer4[0].conv1.stride = m.layer4[0].downsample[0].stride = (1, 1)
+        for block in m.layer4:
+            block.conv2.dilation = block.conv2.padding = (2, 2)
+    check(20)
+    for m in (model, tv):
+        m.layer3[1] = nn.Identity()
+    check(18)
+    for m in (model, tv):
+        m.layer2[0].register_forward_hook(lambda mod, i, o: o * 2)
+    check(18)  # the model goes block by block; the hooked block runs fused and its hook fires
+    model.layer1[1].backend = "reference"
+    check(18)
+    plans = model.layer1[1].__dict__["_plan_cache"][1]
+    assert all(p.dense_op is resnet_fast.ops.reference.conv_bias_act for p in plans)
+
+
+def test_a_swapped_shortcut_module_is_called():
+    # The CIFAR ResNet's parameter-free shortcut is a module the fused program calls: a new
+    # one must be called, not the one the program was built with.
+    class Halved(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 0.5
+
+    torch.manual_seed(0)
+    model = resnet_fast.models.CifarResNet(depth=20).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        block = model.layer2[0]
+        block.downsample = Halved(block.downsample)
+        fused = model(x)
+        handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+        try:
+            unfused = model(x)  # global hooks: every module runs as itself
+        finally:
+            handle.remove()
+    _close(fused, unfused)
+
+
+@needs_cpu
+def test_tensor_states_of_the_extension_match_python():
+    from resnet_fast._extension import _tensor_states_py, tensor_states
+    ts = [torch.randn(3), torch.randn(2, 2)[:, 1], nn.Parameter(torch.randn(4)), torch.empty(0)]
+    ts[0].add_(1)
+    expected = b"".join(v.to_bytes(8, "little", signed=True) + p.to_bytes(8, "little", signed=True)
+                        for v, p in _tensor_states_py(ts))
+    assert tensor_states(ts) == expected
+    with torch.inference_mode():
+        frozen = torch.randn(2)
+    with pytest.raises(RuntimeError, match="inference tensors"):
+        tensor_states([frozen])
+    with pytest.raises(TypeError, match="expected a list of tensors, got int at index 1"):
+        tensor_states([ts[0], 3])
+
+
 def test_two_models_never_see_each_others_weights():
     a, tv_a = _pair("resnet18", seed=0)
     b, tv_b = _pair("resnet18", seed=5)
@@ -243,17 +315,31 @@ def test_the_same_address_and_version_with_new_data_is_not_stale():
 # --- the plans' own memory ---------------------------------------------------------------------
 
 @needs_cpu
+def _kept_plans(model):
+    """Every ConvPlan the model's modules keep (their per-module plans and fused programs)."""
+    def walk(obj):
+        if isinstance(obj, ConvPlan):
+            yield obj
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                yield from walk(item)
+    return [p for m in model.modules() for slot in _SLOTS if slot in m.__dict__
+            for p in walk(m.__dict__[slot][1])]
+
+
+_SLOTS = ("_plan_cache", "_program_cache")
+
+
 def test_plans_do_not_grow_with_gradients_or_batch_sizes():
     model, tv = _pair("resnet18")
     x = torch.randn(1, 3, 32, 32, requires_grad=True)
     model(x).sum().backward()  # gradients on: folds in the graph, nothing kept
-    assert all("_plan_cache" not in m.__dict__ for m in model.modules())
+    assert not _kept_plans(model)
     with torch.no_grad():
         for n in range(1, 12):
             model(torch.randn(n, 3, 32, 32))
-    sizes = [len(p._packed) for m in model.modules() if "_plan_cache" in m.__dict__
-             for p in m.__dict__["_plan_cache"][1] if hasattr(p, "_packed")]
-    assert sizes and max(sizes) <= 4
+    sizes = [len(p._packed) for p in _kept_plans(model) if hasattr(p, "_packed")]
+    assert len(sizes) == 20 and max(sizes) <= 4  # resnet18: 20 fused convs, one program
 
 
 def test_pickle_and_deepcopy_do_not_carry_plans():
@@ -267,7 +353,7 @@ def test_pickle_and_deepcopy_do_not_carry_plans():
         loaded = torch.load(buf, weights_only=False)
         clone = copy.deepcopy(model)
         for m in (loaded, clone):
-            assert all("_plan_cache" not in s.__dict__ for s in m.modules())
+            assert not _kept_plans(m)
             _close(m(x), tv(x))
 
 

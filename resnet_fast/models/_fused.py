@@ -1,21 +1,25 @@
 """The fused eval path shared by every block and stem: conv -> BN (-> add) -> ReLU as one
-fused conv on BN-folded weights, run from per-layer plans the module owns.
+fused conv on BN-folded weights, run from per-layer plans the model owns.
 
 A plan (:class:`ConvPlan`) is made once per conv -> BN pair: the folded weight and bias (the
 layout the kernel wants; on CPU float32 also oneDNN-packed per input size), the backend and the
-exact op resolved, the geometry as the op takes it. A forward then only calls the op.
+exact op resolved, the geometry as the op takes it. A forward then only calls the op. A whole
+ResNet keeps one flat program of its plans (``_Backbone._fused_program``) and checks it once
+per forward; a block called on its own keeps and checks its own plans.
 
-When a plan is rebuilt. A module keeps its plans together with a key: the BN's eps, the
-backend, and (version counter, data pointer) of every tensor the fold reads (conv weight and
-bias, BN weight, bias, running stats, num_batches_tracked: BatchNorm's kernel updates the
-running stats without bumping their versions, but every such update increments
-num_batches_tracked in place). The key is compared once per block forward, so an optimizer
-step, ``load_state_dict``, any in-place write through the tensor itself, a new tensor
-assigned to ``.data`` and an eps change all rebuild. The plans also hold an alias of each
-source tensor, which keeps its storage alive: no other tensor can be allocated at a recorded
-address while the plans live, so a matching key can never describe another tensor's data.
-``_apply`` (``.to()``, ``.half()``, ...), ``train()``/``eval()`` and ``set_backend`` drop the
-plans; ``resnet_fast.refresh(model)`` drops them explicitly after writes that bypass version
+When plans are rebuilt. Plans are kept together with a key: each BN's eps, each conv's
+geometry (stride, padding, dilation, groups), the backend, and (version counter, data
+pointer) of every tensor the fold reads (conv weight and bias, BN weight, bias, running
+stats, num_batches_tracked: BatchNorm's kernel updates the running stats without bumping
+their versions, but every such update increments num_batches_tracked in place). The key is
+recomputed on every forward (the version/pointer part in one C++ call,
+``resnet_fast._C.tensor_states``), so an optimizer step, ``load_state_dict``, any in-place
+write through the tensor itself, a new tensor assigned to ``.data``, an eps or geometry edit
+all rebuild. The plans also hold an alias of each source tensor, which keeps its storage
+alive: no other tensor can be allocated at a recorded address while the plans live, so a
+matching key can never describe another tensor's data. ``_apply`` (``.to()``, ``.half()``,
+...), ``train()``/``eval()`` and ``set_backend`` drop the plans;
+``resnet_fast.refresh(model)`` drops them explicitly after writes that bypass version
 counters (``p.data.copy_``, ``.numpy()``, DLPack, raw-pointer kernels), the same blind spot
 autograd has.
 
@@ -31,20 +35,21 @@ classes. Anything else runs as torchvision runs it.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from .. import ops
-from .._extension import has_kernel
+from .._extension import has_kernel, tensor_states
 from ..backends import resolve
 from ..ops import reference
 from .norm import BatchNormAct2d
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d)
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
+T = TypeVar("T")
 _MAX_PACKED_SIZES = 4  # input sizes a CPU plan keeps packed weights for (oldest dropped)
 
 
@@ -65,22 +70,24 @@ def in_functorch() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def foldable(conv: nn.Module, bn: nn.Module) -> bool:
+def add_pair(conv: nn.Module, bn: nn.Module, key: list, sources: list[Tensor]) -> bool:
     """Whether conv -> bn can run as one fused conv in eval mode, computing exactly what the
-    two modules compute."""
-    return (type(conv) is nn.Conv2d and type(bn) in _BN_TYPES and no_hooks(conv)
-            and no_hooks(bn) and not bn.training
-            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)  # not "same"
-            and bn.track_running_stats and bn._buffers.get("running_mean") is not None
-            and type(conv._parameters.get("weight")) in _PLAIN_TENSORS)
-
-
-def _sources(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> list[Tensor]:
-    """Every tensor the fold reads (module dicts read directly: this runs on every forward)."""
+    two modules compute: an ``nn.Conv2d`` with zero padding and a plain tensor weight, then a
+    BatchNorm (exact classes) in eval mode with running stats, neither with hooks. If so,
+    appends to ``key`` what the fold depends on besides tensors (eps, the geometry) and to
+    ``sources`` every tensor it reads. Dicts read directly: this runs on every forward."""
+    if not (type(conv) is nn.Conv2d and type(bn) in _BN_TYPES and no_hooks(conv)
+            and no_hooks(bn) and not bn.training and bn.track_running_stats
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):  # not "same"
+        return False
     p, q, b = conv._parameters, bn._parameters, bn._buffers
-    return [t for t in (p["weight"], p.get("bias"), q.get("weight"), q.get("bias"),
-                        b["running_mean"], b["running_var"], b.get("num_batches_tracked"))
-            if t is not None]
+    weight, mean = p["weight"], b.get("running_mean")
+    if type(weight) not in _PLAIN_TENSORS or mean is None:
+        return False
+    key += (bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups)
+    sources += [t for t in (weight, p.get("bias"), q.get("weight"), q.get("bias"), mean,
+                            b["running_var"], b.get("num_batches_tracked")) if t is not None]
+    return True
 
 
 class ConvPlan:
@@ -88,9 +95,11 @@ class ConvPlan:
 
     ``differentiable=True`` folds with autograd and runs the autograd-capable op (gradients
     into the parameters, torch.compile); otherwise the fold is done once, without autograd.
+    ``dense_op`` is the (autograd-capable) op it runs; on CPU float32, inference calls run
+    ``packed_op`` (``conv_bias_act_packed``) on weights packed once per input size.
     """
 
-    __slots__ = ("weight", "bias", "geometry", "relu", "run", "_op", "_packed")
+    __slots__ = ("weight", "bias", "geometry", "relu", "run", "dense_op", "packed_op", "_packed")
 
     def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, relu: bool,
                  backend: Optional[str], differentiable: bool) -> None:
@@ -105,27 +114,28 @@ class ConvPlan:
         self.relu = relu
         chosen = resolve("conv_bias_act", weight.device, backend)
         self.run: Callable[[Tensor, Optional[Tensor]], Tensor]
+        self.dense_op: Callable[..., Tensor]
         if chosen == "reference":
-            self._op = reference.conv_bias_act
+            self.dense_op = reference.conv_bias_act
         elif chosen == "triton":
-            self._op = torch.ops.resnet_fast.conv_bias_act_triton.default
+            self.dense_op = torch.ops.resnet_fast.conv_bias_act_triton.default
         else:
-            self._op = torch.ops.resnet_fast.conv_bias_act.default
+            self.dense_op = torch.ops.resnet_fast.conv_bias_act.default
         if chosen in ("cuda", "triton") and not differentiable:
             # The layout both kernels read; laid out once here instead of on every call.
             weight = weight.contiguous(memory_format=torch.channels_last)
         self.weight, self.bias = weight, bias
-        self.run = self._dense
+        self.run, self.packed_op = self._dense, None
         if (chosen == "cpu" and not differentiable and weight.dtype == torch.float32
                 and has_kernel("conv_bias_act_packed", "CPU") and torch.backends.mkldnn.enabled):
             self._packed: dict[torch.Size, Tensor] = {}
-            self.run = self._onednn
+            self.run, self.packed_op = self._onednn, torch.ops.resnet_fast.conv_bias_act_packed.default
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return self.run(x, residual)
 
     def _dense(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return self._op(x, self.weight, self.bias, *self.geometry, residual, self.relu)
+        return self.dense_op(x, self.weight, self.bias, *self.geometry, residual, self.relu)
 
     def _onednn(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None
@@ -141,8 +151,7 @@ class ConvPlan:
                 del sizes[next(iter(sizes))]  # the oldest
             sizes[x.shape] = packed
             self._packed = sizes
-        return torch.ops.resnet_fast.conv_bias_act_packed.default(
-            x, packed, self.bias, *self.geometry, residual, self.relu)
+        return self.packed_op(x, packed, self.bias, *self.geometry, residual, self.relu)
 
 
 class FusedEvalMixin:
@@ -158,13 +167,9 @@ class FusedEvalMixin:
     _fold_spec: tuple[tuple[str, str, bool], ...]
     _skipped: tuple[str, ...] = ("relu",)
 
-    def _fused_plans(self) -> Optional[list[ConvPlan]]:
-        """The plans of every pair, in ``_fold_spec`` order then the downsample; None where the
-        fused forward must not run (training, a pair that is not foldable, hooks on a skipped
-        module, inside a torch.func transform). One pass, dicts read directly: it runs on
-        every forward, and its key is what keeps the plans from ever being stale."""
-        if self.training or in_functorch() or not no_global_hooks():
-            return None
+    def _fold_pairs(self) -> Optional[list[tuple[nn.Module, nn.Module, bool]]]:
+        """(conv, bn, relu) of every pair, in ``_fold_spec`` order then the downsample; None
+        where a module the fused forward skips has hooks."""
         mods = self._modules
         pairs = [(mods[c], mods[b], relu) for c, b, relu in self._fold_spec]
         ds = mods.get("downsample")
@@ -175,35 +180,22 @@ class FusedEvalMixin:
         for name in self._skipped:
             if not no_hooks(mods[name]):
                 return None
-        key = [self.backend]
-        sources = []
-        for conv, bn, _ in pairs:
-            if not foldable(conv, bn):
-                return None
-            key.append(bn.eps)
-            sources += _sources(conv, bn)
+        return pairs
 
-        def build(differentiable: bool) -> list[ConvPlan]:
-            return [ConvPlan(c, b, relu, self.backend, differentiable) for c, b, relu in pairs]
-
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled()
-                                             and any(t.requires_grad for t in sources)):
-            return build(True)  # the fold inside the graph / differentiable: nothing kept
-        try:
-            key += [(t._version, t.data_ptr()) for t in sources]
-        except RuntimeError:  # inference tensors have no version counter: nothing to watch
-            return build(False)
-        cached = self.__dict__.get("_plan_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        plans = build(False)
-        # One assignment: a concurrent reader sees the old entry or the new one, both valid
-        # for their keys. The aliases keep the recorded storages (and addresses) alive.
-        self.__dict__["_plan_cache"] = (key, plans, [t.detach() for t in sources])
-        return plans
+    def _fused_plans(self) -> Optional[list[ConvPlan]]:
+        """The plans of this module's pairs (``_fold_pairs`` order); None where the fused
+        forward must not run (training, a pair that is not foldable, hooks on a skipped
+        module, inside a torch.func transform)."""
+        if self.training or in_functorch() or not no_global_hooks():
+            return None
+        pairs = self._fold_pairs()
+        if pairs is None:
+            return None
+        return cached_plans(self, "_plan_cache", [(self.backend, pairs)], [], _first)
 
     def _drop_plans(self) -> None:
         self.__dict__.pop("_plan_cache", None)
+        self.__dict__.pop("_program_cache", None)
 
     def _apply(self, fn, *args, **kwargs):
         self._drop_plans()
@@ -216,7 +208,51 @@ class FusedEvalMixin:
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_plan_cache", None)  # packed oneDNN weights do not pickle; rebuilt on use
+        state.pop("_program_cache", None)
         return state
+
+
+def _first(plans: list[list[ConvPlan]]) -> list[ConvPlan]:
+    return plans[0]
+
+
+def cached_plans(holder: nn.Module, slot: str, groups: list, extra_key: list,
+                 assemble: Callable[[list[list[ConvPlan]]], T]) -> Optional[T]:
+    """``assemble(plans)``, plans being one list per group of ``groups`` ([(backend,
+    [(conv, bn, relu), ...]), ...]), kept in ``holder.__dict__[slot]`` with its key; None if
+    a pair is not foldable.
+
+    The key: ``extra_key`` (modules the assembled program calls, compared by identity), each
+    group's backend, each BN's eps, each conv's geometry and (version, data pointer) of every
+    source tensor. One pass with dicts read directly: it runs on every forward, and the key
+    is what keeps the plans from ever being stale."""
+    key = list(extra_key)
+    sources: list[Tensor] = []
+    for backend, pairs in groups:
+        key.append(backend)
+        for conv, bn, _ in pairs:
+            if not add_pair(conv, bn, key, sources):
+                return None
+
+    def build(differentiable: bool) -> list[list[ConvPlan]]:
+        return [[ConvPlan(c, b, relu, backend, differentiable) for c, b, relu in pairs]
+                for backend, pairs in groups]
+
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                         and any(t.requires_grad for t in sources)):
+        return assemble(build(True))  # the fold inside the graph / differentiable: nothing kept
+    try:
+        key.append(tensor_states(sources))
+    except RuntimeError:  # inference tensors have no version counter: nothing to watch
+        return assemble(build(False))
+    cached = holder.__dict__.get(slot)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    program = assemble(build(False))
+    # One assignment: a concurrent reader sees the old entry or the new one, both valid for
+    # their keys. The aliases keep the recorded storages (and addresses) alive.
+    holder.__dict__[slot] = (key, program, [t.detach() for t in sources])
+    return program
 
 
 def refresh(model: nn.Module) -> nn.Module:

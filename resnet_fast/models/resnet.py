@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import requested_backend
 from ..kernels.layout import layout_of
-from ._fused import FusedEvalMixin, in_functorch
+from ._fused import ConvPlan, FusedEvalMixin, cached_plans, in_functorch, no_global_hooks, no_hooks
 from .norm import BatchNormAct2d
 from .regularizers import DropBlock2d, DropPath
 
@@ -207,11 +207,57 @@ class _Backbone(FusedEvalMixin, nn.Module):
             return self.bn1.forward_act(self.conv1(x), backend=self.backend)
         return self.relu(self.bn1(self.conv1(x)))
 
+    def _fused_program(self, stages: list[nn.Module]) -> Optional[FusedProgram]:
+        """The whole fused eval forward as one flat program (the stem's plan, then per block
+        its plans and shortcut), checked once per forward instead of once per block; None
+        where any module must run as a module (training, hooks, a block of another class,
+        a pair that is not foldable), and the forward goes block by block."""
+        if self.training or in_functorch() or not no_global_hooks():
+            return None
+        stem = self._fold_pairs()
+        if stem is None:
+            return None
+        groups = [(self.backend, stem)]
+        held = []  # per block: its class, and its downsample when that is not a fused pair
+        for stage in stages:
+            if type(stage) is not nn.Sequential or not no_hooks(stage):
+                return None
+            for block in stage._modules.values():
+                kind = type(block)
+                if kind not in _BLOCKS or block.training or not no_hooks(block):
+                    return None
+                pairs = block._fold_pairs()
+                if pairs is None:
+                    return None
+                groups.append((block.backend, pairs))
+                ds = block.downsample
+                held.append((kind, None if type(ds) is nn.Sequential else ds))
+        return cached_plans(self, "_program_cache", groups, held, _assembler(held))
+
+    def _run_program(self, x: Tensor, program: FusedProgram) -> Tensor:
+        fmt = layout_of(x)
+        stem, blocks = program
+        x = stem(x.contiguous(memory_format=torch.channels_last))
+        maxpool = getattr(self, "maxpool", None)
+        if maxpool is not None:
+            x = maxpool(x)
+        for head, last, shortcut in blocks:
+            identity = x if shortcut is None else shortcut(x)
+            out = x
+            for plan in head:
+                out = plan(out)
+            x = last(out, identity)
+        return x.contiguous(memory_format=fmt)
+
     def _features(self, x: Tensor, stages: list[nn.Module]) -> Tensor:
         """Stem, (maxpool,) stages. The fused eval path runs channels_last inside (what oneDNN,
         cuDNN and our Triton kernel are fast at; measured on CPU: NCHW activations made the
         fused model slower than eager) and hands the features back in the input's layout."""
         self._check_input(x)
+        if not torch.jit.is_scripting():
+            program = self._fused_program(stages)
+            if program is not None:
+                return self._run_program(x, program)
         fmt = layout_of(x)
         plans = None if torch.jit.is_scripting() else self._fused_plans()
         fused = plans is not None
@@ -389,6 +435,26 @@ class ResNet(_Backbone):
     def forward_features(self, x: Tensor) -> Tensor:
         """Stem and the four stages: (N, in_channels, H, W) -> (N, C, H/32, W/32)."""
         return self._features(x, [self.layer1, self.layer2, self.layer3, self.layer4])
+
+
+_BLOCKS = (BasicBlock, Bottleneck)
+# The stem's plan, then per block: its plans but the last, its last plan (which takes the
+# residual) and its shortcut (None: the identity; a plan: the fused downsample pair; else the
+# downsample module).
+FusedProgram = tuple[ConvPlan, list[tuple[tuple[ConvPlan, ...], ConvPlan, Optional[Callable]]]]
+
+
+def _assembler(held: list[tuple[type, Optional[nn.Module]]]
+               ) -> Callable[[list[list[ConvPlan]]], FusedProgram]:
+    """The program from the plans of the stem and of each block (``held``: each block's
+    class and its downsample module when that is not a fused pair)."""
+    def assemble(plans: list[list[ConvPlan]]) -> FusedProgram:
+        blocks = []
+        for (kind, ds), own in zip(held, plans[1:]):
+            n = len(kind._fold_spec)
+            blocks.append((tuple(own[:n - 1]), own[n - 1], own[n] if len(own) > n else ds))
+        return plans[0][0], blocks
+    return assemble
 
 
 def zero_init_last_bn(model: nn.Module) -> None:

@@ -13,8 +13,8 @@ from torch import Tensor
 from ..backends import resolve
 from . import reference
 from ..kernels.layout import layout_of
-from ._checks import check_same_meta, check_tensor
-from ._registration import check_triton_device, register_common, relu_grad, triton_kernels
+from ._common import (check_same_meta, check_tensor, check_triton_device, register_common,
+                      relu_grad, triton_kernels)
 
 
 def _validate(x: Tensor, residual: Tensor) -> None:

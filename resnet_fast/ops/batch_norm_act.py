@@ -24,8 +24,8 @@ from torch import Tensor
 from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
-from ._checks import check_channel_param, check_same_meta, check_tensor
-from ._registration import _LIB, _autocast_kernel, check_triton_device, qualnames, relu_grad
+from ._common import (LIB, autocast_kernel, check_channel_param, check_same_meta, check_tensor,
+                      check_triton_device, qualnames, relu_grad)
 from .scale_shift_act import scale_shift_act
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -164,7 +164,7 @@ for _qualname in qualnames("bn_act_fwd"):
         _qualname, _make_backward(getattr(torch.ops.resnet_fast, _bwd_name)),
         setup_context=_setup_context)
     for _key, _device in (("AutocastCPU", "cpu"), ("AutocastCUDA", "cuda")):
-        _LIB.impl(_name, _autocast_kernel(getattr(torch.ops.resnet_fast, _name).default, _device,
+        LIB.impl(_name, autocast_kernel(getattr(torch.ops.resnet_fast, _name).default, _device,
                                           _autocast), _key)
 
 
@@ -250,7 +250,7 @@ def batch_norm_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 
 # torch.ops.resnet_fast.batch_norm_act: the same function as one registered op.
-_LIB.define("batch_norm_act(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+LIB.define("batch_norm_act(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
             "Tensor(b!)? running_var, bool training, float? momentum, float eps, "
             "Tensor? residual=None, bool relu=True, Tensor(c!)? num_batches_tracked=None) -> Tensor")
-_LIB.impl("batch_norm_act", lambda *args: batch_norm_act(*args), "CompositeImplicitAutograd")
+LIB.impl("batch_norm_act", lambda *args: batch_norm_act(*args), "CompositeImplicitAutograd")

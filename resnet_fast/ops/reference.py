@@ -1,5 +1,6 @@
 """The PyTorch reference for every resnet_fast op: plain eager code, the one definition
-that kernels in every backend are tested against. No validation here (see ops/_checks.py).
+that kernels in every backend are tested against. No validation here
+(each op validates where it runs: see the op's file and ops/_common.py).
 """
 
 from __future__ import annotations

@@ -17,8 +17,26 @@ from torch import Tensor
 from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
-from ._checks import check_scale_shift, check_tensor
-from ._registration import check_triton_device, register_common, relu_grad, triton_kernels
+from ._common import (check_channel_param, check_same_meta, check_tensor, check_triton_device,
+                      register_common, relu_grad, triton_kernels)
+
+
+def check_scale_shift(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
+                      op: str) -> None:
+    """scale/shift: 1-D, one value per channel (dim 1), in x's dtype or float32, on x's
+    device; residual exactly like x (csrc/checks.h checks the same)."""
+    check_tensor(x, op, "x")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: expected x of shape (N, C, ...) with at least 2 dims, got "
+                         f"{tuple(x.shape)}")
+    for name, p in (("scale", scale), ("shift", shift)):
+        check_channel_param(x, p, op, name)
+    if scale.dtype != shift.dtype:
+        raise TypeError(f"{op}: expected scale and shift of one dtype, got {scale.dtype} and "
+                        f"{shift.dtype}")
+    if residual is not None:
+        check_tensor(residual, op, "residual")
+        check_same_meta(x, residual, op, "residual")
 
 
 @torch.library.custom_op("resnet_fast::scale_shift_act_triton", mutates_args=(),
