@@ -220,7 +220,7 @@ def test_train_divergence_is_relative_to_eagers_loss_and_catches_nan():
 def test_host_overhead_benchmark_end_to_end(tmp_path, capsys):
     from resnet_fast.bench import overhead
     out = tmp_path / "overhead.json"
-    assert overhead.main(["--repeats", "2", "--inner", "1", "--json", str(out)]) == 0
+    assert overhead.main(["--repeats", "3", "--inner", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"torchvision", "torchvision_direct", "resnet_fast",
                                     "resnet_fast_direct"}
@@ -228,8 +228,10 @@ def test_host_overhead_benchmark_end_to_end(tmp_path, capsys):
         assert "overhead_us_per_conv" in data["results"][name]
         assert "overhead_us_per_conv" in data["host_only"][name]
     for name, r in data["host_only"].items():
-        # The kernels answered from a recording: much less work than the real forward.
-        assert r["median_us"] < 0.5 * data["results"][name]["median_us"], name
+        # The kernels answered from a recording: much less work than the real forward. (The
+        # fastest repeats: this VM stalls for tens of ms now and then, which a median of 3
+        # can still catch.)
+        assert r["p10_us"] < 0.5 * data["results"][name]["p10_us"], name
     # Every replaced function is torch's own again afterwards.
     import torch.nn.functional as F
     assert F.conv2d is torch.conv2d and F.relu.__module__ == "torch.nn.functional"
