@@ -15,7 +15,8 @@ extern "C" PyObject* resnet_fast_tensor_states(PyObject* /*module*/, PyObject* a
   std::vector<int64_t> out(2 * static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (!THPVariable_Check(items[i])) {
-      PyErr_Format(PyExc_TypeError, "tensor_states: expected a list of tensors, got %s at index %zd",
+      PyErr_Format(PyExc_TypeError,
+                   "tensor_states: expected a list of tensors, got %s at index %zd",
                    Py_TYPE(items[i])->tp_name, i);
       Py_DECREF(seq);
       return nullptr;

@@ -99,8 +99,9 @@ def _recorded_kernels(tv: torchvision.models.ResNet, program, x: torch.Tensor):
         return call
 
     stem, blocks = program
-    plans = [stem] + [p for head, last, shortcut in blocks
-                      for p in (*head, last, *([shortcut] if isinstance(shortcut, ConvPlan) else []))]
+    plans = [stem]
+    for head, last, shortcut in blocks:
+        plans += [*head, last] + ([shortcut] if isinstance(shortcut, ConvPlan) else [])
     saved = [(plan.dense_op, plan.packed_op) for plan in plans]
     try:
         for name in names:
@@ -137,8 +138,10 @@ def _replaying(op: Callable) -> Callable:
 
 
 def _candidates(tv, ours, x) -> dict:
-    return {"torchvision": lambda: tv(x), "torchvision_direct": functools.partial(_torchvision_direct(tv), x),
-            "resnet_fast": lambda: ours(x), "resnet_fast_direct": functools.partial(_plans_direct(ours), x)}
+    return {"torchvision": lambda: tv(x),
+            "torchvision_direct": functools.partial(_torchvision_direct(tv), x),
+            "resnet_fast": lambda: ours(x),
+            "resnet_fast_direct": functools.partial(_plans_direct(ours), x)}
 
 
 def _summary(times: dict[str, list[float]]) -> dict:

@@ -129,7 +129,8 @@ class ConvPlan:
         if (chosen == "cpu" and not differentiable and weight.dtype == torch.float32
                 and has_kernel("conv_bias_act_packed", "CPU") and torch.backends.mkldnn.enabled):
             self._packed: dict[torch.Size, Tensor] = {}
-            self.run, self.packed_op = self._onednn, torch.ops.resnet_fast.conv_bias_act_packed.default
+            self.run = self._onednn
+            self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return self.run(x, residual)
@@ -182,11 +183,15 @@ class FusedEvalMixin:
                 return None
         return pairs
 
+    def _may_fuse(self) -> bool:
+        """Not training, not inside a torch.func transform, no global module hooks."""
+        return not (self.training or in_functorch() or not no_global_hooks())
+
     def _fused_plans(self) -> Optional[list[ConvPlan]]:
         """The plans of this module's pairs (``_fold_pairs`` order); None where the fused
         forward must not run (training, a pair that is not foldable, hooks on a skipped
         module, inside a torch.func transform)."""
-        if self.training or in_functorch() or not no_global_hooks():
+        if not self._may_fuse():
             return None
         pairs = self._fold_pairs()
         if pairs is None:

@@ -2,11 +2,12 @@
 (torchvision/models/resnet.py), so torchvision checkpoints load with strict=True.
 
 What differs from torchvision is inside ``forward`` only: in eval mode every conv -> BN
-(-> add) -> ReLU runs as one fused conv from the block's per-layer plans (``_fused.py``);
-in training mode every BN -> (add ->) ReLU is one fused ``batch_norm_act``. Both compute what
-torchvision computes; where they could not (hooks, custom norm layers, parametrized convs,
-torch.func transforms), the block runs torchvision's own code. Extras for course-style use
-(all off by default, none of them adds a parameter or buffer): ``in_channels`` (1 = grayscale 3x3 stem, no maxpool),
+(-> add) -> ReLU runs as one fused conv from per-layer plans the model owns (``_fused.py``;
+a whole ResNet runs them as one flat program); in training mode every BN -> (add ->) ReLU is
+one fused ``batch_norm_act``. Both compute what torchvision computes; where they could not
+(hooks, custom norm layers, parametrized convs, torch.func transforms), the block runs
+torchvision's own code. Extras for course-style use (all off by default, none of them adds a
+parameter or buffer): ``in_channels`` (1 = grayscale 3x3 stem, no maxpool),
 ``drop_path_rate``, ``drop_block_prob``/``drop_block_size``, ``return_features``.
 """
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import requested_backend
 from ..kernels.layout import layout_of
-from ._fused import ConvPlan, FusedEvalMixin, cached_plans, in_functorch, no_global_hooks, no_hooks
+from ._fused import ConvPlan, FusedEvalMixin, cached_plans, in_functorch, no_hooks
 from .norm import BatchNormAct2d
 from .regularizers import DropBlock2d, DropPath
 
@@ -212,7 +213,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
         its plans and shortcut), checked once per forward instead of once per block; None
         where any module must run as a module (training, hooks, a block of another class,
         a pair that is not foldable), and the forward goes block by block."""
-        if self.training or in_functorch() or not no_global_hooks():
+        if not self._may_fuse():
             return None
         stem = self._fold_pairs()
         if stem is None:

@@ -66,7 +66,8 @@ def check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, 
                          f"groups={groups}")
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(f"{op}: x has {x.shape[1]} channels but weight expects "
-                         f"{weight.shape[1] * groups} ({weight.shape[1]} per group x groups={groups})")
+                         f"{weight.shape[1] * groups} ({weight.shape[1]} per group x "
+                         f"groups={groups})")
     if bias is not None:
         check_tensor(bias, op, "bias")
         if bias.dim() != 1 or bias.shape[0] != k_out:
