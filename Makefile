@@ -1,5 +1,6 @@
 # make test   create .venv if missing, install the dev set, build the extension, run all tests
-# make bench  same set-up, then the model benchmark (python -m resnet_fast.bench)
+# make bench  same set-up, then the model benchmark (python -m resnet_fast.bench), with the
+#             peers (ONNX Runtime, OpenVINO) where they installed
 # make bench-kernels  the kernel benchmarks (pytest-benchmark; JSON in .benchmarks/)
 # make build  set-up and build only
 #
@@ -18,9 +19,12 @@ SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
 
 .PHONY: test bench bench-kernels build clean
 
-$(STAMPS)/deps: requirements-dev.txt
+$(STAMPS)/deps: requirements-dev.txt requirements-peers.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@$(PY) -m pip install --quiet --disable-pip-version-check --retries 0 --timeout 30 \
+		-r requirements-peers.txt \
+	|| echo "NOTE: the benchmark peers in requirements-peers.txt did not install (no package index?); resnet-fast bench will list them as not run"
 	@mkdir -p $(STAMPS) && touch $@
 
 $(STAMPS)/build: $(STAMPS)/deps $(SOURCES)

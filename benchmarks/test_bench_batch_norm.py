@@ -13,7 +13,7 @@ import torch
 
 from resnet_fast.ops import batch_norm_act
 
-from resnet_fast.bench.timing import interleaved, median_ratio
+from resnet_fast.bench.timing import interleaved, median_ratio, synchronized
 from conftest import batch_sizes, devices_and_backends
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
@@ -65,7 +65,7 @@ def test_bn_add_relu_train(benchmark, record, device, backend, dtype, shape):
                 ours_fn()
     times = interleaved({"ours": ours, "eager": eager}, dev, repeats,
                         warmup=0 if benchmark.disabled else 2)
-    benchmark.pedantic(ours, rounds=repeats, warmup_rounds=1)
+    benchmark.pedantic(synchronized(ours, dev), rounds=repeats, warmup_rounds=1)
     ours_s, eager_s = statistics.median(times["ours"]), statistics.median(times["eager"])
     row = dict(op="bn_act train fwd+bwd", device=device, backend=backend, dtype=str(dtype)[6:],
                shape=list(shape), ours_gbps=nbytes / ours_s / 1e9, eager_gbps=nbytes / eager_s / 1e9,

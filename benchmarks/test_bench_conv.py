@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import resnet_fast
 from resnet_fast.ops import conv_bias_act, fold_bn
 
-from resnet_fast.bench.timing import interleaved
+from resnet_fast.bench.timing import interleaved, synchronized
 from conftest import devices_and_backends
 
 BATCHES = {"cpu": [1, 16], "cuda": [1, 32, 256]}
@@ -117,11 +117,9 @@ def test_resnet50_conv_layers(benchmark, record, device, backend, dtype, batch):
     def network():
         for fn in ours_all:
             fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
     with torch.inference_mode():
-        benchmark.pedantic(network, rounds=3, warmup_rounds=1)
+        benchmark.pedantic(synchronized(network, dev), rounds=3, warmup_rounds=1)
     total = {k: sum(r[f"{k}_ms"] for r in rows) for k in ("ours", "eager")}
     summary = dict(op="conv_bias_act (ResNet-50 sum)", device=device, backend=backend,
                    dtype=str(dtype)[6:], shape=[batch, 3, 224, 224],

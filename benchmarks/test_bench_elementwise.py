@@ -12,7 +12,7 @@ import torch
 
 from resnet_fast.ops import add_relu, scale_shift_act
 
-from resnet_fast.bench.timing import interleaved, median_ratio
+from resnet_fast.bench.timing import interleaved, median_ratio, synchronized
 from conftest import batch_sizes, devices_and_backends
 
 # (channels, spatial) of the ResNet-50 stage outputs, where every block joins its residual.
@@ -49,7 +49,7 @@ def _run(benchmark, record, op, device, backend, dtype, shape, ours, eager):
     with torch.inference_mode():
         times = interleaved({"ours": ours, "eager": eager}, dev, repeats,
                             warmup=0 if benchmark.disabled else 2, inner=inner)
-        benchmark.pedantic(ours, rounds=repeats, warmup_rounds=1)
+        benchmark.pedantic(synchronized(ours, dev), rounds=repeats, warmup_rounds=1)
     ours_s, eager_s = statistics.median(times["ours"]), statistics.median(times["eager"])
     row = dict(op=op, device=device, backend=backend, dtype=str(dtype)[6:], shape=list(shape),
                ours_gbps=nbytes / ours_s / 1e9, eager_gbps=nbytes / eager_s / 1e9,

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
+# The --dtype names the commands accept.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bench": "benchmark ResNets: eager, torch.compile and resnet_fast backends",
+    commands = {"bench": "benchmark ResNets: eager, torch.compile, ONNX Runtime, OpenVINO and "
+                         "resnet_fast",
                 "check": "parity of resnet_fast vs torchvision on every available backend",
                 "fuse": "fold BN into a checkpoint's convs, export, reload, report the error",
                 "backends": "list the kernel backends and whether they work here"}

@@ -12,9 +12,10 @@ import torchvision
 
 from . import available_backends
 from .backends import device_backends
-from .bench import ARCHS, DTYPES
-from .bench.calibrate import calibrate_
+from .calibrate import calibrate_
+from .cli import DTYPES
 from .convert import convert, fuse_bn
+from .models import TORCHVISION_ARCHS
 
 FORMATS = ("torchscript", "trace", "export", "onnx")  # torchscript = torch.jit.script
 
@@ -72,7 +73,7 @@ def fuse_main(argv: list[str]) -> int:
                                      description="Fold BN into the convs of a torchvision "
                                                  "checkpoint, export it, reload it and print the "
                                                  "max error vs the original.")
-    parser.add_argument("--arch", required=True, choices=ARCHS)
+    parser.add_argument("--arch", required=True, choices=TORCHVISION_ARCHS)
     parser.add_argument("--weights", default=None, help="torchvision state_dict checkpoint "
                         "(default: calibrated random weights)")
     parser.add_argument("--format", default="torchscript", choices=FORMATS)
@@ -103,7 +104,7 @@ def check_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="resnet-fast check",
                                      description="Parity of resnet_fast vs torchvision (eval, "
                                                  "same weights) on every available backend.")
-    parser.add_argument("--arch", required=True, choices=ARCHS)
+    parser.add_argument("--arch", required=True, choices=TORCHVISION_ARCHS)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=224)

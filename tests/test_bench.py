@@ -1,36 +1,43 @@
 """The model benchmark end to end on a tiny config, the calibration, divergence flagging,
-the compile candidates, and the README's generated results block; the same for the training
-step benchmark (``--train``)."""
+the compile candidates, the peers (ONNX Runtime, OpenVINO), the ratio columns, timing hygiene
+and the README's generated results block; the same for the training step benchmark
+(``--train``)."""
 
 import copy
+import gc
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from resnet_fast import bench
-from resnet_fast.bench import report
-from resnet_fast.bench.calibrate import calibrate_
+from resnet_fast.bench import candidates, cli, inference, peers, report, runner, timing, training
+from resnet_fast.calibrate import calibrate_
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cli_end_to_end_writes_json_markdown_and_png(tmp_path, capsys):
-    rc = bench.main(["--arch", "resnet18", "--batch", "1", "--repeats", "1", "--warmup", "0",
+    rc = cli.main(["--arch", "resnet18", "--batch", "1", "--repeats", "1", "--warmup", "0",
                      "--image-size", "64", "--candidates", "eager,eager_cl,resnet_fast",
                      "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "resnet_fast:cpu" in out and "vs eager" in out
+    assert "resnet_fast:cpu" in out and "vs eager_cl" in out and "vs best peer" in out
+    assert "best peer at batch 1: none ran" in out  # no compile variant or runtime asked for
     data = json.loads((tmp_path / "resnet18_float32.json").read_text())
     names = {r["candidate"] for r in data["runs"]}
     assert {"eager", "eager_cl", "resnet_fast:reference", "resnet_fast:cpu"} <= names
     for r in data["runs"]:
         assert r["img_per_s"] > 0 and len(r["times_s"]) == 1 and not r["diverged"]
-        assert r["max_abs_err_vs_torchvision"] < 1e-3
+        assert r["max_abs_err_vs_torchvision"] < 1e-3 and r["precision"] == "float32"
+        assert r["speedup_vs_eager_cl"] > 0 and r["best_peer"] is None
+        assert r["speedup_vs_best_peer"] is None
     env = data["environment"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["torch"] == torch.__version__ and env["threads"] >= 1 and "git_commit" in env
     png = (tmp_path / "resnet18_float32.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -43,7 +50,7 @@ def test_cli_rejects_bad_arguments(capsys):
                       (["--candidates", "eager_cl"], "must include eager"),
                       (["--weights", "/nonexistent.pth"], "no such file")):
         with pytest.raises(SystemExit):
-            bench.main(argv)
+            cli.main(argv)
         assert msg in capsys.readouterr().err
 
 
@@ -63,8 +70,8 @@ def test_calibration_gives_sane_logits():
 
 
 def test_a_diverging_candidate_is_flagged_not_hidden():
-    broken = bench.Candidate("broken", lambda x: torch.zeros(x.shape[0], 1000), False)
-    results = bench.run("resnet18", (1,), candidates=("eager",), repeats=1, warmup=0,
+    broken = candidates.Candidate("broken", lambda x: torch.zeros(x.shape[0], 1000), False)
+    results = inference.run("resnet18", (1,), candidates=("eager",), repeats=1, warmup=0,
                         image_size=64, progress=False, extra_candidates=[broken])
     row = next(r for r in results["runs"] if r["candidate"] == "broken")
     assert row["diverged"]
@@ -73,8 +80,9 @@ def test_a_diverging_candidate_is_flagged_not_hidden():
 
 
 def test_compile_with_freezing_candidate_matches_eager():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
-    fn = bench._compiled(model, None, True)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU()).eval()
+    fn = candidates.compiled(model, None, True)
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fn(x), model(x), rtol=1e-4, atol=1e-5)
@@ -84,18 +92,18 @@ def test_readme_results_block_is_generated_from_the_committed_json():
     readme = (ROOT / "README.md").read_text()
     block = report.results_block(ROOT / "benchmarks" / "results")
     assert "From `benchmarks/results/" in block  # there are committed model results
-    assert block in readme, ("README results block is stale: run "
-                             "`python -m resnet_fast.bench.report benchmarks/results --readme README.md`")
+    assert block in readme, ("README results block is stale: run `python -m "
+                             "resnet_fast.bench.report benchmarks/results --readme README.md`")
 
 
 def test_divergence_is_judged_against_eager_in_the_same_dtype():
     # H100 bf16 numbers: eager itself is 0.337 off the fp32 logits (scale ~2); a candidate as
     # far off as eager is not diverged, one three times as far is.
-    assert not bench.diverged(0.340, 0.337, 2.0, torch.bfloat16)
-    assert bench.diverged(1.0, 0.337, 2.0, torch.bfloat16)
+    assert not inference.diverged(0.340, 0.337, 2.0, torch.bfloat16)
+    assert inference.diverged(1.0, 0.337, 2.0, torch.bfloat16)
     # fp32: eager is exact (0), so the floor decides: 1e-3 of the logits' scale.
-    assert not bench.diverged(1e-4, 0.0, 2.0, torch.float32)
-    assert bench.diverged(1e-2, 0.0, 2.0, torch.float32)
+    assert not inference.diverged(1e-4, 0.0, 2.0, torch.float32)
+    assert inference.diverged(1e-2, 0.0, 2.0, torch.float32)
 
 
 TINY_TRAIN = ["--train", "--arch", "resnet18", "--batch", "2", "--repeats", "1", "--warmup", "0",
@@ -106,7 +114,7 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
     # compile is left out: compiling resnet18's forward and backward takes ~40 s on 2 cores.
     # The compiled training step is tested on its own below, on a tiny model.
     out = tmp_path / "cpu-test"
-    assert bench.main(TINY_TRAIN + ["--candidates", "eager,eager_cl,resnet_fast",
+    assert cli.main(TINY_TRAIN + ["--candidates", "eager,eager_cl,resnet_fast",
                                     "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "training step" in printed and "resnet_fast" in printed and "DIVERGED" not in printed
@@ -116,7 +124,7 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
     assert [r["candidate"] for r in data["runs"]] == ["eager", "eager_cl", "resnet_fast"]
     for r in data["runs"]:
         assert r["img_per_s"] > 0 and len(r["times_s"]) == 1 and not r["diverged"]
-        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_best_compile"] is None
+        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_best_peer"] is None
         # Same weights, batch and labels: the same loss, and after one update a lower one.
         assert r["loss_step1_abs_diff_vs_eager"] < 1e-3 * r["loss_step1"]
         assert r["loss_step2"] < r["loss_step1"]
@@ -130,9 +138,9 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
 
 
 def test_a_train_step_updates_every_weight_with_eagers_gradients():
-    reference = bench._reference("resnet18", None)
+    reference = runner.reference_model("resnet18", None)
     names = ("eager", "eager_cl", "resnet_fast")
-    steps = bench.build_train_steps(names, "resnet18", reference, torch.float32,
+    steps = training.build_train_steps(names, "resnet18", reference, torch.float32,
                                     torch.device("cpu"))
     # float64: at batch 2 the last stages normalize over 8 to 32 values per channel, and an fp32
     # rounding difference that flips one ReLU moves a conv's gradient by several percent (seen:
@@ -164,8 +172,8 @@ def _tiny_classifier() -> torch.nn.Module:
 
 def test_compiled_train_step_matches_eager():
     model, cpu = _tiny_classifier(), torch.device("cpu")
-    eager = bench.TrainStep("eager", copy.deepcopy(model), False, False, torch.float32, cpu)
-    compiled = bench.TrainStep("compile", copy.deepcopy(model), True, True, torch.float32, cpu)
+    eager = training.TrainStep("eager", copy.deepcopy(model), False, False, torch.float32, cpu)
+    compiled = training.TrainStep("compile", copy.deepcopy(model), True, True, torch.float32, cpu)
     x, labels = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
     x_cl = x.contiguous(memory_format=torch.channels_last)
     for _ in range(2):  # the second step runs on the weights the first one updated
@@ -177,7 +185,7 @@ def test_compiled_train_step_matches_eager():
 def test_reset_restarts_from_the_weights_with_a_fresh_optimizer():
     model = _tiny_classifier()
     start = copy.deepcopy(model.state_dict())
-    step = bench.TrainStep("eager", model, False, False, torch.float32, torch.device("cpu"))
+    step = training.TrainStep("eager", model, False, False, torch.float32, torch.device("cpu"))
     x, labels = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
     first = torch.stack([step(x, labels) for _ in range(3)])
     assert first[2] < first[1] < first[0]
@@ -188,7 +196,7 @@ def test_reset_restarts_from_the_weights_with_a_fresh_optimizer():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_train_step_keeps_fp32_weights_and_scales_fp16_losses(dtype):
-    step = bench.TrainStep("eager", _tiny_classifier(), False, False, dtype, torch.device("cpu"))
+    step = training.TrainStep("eager", _tiny_classifier(), False, False, dtype, torch.device("cpu"))
     before = [p.detach().clone() for p in step.model.parameters()]
     loss = step(torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4]))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)  # cross_entropy runs in fp32
@@ -198,23 +206,23 @@ def test_autocast_train_step_keeps_fp32_weights_and_scales_fp16_losses(dtype):
 
 
 def test_train_cli_rejects_inference_only_and_unknown_candidates(capsys):
-    for candidates, msg in (("eager,compile_freezing,optimize",
+    for names, msg in (("eager,compile_freezing,optimize",
                              "compile_freezing, optimize (inference only) cannot run with --train; "
                              "expected some of eager, eager_cl, compile, resnet_fast"),
                             ("eager,fast", "unknown fast; expected some of eager, eager_cl"),
                             ("eager_cl,resnet_fast", "must include eager")):
         with pytest.raises(SystemExit):
-            bench.main(["--train", "--candidates", candidates])
+            cli.main(["--train", "--candidates", names])
         assert msg in capsys.readouterr().err
 
 
 def test_train_divergence_is_relative_to_eagers_loss_and_catches_nan():
-    assert not bench.train_diverged(6.905, 6.9, torch.float32)  # 7e-4 relative
-    assert bench.train_diverged(6.92, 6.9, torch.float32)  # 3e-3
-    assert not bench.train_diverged(7.1, 6.9, torch.bfloat16)  # 3e-2: bf16 rounding
-    assert bench.train_diverged(7.5, 6.9, torch.float16)  # 9e-2
-    assert bench.train_diverged(float("nan"), 6.9, torch.float32)
-    assert bench.train_diverged(float("inf"), 6.9, torch.bfloat16)
+    assert not training.train_diverged(6.905, 6.9, torch.float32)  # 7e-4 relative
+    assert training.train_diverged(6.92, 6.9, torch.float32)  # 3e-3
+    assert not training.train_diverged(7.1, 6.9, torch.bfloat16)  # 3e-2: bf16 rounding
+    assert training.train_diverged(7.5, 6.9, torch.float16)  # 9e-2
+    assert training.train_diverged(float("nan"), 6.9, torch.float32)
+    assert training.train_diverged(float("inf"), 6.9, torch.bfloat16)
 
 
 def test_host_overhead_benchmark_end_to_end(tmp_path, capsys):
@@ -239,3 +247,95 @@ def test_host_overhead_benchmark_end_to_end(tmp_path, capsys):
     assert "us/conv" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         overhead.main(["--repeats", "0"])
+
+
+# Peers: ONNX Runtime and OpenVINO on the same weights, built on their first call.
+
+def test_peers_run_on_the_same_weights_and_are_judged_like_every_candidate():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    results = inference.run("resnet18", (1, 2), candidates=("eager", "onnxruntime", "openvino"),
+                            repeats=2, warmup=0, image_size=64, progress=False)
+    rows = {(r["candidate"], r["batch_size"]): r for r in results["runs"]}
+    assert set(rows) == {(n, b) for n in ("eager", "onnxruntime", "openvino") for b in (1, 2)}
+    for (name, bs), r in rows.items():
+        assert not r["diverged"] and r["max_abs_err_vs_torchvision"] < 1e-3, (name, bs)
+        assert r["precision"] == "float32"
+        # The best peer is the faster of the two runtimes at this batch.
+        fastest = min(("onnxruntime", "openvino"),
+                      key=lambda n: rows[n, bs]["latency_ms"]["median"])
+        assert r["best_peer"] == fastest
+    # The export/conversion is part of the first call, as compilation is for torch.compile.
+    for name in ("onnxruntime", "openvino"):
+        assert rows[name, 1]["first_call_s"] > 5 * rows[name, 1]["latency_ms"]["median"] / 1e3
+    assert rows["onnxruntime", 1]["speedup_vs_best_peer"] == pytest.approx(
+        timing.median_ratio(rows[rows["eager", 1]["best_peer"], 1]["times_s"],
+                            rows["onnxruntime", 1]["times_s"]))
+
+
+def test_bfloat16_peers_say_what_they_ran_in_or_why_they_did_not_run():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    results = inference.run("resnet18", (1,), dtype=torch.bfloat16,
+                            candidates=("eager", "onnxruntime", "openvino"), repeats=1, warmup=0,
+                            image_size=64, progress=False)
+    assert "no bfloat16 convolution" in results["skipped_candidates"]["onnxruntime"]
+    ov = next(r for r in results["runs"] if r["candidate"] == "openvino")
+    # OpenVINO runs bf16 where the CPU has it natively and silently f32 elsewhere: the row
+    # carries what the compiled model reports, and the table shows it when it is not bf16.
+    assert ov["precision"] in ("bfloat16", "float32") and not ov["diverged"]
+    table = report.format_table(results)
+    assert ("openvino [float32]" in table) == (ov["precision"] == "float32")
+    assert "onnxruntime not run: onnxruntime's CPU provider" in table
+
+
+def test_a_missing_peer_is_skipped_with_the_reason_and_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    model = torchvision.models.resnet18()
+    cands, skipped = candidates.build_candidates(("eager", "openvino"), "resnet18", model,
+                                                 torch.float32, torch.device("cpu"))
+    assert [c.name for c in cands] == ["eager"]
+    assert "openvino is not installed (pip install resnet_fast[peers])" in skipped["openvino"]
+    _, skipped = candidates.build_candidates(("compile_reduce_overhead", "compile_max_autotune"),
+                                             "resnet18", model, torch.float32,
+                                             torch.device("cpu"))
+    assert "GPU only (CUDA graphs)" in skipped["compile_reduce_overhead"]
+    assert "GPU only" in skipped["compile_max_autotune"]
+    assert "OpenVINO is benchmarked on CPU" in peers.openvino_unsupported(torch.device("cuda"))
+
+
+def test_best_peer_is_the_fastest_torch_compile_or_runtime_that_did_not_diverge():
+    times = {"eager": [4.0, 4.0], "eager_cl": [3.0, 3.0], "optimize": [1.0, 1.0],
+             "compile": [2.5, 2.5], "openvino": [1.5, 1.5], "onnxruntime": [2.0, 2.0]}
+    assert runner.best_peer(times, set()) == "openvino"  # optimize is ours, not a peer
+    assert runner.best_peer(times, {"openvino"}) == "onnxruntime"
+    assert runner.best_peer({"eager": [1.0]}, set()) is None
+    row = runner.speed(times, "optimize", 2, "openvino")
+    assert row["speedup_vs_eager"] == 4.0 and row["speedup_vs_eager_cl"] == 3.0
+    assert row["speedup_vs_best_peer"] == 1.5 and row["img_per_s"] == 2.0
+    assert runner.speed({"eager": [1.0]}, "eager", 1, None)["speedup_vs_eager_cl"] is None
+
+
+def test_outliers_are_counted_and_named_not_dropped():
+    times = {"eager": [1.0, 1.0, 1.1, 0.9, 3.0]}
+    row = runner.speed(times, "eager", 1, None)
+    assert row["outliers"] == 1 and row["latency_ms"]["max"] == 3000.0
+    assert row["latency_ms"]["median"] == 1000.0  # the stall stays in the data, not the median
+
+
+def test_the_collector_is_off_while_timing_and_back_on_after():
+    seen = []
+    timing.interleaved({"a": lambda: seen.append(gc.isenabled())}, torch.device("cpu"),
+                       repeats=3, warmup=1)
+    assert seen == [True, False, False, False]  # the warm-up call runs with it on
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    fn = lambda: None  # noqa: E731
+    assert timing.synchronized(fn, torch.device("cpu")) is fn
+
+
+def test_the_deployment_cli_does_not_import_the_benchmark():
+    code = ("import sys, resnet_fast.deploy, resnet_fast.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('resnet_fast.bench')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 import resnet_fast
-from resnet_fast.bench.calibrate import calibrate_
+from resnet_fast.calibrate import calibrate_
 
 
 def _close(a, b, rel=1e-5):

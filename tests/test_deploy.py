@@ -31,7 +31,7 @@ def test_fuse_exports_and_reloads_in_a_fresh_process(tmp_path, fmt, suffix, caps
     torch.manual_seed(3)
     ckpt = tmp_path / "resnet18.pth"
     src = torchvision.models.resnet18()
-    from resnet_fast.bench.calibrate import calibrate_
+    from resnet_fast.calibrate import calibrate_
     calibrate_(src, batch_size=2, image_size=64)
     torch.save(src.state_dict(), ckpt)
     out = tmp_path / f"fused.{suffix}"

@@ -9,7 +9,7 @@ import torch
 
 import resnet_fast
 import torchvision
-from resnet_fast.bench.calibrate import calibrate_
+from resnet_fast.calibrate import calibrate_
 from resnet_fast.models._fused import ConvPlan
 
 

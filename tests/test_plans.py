@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 import resnet_fast
-from resnet_fast.bench.calibrate import calibrate_
+from resnet_fast.calibrate import calibrate_
 from resnet_fast.models._fused import ConvPlan
 
 CPU = resnet_fast.available_backends()["cpu"].available

@@ -35,6 +35,21 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_isa() -> list[str]:
+    """The vector and matrix extensions that decide CPU inference speed, from /proc/cpuinfo
+    (empty where it is not readable)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def _driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -53,6 +68,8 @@ def environment(device: torch.device) -> dict:
         "git_commit": _git_commit(),
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": cpu_isa(),
         "device": str(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
@@ -70,6 +87,7 @@ def environment(device: torch.device) -> dict:
 
 
 def device_slug(env: dict) -> str:
-    """A folder name for results: the GPU's name, or the CPU's plus the thread count."""
-    name = env.get("gpu") or f"cpu-{env['cpu']}-{env['threads']}t"
+    """A folder name for results: the GPU's name, or the CPU's with the vector capability
+    torch dispatches to (AVX2, AVX512: the same CPU name covers both) and the thread count."""
+    name = env.get("gpu") or f"cpu-{env['cpu']}-{env['cpu_capability']}-{env['threads']}t"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -42,7 +42,7 @@ import torchvision
 
 from .. import convert
 from ..models._fused import ConvPlan
-from .calibrate import calibrate_
+from ..calibrate import calibrate_
 from .env import environment
 from .timing import interleaved, quantile
 

@@ -1,11 +1,14 @@
 """Timing shared by the model benchmark and the kernel suites: candidates interleaved per
 repeat (A B C A B C ...) so machine drift hits all alike; CPU timed with perf_counter around
-whole calls, GPU with CUDA events (never wall clock around asynchronous launches)."""
+whole calls, GPU with CUDA events (never wall clock around asynchronous launches); the garbage
+collector frozen and off while timing, so a collection never lands in one candidate's repeat."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -40,12 +43,42 @@ def interleaved(candidates: dict[str, Callable[[], object]], device: torch.devic
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            times[name].append(time_once(fn, device, inner))
-            if progress:
-                progress()
+    with gc_paused():
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                times[name].append(time_once(fn, device, inner))
+                if progress:
+                    progress()
     return times
+
+
+@contextmanager
+def gc_paused():
+    """Collect once, then freeze every live object and disable the collector (a collection
+    scans the whole heap: tens of ms with a compiled model alive); restored on exit."""
+    gc.collect()
+    gc.freeze()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+        gc.unfreeze()
+
+
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn``, waiting for the device after each call on a GPU: for timers that read the wall
+    clock (pytest-benchmark's own), which would otherwise time the launches alone."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+    return call
 
 
 def median_ratio(baseline: Iterable[float], candidate: Iterable[float]) -> float:

@@ -40,6 +40,8 @@ _ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any], str | None]] =
     "resnet56": (CifarResNet, dict(depth=56), None),
     "resnet110": (CifarResNet, dict(depth=110), None),
 }
+# The ImageNet architectures torchvision also builds (the benchmark's and deploy CLI's --arch).
+TORCHVISION_ARCHS = tuple(arch for arch, (_, _, enum) in _ARCHS.items() if enum)
 
 
 def _build(arch: str, weights: Any, progress: bool, kwargs: dict[str, Any]) -> nn.Module:

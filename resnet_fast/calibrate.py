@@ -1,4 +1,4 @@
-"""Calibrated weights for benchmarks (../BENCHMARKING.md): a random-init eval ResNet has BN
+"""Calibrated weights for benchmarks and deployment checks: a random-init eval ResNet has BN
 running stats of mean 0 / var 1, its activations blow up or vanish, and on x86 the denormals
 alone make eager ResNet-50 ~60x slower. Re-estimating the running stats on a few seeded
 batches gives logits of a sane scale, as trained weights would."""
