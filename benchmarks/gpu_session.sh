@@ -58,7 +58,9 @@ torchvision.__version__, torch.cuda.get_device_name(), torch.backends.cudnn.vers
           "x=torch.randn(1,64,8,8).to(memory_format=torch.channels_last); w=torch.randn(64,64,3,3); print(torch.ops.resnet_fast.conv_bias_act(x,w,None,[1,1],[1,1],[1,1],1,None,True).sum())"; do
         i=$((i + 1)); stage "diag$i" 60 cuda-gdb -q -batch -ex run -ex bt --args $PY -c "import torch, resnet_fast; $snippet"
       done ;;
-    model)  # one process per batch size, so a slow one cannot lose the others' results
+    model)  # one process per batch size, so a slow one cannot lose the others' results.
+      # All candidates by default, compile_max_autotune included (its autotuning takes
+      # minutes per batch size: raise T_MODEL, or leave it out with MODEL_ARGS=--candidates ...).
       for b in ${BATCHES:-256 32 1}; do
         stage "model-b$b" ${T_MODEL:-420} $PY -m resnet_fast.bench --device cuda --dtype bfloat16 \
           --batch "$b" --out "$OUT/model-b$b" --no-progress --no-plot ${MODEL_ARGS:-}

@@ -1,0 +1,52 @@
+"""The READMEs name only command-line flags that exist: every ``--flag`` in them is accepted by
+one of our commands (or is one of the few other tools' flags they show)."""
+
+import argparse
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "examples" / "README.md",
+           *sorted((ROOT / "benchmarks" / "results").glob("*/README.md"))]
+# pytest-benchmark's and pip's, as the READMEs' commands use them.
+OTHER_TOOLS = {"--benchmark-disable", "--benchmark-json", "--no-build-isolation"}
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _our_flags(monkeypatch) -> set[str]:
+    """The option strings of every command's parser, captured as each main parses its args."""
+    from resnet_fast import deploy
+    from resnet_fast.bench import cli, overhead, report
+
+    spec = importlib.util.spec_from_file_location("finetune", ROOT / "examples" / "finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    flags: set[str] = set()
+
+    def capture(self, args=None, namespace=None):
+        flags.update(self._option_string_actions)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    for main in (cli.main, deploy.fuse_main, deploy.check_main, overhead.main, report.main,
+                 finetune.main):
+        with pytest.raises(_Parsed):
+            main([])
+    return flags
+
+
+def test_every_flag_the_readmes_name_exists(monkeypatch):
+    ours = _our_flags(monkeypatch)
+    assert {"--candidates", "--format", "--json", "--epochs"} <= ours  # every parser was seen
+    named = {}
+    for readme in READMES:
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme.read_text()):
+            named.setdefault(flag, readme.relative_to(ROOT))
+    unknown = {f: str(where) for f, where in named.items() if f not in ours | OTHER_TOOLS}
+    assert not unknown, f"flags named in the READMEs that no command accepts: {unknown}"
