@@ -1,6 +1,6 @@
 """resnet_fast: fused-kernel ResNets for PyTorch.
 
-``from resnet_fast import resnet50`` is a drop-in for ``torchvision.models.resnet50`` (same
+``from resnet_fast import resnet50, ResNet50_Weights`` is a drop-in for torchvision's (same
 modules, same state_dict keys, same outputs); ``resnet_fast.available_backends()`` says which
 kernel backends work on this machine and why the others do not.
 """

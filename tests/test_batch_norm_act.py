@@ -1,7 +1,8 @@
 """batch_norm_act (training BN fused with add + ReLU) against nn.BatchNorm2d -> add -> ReLU:
 outputs, running statistics, num_batches_tracked and gradients, on every CPU backend (Triton in
 its interpreter), both layouts, odd sizes; float64 gradcheck; reduced precision under the
-tolerance rule; opcheck of every registered variant; the BatchNormAct2d module."""
+tolerance rule; opcheck of every registered variant; the models' ``bn_act`` on plain
+nn.BatchNorm2d modules."""
 
 import copy
 import os
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fast
-from resnet_fast.models import BatchNormAct2d
+from resnet_fast.models.norm import bn_act
 from resnet_fast.ops import batch_norm_act
 
 from _numerics import assert_within_reference_error
@@ -50,11 +51,8 @@ def _eager(bn, x, r, relu):
 
 
 def _ours(bn, x, r, relu, backend):
-    act = BatchNormAct2d(bn.num_features, affine=bn.affine, track_running_stats=bn.track_running_stats,
-                         momentum=bn.momentum).to(x.dtype)
-    act.load_state_dict(bn.state_dict())
-    act.train(bn.training)
-    return act, act.forward_act(x, r, relu, backend=backend)
+    act = copy.deepcopy(bn)
+    return act, bn_act(act, x, r, relu, backend=backend)
 
 
 def _compare(backend, shape, channels_last, residual, relu, affine=True, track=True,
@@ -70,7 +68,7 @@ def _compare(backend, shape, channels_last, residual, relu, affine=True, track=T
         if ours_bn is None:
             ours_bn, got = _ours(bn, x2, r2 if residual else None, relu, backend)
         else:
-            got = ours_bn.forward_act(x2, r2 if residual else None, relu, backend=backend)
+            got = bn_act(ours_bn, x2, r2 if residual else None, relu, backend=backend)
         assert got.shape == expect.shape and got.dtype == expect.dtype
         if channels_last and len(shape) == 4:
             assert got.is_contiguous(memory_format=torch.channels_last)
@@ -130,7 +128,7 @@ def test_module_semantics(backend, variant):
     if len(shape) == 2:
         bn = torch.nn.BatchNorm1d(6)
         x, r = _inputs(shape)
-        act = BatchNormAct2d(6)
+        act = torch.nn.BatchNorm2d(6)
         out = batch_norm_act(x, act.weight, act.bias, act.running_mean, act.running_var, True, 0.1,
                              1e-5, r, True, act.num_batches_tracked, backend=backend)
         torch.testing.assert_close(out, torch.relu(bn(x) + r), rtol=1e-5, atol=1e-5)
@@ -145,9 +143,9 @@ def test_one_value_per_channel_raises_like_torch(backend):
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         torch.nn.BatchNorm2d(4)(x)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        BatchNormAct2d(4).forward_act(x, backend=backend)
+        bn_act(torch.nn.BatchNorm2d(4), x, backend=backend)
     # In eval mode the running statistics are used: allowed, as in torch.
-    out = BatchNormAct2d(4).eval().forward_act(x, backend=backend)
+    out = bn_act(torch.nn.BatchNorm2d(4).eval(), x, backend=backend)
     torch.testing.assert_close(out, torch.relu(torch.nn.BatchNorm2d(4).eval()(x)))
 
 
@@ -236,18 +234,14 @@ def test_opcheck_of_the_whole_op():
     assert nbt.item() == 1
 
 
-def test_module_is_a_batchnorm2d_everywhere_it_matters():
-    act = BatchNormAct2d(8)
-    assert isinstance(act, torch.nn.BatchNorm2d)
-    assert list(act.state_dict()) == list(torch.nn.BatchNorm2d(8).state_dict())
-    x = torch.randn(4, 8, 3, 3)
-    torch.testing.assert_close(act(x), torch.nn.BatchNorm2d(8)(x))  # forward is BatchNorm2d's
-    model = resnet_fast.resnet18()
-    assert all(type(m) is BatchNormAct2d for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+def test_models_use_torchvisions_batchnorm2d():
+    model = resnet_fast.resnet18().train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 20 and all(type(m) is torch.nn.BatchNorm2d for m in norms)
+    assert all(b._fused_train() for b in model.modules() if hasattr(b, "_fused_train"))
     sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    assert not any(type(m) is BatchNormAct2d for m in sync.modules())
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in sync.modules()) == 20
-    # A converted model's blocks see a norm that is not ours: they run the unfused math.
+    # SyncBatchNorm must reduce across processes: the blocks run the unfused math.
     assert not any(b._fused_train() for b in sync.modules() if hasattr(b, "_fused_train"))
 
 

@@ -69,9 +69,11 @@ def test_cap_from_the_environment():
             "y = o.add_relu(x, x, backend='cpu'); del y; print(o.cpu_cache_bytes())")
     assert _run(code, RESNET_FAST_CPU_CACHE_MB="0").stdout.strip() == "0"
     assert int(_run(code, RESNET_FAST_CPU_CACHE_MB="64").stdout.strip()) > 0
-    bad = _run(code, RESNET_FAST_CPU_CACHE_MB="lots")
-    assert bad.returncode != 0
-    assert "RESNET_FAST_CPU_CACHE_MB must be an integer (megabytes), got 'lots'" in bad.stderr
+    for value in ("lots", "1e3", "512MB", "-"):
+        bad = _run(code, RESNET_FAST_CPU_CACHE_MB=value)
+        assert bad.returncode != 0, value
+        assert (f"RESNET_FAST_CPU_CACHE_MB must be a whole number of megabytes, got '{value}'"
+                in bad.stderr)
 
 
 def test_two_threads_at_once():

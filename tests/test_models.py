@@ -1,6 +1,7 @@
 """The torchvision family: same modules, same state_dict, same outputs and gradients."""
 
 import pickle
+import typing
 
 import pytest
 import torch
@@ -96,9 +97,32 @@ def test_bad_input_shapes_are_refused_with_a_clear_message():
 
 def test_unknown_model_name():
     with pytest.raises(ValueError, match=r"unknown model 'resnet5'.*did you mean.*resnet50"):
-        resnet_fast.create_model("resnet5")
-    assert "resnet50" in resnet_fast.list_models() and "resnet110" in resnet_fast.list_models()
-    assert isinstance(resnet_fast.create_model("resnet18", num_classes=7), resnet_fast.ResNet)
+        resnet_fast.get_model("resnet5")
+    assert resnet_fast.create_model is resnet_fast.get_model
+    assert isinstance(resnet_fast.get_model("ResNet18", num_classes=7), resnet_fast.ResNet)
+
+
+def test_torchvision_style_model_registry():
+    from resnet_fast import ResNet50_Weights
+    assert ResNet50_Weights is torchvision.models.ResNet50_Weights
+    everything = resnet_fast.list_models()
+    assert len(everything) == 15 and everything == sorted(everything)
+    assert resnet_fast.list_models(include="resnext*") == ["resnext101_32x8d",
+                                                           "resnext101_64x4d",
+                                                           "resnext50_32x4d"]
+    assert resnet_fast.list_models(include=["resnet1*"], exclude="*0") == ["resnet101",
+                                                                           "resnet152",
+                                                                           "resnet18"]
+    assert resnet_fast.list_models(module=resnet_fast.models) == everything
+    with pytest.raises(ValueError, match="expected module=None"):
+        resnet_fast.list_models(module=torchvision.models)
+    assert (resnet_fast.get_weight("ResNet50_Weights.IMAGENET1K_V2")
+            is ResNet50_Weights.IMAGENET1K_V2)
+    with pytest.raises(ValueError, match="got 'ViT_B_16_Weights.DEFAULT'"):
+        resnet_fast.get_weight("ViT_B_16_Weights.DEFAULT")
+    # The builders' weights= is typed: the enum first, as torchvision's tooling reads it.
+    hints = typing.get_type_hints(resnet_fast.resnet50)
+    assert ResNet50_Weights in typing.get_args(hints["weights"])
 
 
 def test_num_classes_conflicting_with_weights():

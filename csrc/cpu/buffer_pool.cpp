@@ -24,13 +24,18 @@ size_t cap_bytes() {
   static const size_t cap = [] {
     const char* env = std::getenv("RESNET_FAST_CPU_CACHE_MB");
     if (env == nullptr || *env == '\0') return size_t(1024) << 20;
+    long long mb = -1;
+    size_t used = 0;
     try {
-      const long long mb = std::stoll(env);
-      TORCH_CHECK(mb >= 0, "RESNET_FAST_CPU_CACHE_MB must be >= 0, got ", env);
-      return static_cast<size_t>(mb) << 20;
+      mb = std::stoll(env, &used);
     } catch (const std::logic_error&) {
-      TORCH_CHECK(false, "RESNET_FAST_CPU_CACHE_MB must be an integer (megabytes), got '", env, "'");
+      used = 0;  // not a number, or out of range
     }
+    // The whole value must be the integer: "1e3" or "512MB" is refused, not read as 1 or 512.
+    TORCH_CHECK(used > 0 && env[used] == '\0',
+                "RESNET_FAST_CPU_CACHE_MB must be a whole number of megabytes, got '", env, "'");
+    TORCH_CHECK(mb >= 0, "RESNET_FAST_CPU_CACHE_MB must be >= 0, got ", env);
+    return static_cast<size_t>(mb) << 20;
   }();
   return cap;
 }

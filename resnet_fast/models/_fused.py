@@ -24,32 +24,35 @@ counters (``p.data.copy_``, ``.numpy()``, DLPack, raw-pointer kernels), the same
 autograd has.
 
 No plans (the fold recomputed inside the call, differentiable) when gradients flow into the
-conv/BN parameters, under torch.compile/export (the fold is then part of the graph; inductor's
+conv/BN parameters, under torch.compile (the fold is then part of the graph; inductor's
 freezing constant-folds it) and for inference tensors (no version counter to watch).
 
 Fused only where the fold reproduces the modules exactly: an ``nn.Conv2d`` and a BatchNorm of
 the exact classes, without hooks (so no pruning masks or old-style weight_norm, which are
-hooks) and with plain tensor weights; parametrizations, QAT modules and subclasses are other
-classes. Anything else runs as torchvision runs it.
+hooks) and with plain tensor weights; parametrizations, QAT modules, subclasses and the fake
+tensors torch.export traces with are other classes. Anything else runs as torchvision runs
+it, as does a forward that ``torch.jit.trace`` or ``torch.fx.symbolic_trace`` records
+(:func:`recorded`); ``torch.jit.script`` compiles torchvision's code only.
 """
-
-from __future__ import annotations
 
 from typing import Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
 
 from .. import ops
 from .._extension import has_kernel, tensor_states
 from ..backends import resolve
 from ..ops import reference
-from .norm import BatchNormAct2d
 
-_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, BatchNormAct2d)
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
 T = TypeVar("T")
+# Whether torch.fx.symbolic_trace is recording. Where torch has only is_fx_tracing, that is
+# also true under torch.export, which recorded() rules out first (torch.compiler.is_compiling).
+_fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
 _MAX_PACKED_SIZES = 4  # input sizes a CPU plan keeps packed weights for (oldest dropped)
 
 
@@ -68,6 +71,14 @@ def in_functorch() -> bool:
     """Inside a torch.func transform (vmap, grad, ...), where the models run torchvision's
     plain math: our ops have no batching rules and the plans no meaning for wrapped tensors."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def recorded() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.fx.symbolic_trace`` (and so torchvision's
+    feature extraction) is recording the forward: the models then run torchvision's code, so
+    the recorded graph is torchvision's. torch.compile records the fused path (the fold
+    inside the graph)."""
+    return not torch.compiler.is_compiling() and (torch.jit.is_tracing() or _fx_tracing())
 
 
 def add_pair(conv: nn.Module, bn: nn.Module, key: list, sources: list[Tensor]) -> bool:

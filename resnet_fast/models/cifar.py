@@ -4,14 +4,11 @@ stage for depth 6n+2, and the paper's parameter-free "option A" shortcut (stride
 subsampling plus zero channel padding), which gives the paper's parameter counts
 (resnet20 0.27M, resnet56 0.85M, resnet110 1.7M)."""
 
-from __future__ import annotations
-
 from typing import Callable, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm import BatchNormAct2d
 from .resnet import BasicBlock, _Backbone, _linear_schedule, conv3x3, zero_init_last_bn
 
 
@@ -52,7 +49,7 @@ class CifarResNet(_Backbone):
             raise ValueError(f"CifarResNet: expected depth = 6n+2 with n >= 1 (20, 32, 44, 56, "
                              f"110, ...), got {depth}")
         self._init_common(num_classes, in_channels, drop_path_rate, return_features, backend)
-        norm_layer = norm_layer or BatchNormAct2d
+        norm_layer = norm_layer or nn.BatchNorm2d
         n = (depth - 2) // 6
         rates = _linear_schedule(drop_path_rate, 3 * n)
         self.conv1 = conv3x3(in_channels, 16)
@@ -83,6 +80,14 @@ class CifarResNet(_Backbone):
         if zero_init_residual:
             zero_init_last_bn(self)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(N, in_channels, H, W) -> (N, 64, H/4, W/4)."""
-        return self._features(x, [self.layer1, self.layer2, self.layer3])
+    def _stages(self) -> list[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3]
+
+    def _forward_plain_features(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return x

@@ -2,8 +2,6 @@
 DropBlock. Both are identities in eval mode and hold no parameters or buffers, so they never
 change a state_dict."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

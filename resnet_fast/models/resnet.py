@@ -4,14 +4,17 @@
 What differs from torchvision is inside ``forward`` only: in eval mode every conv -> BN
 (-> add) -> ReLU runs as one fused conv from per-layer plans the model owns (``_fused.py``;
 a whole ResNet runs them as one flat program); in training mode every BN -> (add ->) ReLU is
-one fused ``batch_norm_act``. Both compute what torchvision computes; where they could not
-(hooks, custom norm layers, parametrized convs, torch.func transforms), the block runs
-torchvision's own code. Extras for course-style use (all off by default, none of them adds a
-parameter or buffer): ``in_channels`` (1 = grayscale 3x3 stem, no maxpool),
-``drop_path_rate``, ``drop_block_prob``/``drop_block_size``, ``return_features``.
+one fused ``batch_norm_act``. Both compute what torchvision computes. Where they could not
+(hooks, a norm layer other than ``nn.BatchNorm2d``, parametrized convs, torch.func
+transforms) and where a tool records the model (``torch.jit.script``, ``torch.jit.trace``,
+``torch.fx.symbolic_trace`` and so torchvision's feature extraction), the model runs
+torchvision's own module-by-module code: the recorded graph is torchvision's, with its node
+names, and needs nothing of resnet_fast to run. torch.compile records the fused path;
+torch.export records torchvision's too (its parameters are fake tensors, which the fused path
+does not take). Extras for course-style use (all off by default, none of them adds a parameter
+or buffer): ``in_channels`` (1 = grayscale 3x3 stem, no maxpool), ``drop_path_rate``,
+``drop_block_prob``/``drop_block_size``, ``return_features``.
 """
-
-from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
@@ -21,8 +24,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import requested_backend
 from ..kernels.layout import layout_of
-from ._fused import ConvPlan, FusedEvalMixin, cached_plans, in_functorch, no_hooks
-from .norm import BatchNormAct2d
+from ._fused import ConvPlan, FusedEvalMixin, cached_plans, in_functorch, no_hooks, recorded
+from .norm import bn_act, fusable_bn
 from .regularizers import DropBlock2d, DropPath
 
 
@@ -59,35 +62,65 @@ class _Block(FusedEvalMixin, nn.Module):
             out = self.drop_path(out)
         return out
 
-    def _join(self, out: Tensor, identity: Tensor) -> Tensor:
+    def _residual(self, out: Tensor, identity: Tensor) -> Tensor:
+        """torchvision's join, after the regularizers: relu(out + identity)."""
         out = self._regularize(out)
-        if not self.training and not torch.jit.is_scripting() and not in_functorch():
-            return ops.add_relu(out, identity, backend=self.backend)
-        out = out + identity
-        return torch.relu(out)
+        out += identity
+        return self.relu(out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_plain(x)
+        return self._forward_eager(x)
+
+    def _forward_plain(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        """Fused where it computes what torchvision computes and no tool records the model;
+        torchvision's code otherwise."""
+        if not recorded():
+            plans = self._fused_plans()
+            if plans is not None:
+                n = len(self._fold_spec)
+                identity = self._identity_fused(x, plans[n] if len(plans) > n else None)
+                out = x
+                for plan in plans[:n - 1]:
+                    out = plan(out)
+                return plans[n - 1](out, identity)
+            if self._fused_train():
+                return self._forward_train(x)
+        return self._forward_plain(x)
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(conv, bn) of the block's own pairs, as ``_fold_spec`` names them."""
         return [(getattr(self, c), getattr(self, b)) for c, b, _ in self._fold_spec]
 
     def _fused_train(self) -> bool:
-        """Training with our BatchNormAct2d everywhere: every BN -> (add ->) ReLU is one fused
-        batch_norm_act (a custom norm_layer keeps torchvision's unfused math)."""
-        return (self.training and not torch.jit.is_scripting() and not in_functorch()
-                and all(isinstance(bn, BatchNormAct2d) for _, bn in self._pairs()))
+        """Training with plain ``nn.BatchNorm2d`` everywhere: every BN -> (add ->) ReLU is one
+        fused batch_norm_act (another norm layer keeps torchvision's unfused math)."""
+        return (self.training and not in_functorch()
+                and all(fusable_bn(bn) for _, bn in self._pairs()))
 
-    def _tail_train(self, out: Tensor, bn: BatchNormAct2d, identity: Tensor) -> Tensor:
+    def _tail_train(self, out: Tensor, bn: nn.BatchNorm2d, identity: Tensor) -> Tensor:
         """relu(bn(out) + identity) in training. With DropBlock/DropPath on, they act on the
         residual branch (bn's output) before the join, which is then one fused add_relu."""
         if self.drop_block is None and self.drop_path is None:
-            return bn.forward_act(out, residual=identity, backend=self.backend)
-        out = self._regularize(bn.forward_act(out, relu=False, backend=self.backend))
+            return bn_act(bn, out, residual=identity, backend=self.backend)
+        out = self._regularize(bn_act(bn, out, relu=False, backend=self.backend))
         return ops.add_relu(out, identity, backend=self.backend)
+
+    def _identity(self, x: Tensor) -> Tensor:
+        return x if self.downsample is None else self.downsample(x)
 
     def _identity_fused(self, x: Tensor, downsample_plan) -> Tensor:
         if downsample_plan is not None:
             return downsample_plan(x)
-        return x if self.downsample is None else self.downsample(x)  # e.g. CIFAR's shortcut
+        return self._identity(x)  # e.g. CIFAR's shortcut
 
 
 class BasicBlock(_Block):
@@ -101,7 +134,7 @@ class BasicBlock(_Block):
                  backend: Optional[str] = None) -> None:
         super().__init__()
         if norm_layer is None:
-            norm_layer = BatchNormAct2d
+            norm_layer = nn.BatchNorm2d
         if groups != 1 or base_width != 64:
             raise ValueError(f"BasicBlock only supports groups=1 and base_width=64, got "
                              f"groups={groups}, base_width={base_width}")
@@ -117,22 +150,17 @@ class BasicBlock(_Block):
         self.stride = stride
         self._init_extras(drop_path_rate, drop_block, backend)
 
-    def forward(self, x: Tensor) -> Tensor:
-        plans = self._fused_plans()
-        if plans is not None:
-            conv1, conv2, *ds = plans
-            identity = self._identity_fused(x, ds[0] if ds else None)
-            return conv2(conv1(x), identity)
-        if self._fused_train():
-            out = self.bn1.forward_act(self.conv1(x), backend=self.backend)
-            identity = x if self.downsample is None else self.downsample(x)
-            return self._tail_train(self.conv2(out), self.bn2, identity)
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        return self._join(out, identity)
+    def _forward_plain(self, x: Tensor) -> Tensor:
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        return self._residual(out, self._identity(x))
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        out = bn_act(self.bn1, self.conv1(x), backend=self.backend)
+        return self._tail_train(self.conv2(out), self.bn2, self._identity(x))
 
 
 class Bottleneck(_Block):
@@ -147,7 +175,7 @@ class Bottleneck(_Block):
                  backend: Optional[str] = None) -> None:
         super().__init__()
         if norm_layer is None:
-            norm_layer = BatchNormAct2d
+            norm_layer = nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
         self.bn1 = norm_layer(width)
@@ -160,30 +188,33 @@ class Bottleneck(_Block):
         self.stride = stride
         self._init_extras(drop_path_rate, drop_block, backend)
 
-    def forward(self, x: Tensor) -> Tensor:
-        plans = self._fused_plans()
-        if plans is not None:
-            conv1, conv2, conv3, *ds = plans
-            identity = self._identity_fused(x, ds[0] if ds else None)
-            return conv3(conv2(conv1(x)), identity)
-        if self._fused_train():
-            out = self.bn1.forward_act(self.conv1(x), backend=self.backend)
-            out = self.bn2.forward_act(self.conv2(out), backend=self.backend)
-            identity = x if self.downsample is None else self.downsample(x)
-            return self._tail_train(self.conv3(out), self.bn3, identity)
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        return self._join(out, identity)
+    def _forward_plain(self, x: Tensor) -> Tensor:
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
+        return self._residual(out, self._identity(x))
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        out = bn_act(self.bn1, self.conv1(x), backend=self.backend)
+        out = bn_act(self.bn2, self.conv2(out), backend=self.backend)
+        return self._tail_train(self.conv3(out), self.bn3, self._identity(x))
+
+
+# The stem's plan, then per block: its plans but the last, its last plan (which takes the
+# residual) and its shortcut (None: the identity; a plan: the fused downsample pair; else the
+# downsample module).
+FusedProgram = tuple[ConvPlan, list[tuple[tuple[ConvPlan, ...], ConvPlan, Optional[Callable]]]]
 
 
 class _Backbone(FusedEvalMixin, nn.Module):
     """What the ImageNet and CIFAR ResNets share: input check, stem, head and forward.
-    Subclasses define ``forward_features`` and set ``in_channels``, ``return_features``,
-    ``backend``."""
+    Subclasses define ``_stages`` and ``_forward_plain_features`` and set ``in_channels``,
+    ``return_features``, ``backend``."""
 
     in_channels: int
     return_features: bool
@@ -195,6 +226,16 @@ class _Backbone(FusedEvalMixin, nn.Module):
                              f"input, got shape {list(x.shape)}")
 
     def forward_features(self, x: Tensor) -> Tensor:
+        """Stem, (maxpool,) and the stages: (N, in_channels, H, W) -> (N, C, h, w)."""
+        if torch.jit.is_scripting():
+            return self._forward_plain_features(x)
+        return self._features(x)
+
+    def _forward_plain_features(self, x: Tensor) -> Tensor:
+        """torchvision's code, module by module."""
+        raise NotImplementedError
+
+    def _stages(self) -> list[nn.Module]:
         raise NotImplementedError
 
     _fold_spec = (("conv1", "bn1", True),)
@@ -203,9 +244,8 @@ class _Backbone(FusedEvalMixin, nn.Module):
         """relu(bn1(conv1(x))): one fused conv in eval mode."""
         if plans is not None:
             return plans[0](x)
-        if (self.training and not torch.jit.is_scripting() and not in_functorch()
-                and isinstance(self.bn1, BatchNormAct2d)):
-            return self.bn1.forward_act(self.conv1(x), backend=self.backend)
+        if self.training and not in_functorch() and fusable_bn(self.bn1):
+            return bn_act(self.bn1, self.conv1(x), backend=self.backend)
         return self.relu(self.bn1(self.conv1(x)))
 
     def _fused_program(self, stages: list[nn.Module]) -> Optional[FusedProgram]:
@@ -250,17 +290,21 @@ class _Backbone(FusedEvalMixin, nn.Module):
             x = last(out, identity)
         return x.contiguous(memory_format=fmt)
 
-    def _features(self, x: Tensor, stages: list[nn.Module]) -> Tensor:
-        """Stem, (maxpool,) stages. The fused eval path runs channels_last inside (what oneDNN,
-        cuDNN and our Triton kernel are fast at; measured on CPU: NCHW activations made the
-        fused model slower than eager) and hands the features back in the input's layout."""
+    @torch.jit.unused
+    def _features(self, x: Tensor) -> Tensor:
+        """The eager forward_features. The fused eval path runs channels_last inside (what
+        oneDNN, cuDNN and our Triton kernel are fast at; measured on CPU: NCHW activations
+        made the fused model slower than eager) and hands the features back in the input's
+        layout. Recorded by a tracer: torchvision's code."""
+        if recorded():
+            return self._forward_plain_features(x)
         self._check_input(x)
-        if not torch.jit.is_scripting():
-            program = self._fused_program(stages)
-            if program is not None:
-                return self._run_program(x, program)
+        stages = self._stages()
+        program = self._fused_program(stages)
+        if program is not None:
+            return self._run_program(x, program)
         fmt = layout_of(x)
-        plans = None if torch.jit.is_scripting() else self._fused_plans()
+        plans = self._fused_plans()
         fused = plans is not None
         if fused:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -350,7 +394,7 @@ class ResNet(_Backbone):
     ) -> None:
         super().__init__()
         if norm_layer is None:
-            norm_layer = BatchNormAct2d
+            norm_layer = nn.BatchNorm2d
         self._norm_layer = norm_layer
         if len(layers) != 4:
             raise ValueError(f"ResNet: expected 4 stage depths in layers, got {layers}")
@@ -433,16 +477,22 @@ class ResNet(_Backbone):
         p, size = self._drop_block
         return DropBlock2d(p, size) if p > 0 else None
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Stem and the four stages: (N, in_channels, H, W) -> (N, C, H/32, W/32)."""
-        return self._features(x, [self.layer1, self.layer2, self.layer3, self.layer4])
+    def _stages(self) -> list[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def _forward_plain_features(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        return x
 
 
 _BLOCKS = (BasicBlock, Bottleneck)
-# The stem's plan, then per block: its plans but the last, its last plan (which takes the
-# residual) and its shortcut (None: the identity; a plan: the fused downsample pair; else the
-# downsample module).
-FusedProgram = tuple[ConvPlan, list[tuple[tuple[ConvPlan, ...], ConvPlan, Optional[Callable]]]]
 
 
 def _assembler(held: list[tuple[type, Optional[nn.Module]]]
