@@ -1,5 +1,6 @@
-"""Model-level conversions: ``fuse_bn`` (fold every conv -> BN pair for deployment) and
-``convert`` (a torchvision ResNet instance -> the equivalent resnet_fast model)."""
+"""Model-level conversions: ``fuse_bn`` (fold every conv -> BN pair for deployment),
+``convert`` (a torchvision ResNet instance -> the equivalent resnet_fast model) and
+``optimize`` (either -> the fastest inference module this machine allows)."""
 
 from __future__ import annotations
 
@@ -115,10 +116,10 @@ def _fuse_fx(model: nn.Module) -> nn.Module:
 def fuse_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every conv -> BatchNorm pair into the conv for deployment.
 
-    The conv gets the folded weight and a bias (folded in float32, then cast); the BN becomes
-    ``nn.Identity``. ResNets (resnet_fast's and torchvision's) are folded by their module
-    structure and keep their class; any other model is traced with torch.fx and returned as a
-    ``GraphModule``. Plain torch.nn modules result either way.
+    The conv gets the folded weight and a bias (folded in float32, float64 for a float64 conv,
+    then cast); the BN becomes ``nn.Identity``. ResNets (resnet_fast's and torchvision's) are
+    folded by their module structure and keep their class; any other model is traced with
+    torch.fx and returned as a ``GraphModule``. Plain torch.nn modules result either way.
 
     Raises ValueError where folding would be wrong: a BN in training mode or without running
     statistics, a conv whose output feeds something besides its BN, a conv or BN module called

@@ -1,9 +1,9 @@
-"""The tolerance rule of DESIGN.md for reduced precision: the error of ours against an fp64
-truth may be at most 2x the error of the same-dtype PyTorch reference against that truth, plus
-a floor of two units of the dtype's precision at the magnitude of the largest term summed
-(``magnitude``, default the output's): where the reference is exact (float64, whose "truth" is
-itself) or cancels to zero error by luck, a kernel that rounds differently (an FMA, one
-rounding instead of three) is still one or two ulps of its largest term away."""
+"""The tolerance rule for reduced precision (docs/design.md, Tolerances): the error of ours
+against an fp64 truth may be at most 2x the error of the same-dtype PyTorch reference against
+that truth, plus a floor of two units of the dtype's precision at the magnitude of the largest
+term summed (``magnitude``, default the output's): where the reference is exact (float64, whose
+"truth" is itself) or cancels to zero error by luck, a kernel that rounds differently (an FMA,
+one rounding instead of three) is still one or two ulps of its largest term away."""
 
 import torch
 

@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _deterministic_fp32():
-    # fp32 comparisons are made with TF32 off (DESIGN.md, tolerances).
+    # fp32 comparisons are made with TF32 off (docs/design.md, Tolerances).
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     yield

@@ -74,7 +74,7 @@ def _compare(backend, shape, channels_last, residual, relu, affine=True, track=T
             assert got.is_contiguous(memory_format=torch.channels_last)
         if mean:
             # |mean| >> std: x itself carries fp32 rounding of the mean's size; judge both
-            # against a float64 truth (DESIGN.md's rule) instead of against each other.
+            # against a float64 truth (docs/design.md, Tolerances) instead of against each other.
             bn64 = copy.deepcopy(ref_bn).double()
             truth = _eager(bn64.train(training), x.double(), r.double() if residual else None, relu)
             assert_within_reference_error(got.detach(), expect.detach(), truth.detach())
@@ -187,7 +187,8 @@ def test_gradcheck_float64(backend, channels_last):
 @pytest.mark.parametrize("backend", ["cpu"] + (["triton"] if INTERPRET else []))
 def test_reduced_precision_within_the_tolerance_rule(dtype, backend):
     if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter's bfloat16 is not trustworthy (DESIGN.md)")
+        pytest.skip("the Triton interpreter's bfloat16 is not trustworthy "
+                    "(docs/design.md, Tolerances)")
     x, r = _inputs((4, 16, 6, 6), dtype, channels_last=True)
     w, b = torch.rand(16) + 0.5, torch.randn(16)  # float32 parameters, as under autocast
     out = batch_norm_act(x, w, b, None, None, True, 0.1, 1e-5, r, True, backend=backend)

@@ -2,11 +2,11 @@
 one of our commands (or is one of the few other tools' flags they show)."""
 
 import argparse
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+from _examples import load_example
 
 ROOT = Path(__file__).resolve().parent.parent
 READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "examples" / "README.md",
@@ -24,9 +24,7 @@ def _our_flags(monkeypatch) -> set[str]:
     from resnet_fast import deploy
     from resnet_fast.bench import cli, overhead, report
 
-    spec = importlib.util.spec_from_file_location("finetune", ROOT / "examples" / "finetune.py")
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
+    examples = [load_example(name) for name in ("finetune", "classify")]
     flags: set[str] = set()
 
     def capture(self, args=None, namespace=None):
@@ -35,7 +33,7 @@ def _our_flags(monkeypatch) -> set[str]:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     for main in (cli.main, deploy.fuse_main, deploy.check_main, overhead.main, report.main,
-                 finetune.main):
+                 *(example.main for example in examples)):
         with pytest.raises(_Parsed):
             main([])
     return flags
@@ -43,7 +41,7 @@ def _our_flags(monkeypatch) -> set[str]:
 
 def test_every_flag_the_readmes_name_exists(monkeypatch):
     ours = _our_flags(monkeypatch)
-    assert {"--candidates", "--format", "--json", "--epochs"} <= ours  # every parser was seen
+    assert {"--candidates", "--format", "--json", "--epochs", "--top"} <= ours  # every parser seen
     named = {}
     for readme in READMES:
         for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme.read_text()):

@@ -4,30 +4,20 @@ else, and a wrong layout fails with a message that says what was expected."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from PIL import Image
 
 import resnet_fast
+from _examples import load_example
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune.py"
 CLASSES = ("cat", "dog")
 
 
-def _load_example() -> ModuleType:
-    # examples/ is not a package: load the script from its path.
-    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _load_example()
+finetune = load_example("finetune")
 
 
 def _write_images(folder: Path, n: int, base: tuple[int, int, int], gen: torch.Generator) -> None:

@@ -173,10 +173,11 @@ ALL_TORCHVISION = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
 
 @pytest.mark.parametrize("arch", ALL_TORCHVISION)
 def test_every_architecture_on_every_cpu_backend_matches_torchvision(arch):
-    # fp32 CPU, calibrated weights. Rule (DESIGN.md): our error vs an fp64 truth <= 2x the
-    # error of fp32 torchvision vs that truth, plus 1e-5 of the logit scale. A flat 1e-4 of the
-    # scale is not a fair bar for the deep ones: fp32 torchvision itself is 9e-5 away from
-    # fp64 on resnet101 here, and folding BN into the weights rounds once more per layer.
+    # fp32 CPU, calibrated weights. Rule (docs/design.md, Tolerances): our error vs an fp64
+    # truth <= 2x the error of fp32 torchvision vs that truth, plus 1e-5 of the logit scale. A
+    # flat 1e-4 of the scale is not a fair bar for the deep ones: fp32 torchvision itself is
+    # 9e-5 away from fp64 on resnet101 here, and folding BN into the weights rounds once more
+    # per layer.
     torch.manual_seed(0)
     tv = calibrate_(getattr(torchvision.models, arch)(), batch_size=4, image_size=64)
     model = resnet_fast.convert(tv)

@@ -1,7 +1,8 @@
 // Training BatchNorm fused with (+ residual) and ReLU on CPU: bn_act_fwd and bn_act_bwd.
 //
 // Forward, two passes over x: per-channel batch statistics, then the apply pass fused with the
-// residual add and ReLU (our scale_shift_act kernel computing (x - mean) * (w * invstd) + b). Backward, two passes: the per-channel sums sum(g') and sum(g' * (x - mean)) with
+// residual add and ReLU (our scale_shift_act kernel computing (x - mean) * (w * invstd) + b).
+// Backward, two passes: the per-channel sums sum(g') and sum(g' * (x - mean)) with
 // g' = grad masked by out > 0, then dx (and d residual = g') in one elementwise pass.
 // Eager PyTorch runs BN (2 passes), add and ReLU as separate passes forward and backward.
 //

@@ -1,6 +1,9 @@
 // Entry points of the CPU kernels, compiled once per instruction set (kernels_default.cpp,
-// kernels_avx2.cpp) and picked at run time by dispatch.cpp. Arguments are validated,
-// dense in the same memory format, and `out` is allocated by the caller (ops_cpu.cpp).
+// kernels_avx2.cpp) and picked at run time by use_avx2() (defined in ops_cpu.cpp): in the
+// inline wrappers below, and in batch_norm_cpu.cpp for its float32 loops. Arguments are
+// validated and dense in the same memory format, and `out` is allocated by the caller
+// (ops_cpu.cpp, conv_bias_act.cpp, batch_norm_cpu.cpp); scale_shift_act's `out` may be `x`
+// itself (conv_bias_act.cpp runs its epilogue in place).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -27,7 +30,7 @@ RESNET_FAST_CPU_KERNELS(DEFAULT)
 RESNET_FAST_CPU_KERNELS(AVX2)
 #undef RESNET_FAST_CPU_KERNELS
 
-// Whether the AVX2 build of the kernels runs here: the CPU has AVX2/FMA/F16C and
+// Whether the AVX2 build of the kernels runs here: the CPU has AVX2/FMA/F16C/BMI2 and
 // ATEN_CPU_CAPABILITY (PyTorch's own override) does not ask for "default".
 bool use_avx2();
 

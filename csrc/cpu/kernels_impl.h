@@ -1,6 +1,7 @@
-// The CPU kernels' bodies. Included by kernels_default.cpp and kernels_avx2.cpp, each of
-// which defines CPU_CAPABILITY first, so every at::vec type and every function here exists
-// once per instruction set, in its own namespace (as ATen does for its own kernels).
+// The CPU kernels' bodies. Included by kernels_default.cpp and kernels_avx2.cpp, each
+// compiled with its own CPU_CAPABILITY (a #define in kernels_default.cpp, setup.py's
+// -DCPU_CAPABILITY=AVX2 for kernels_avx2.cpp), so every at::vec type and every function here
+// exists once per instruction set, in its own namespace (as ATen does for its own kernels).
 // Not a public header: include kernels.h for the entry points.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

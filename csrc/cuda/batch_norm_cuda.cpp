@@ -1,10 +1,11 @@
 // Training BatchNorm fused with (+ residual) and ReLU on CUDA: bn_act_fwd and bn_act_bwd.
 //
 // The per-channel reductions are ATen's CUDA Welford kernels, the ones SyncBatchNorm uses
-// (at::batch_norm_stats, at::batch_norm_backward_reduce); what is ours is the fusion around
-// them: the apply pass runs with the residual add and ReLU in our scale_shift_act kernel (one
-// pass instead of eager's BN-apply, add and ReLU), and the backward computes d residual as the
-// ReLU-masked grad once and feeds it to ATen's element pass.
+// (at::batch_norm_stats, at::batch_norm_backward_reduce). The forward applies with ATen's
+// at::batch_norm_elemt, then joins the residual with our add_relu kernel (one pass instead of
+// eager's add and ReLU; without a residual, ReLU in place). The backward computes the
+// ReLU-masked grad once, returns it as d residual, and feeds it to ATen's reduction and
+// element passes (at::batch_norm_backward_elemt).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -2,7 +2,8 @@
 // points (at::cudnn_convolution_relu / at::cudnn_convolution_add_relu, which build and cache
 // their cuDNN execution plans thread-safely per shape), with a fallback of ATen's convolution
 // followed by our fused epilogue kernel (resnet_fast::scale_shift_act) where cuDNN has no fused
-// engine for the configuration, cuDNN is disabled, or no ReLU is asked for.
+// engine for the configuration, cuDNN is disabled, x is float64 or empty, or no ReLU is asked
+// for (without a residual either: ATen's convolution with the bias alone).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>

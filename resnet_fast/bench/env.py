@@ -1,4 +1,4 @@
-"""The environment block every result carries (BENCHMARKING.md: what to report)."""
+"""The environment block every result carries (docs/benchmarking.md, "Environment block")."""
 
 from __future__ import annotations
 

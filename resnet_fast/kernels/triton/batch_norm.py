@@ -1,6 +1,6 @@
 """Training BatchNorm fused with (+ residual) and ReLU, in Triton: the forward statistics, the
-backward reduction and the backward element pass (the forward apply pass is the
-scale_shift_act kernel of elementwise.py).
+forward apply pass (``_apply_kernel``: (x - mean) * a + b, then the residual and ReLU), the
+backward reduction and the backward element pass.
 
 x is viewed as (N, C, HW) with element (n, c, s) at n * sN + c * sC + s * sHW, which covers
 NCHW (sC = HW, sHW = 1) and channels_last (sC = 1, sHW = C) with one kernel; a tile is

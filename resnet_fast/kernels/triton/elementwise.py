@@ -1,8 +1,9 @@
 """Elementwise epilogues in Triton: add_relu and scale_shift_act.
 
-Layout: tensors are walked in the caller's memory format. NCHW scale_shift_act runs one
-program row per (n, c) plane so the channel is a scalar per program (no per-element
-division); channels_last runs [rows, channels] tiles with the channel vector from arange.
+Layout: tensors are walked in the caller's memory format. NCHW scale_shift_act runs each
+program on one block of one (n, c) plane, so the channel is a scalar per program (no
+per-element division); channels_last runs [rows, channels] tiles with the channel vector
+from arange.
 Offsets are int64. Math in float32, rounded once on store. ReLU keeps NaN (tl.maximum(v, 0)
 would turn NaN into 0). The launchers expect validated arguments (resnet_fast.ops checks).
 """
