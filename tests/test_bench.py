@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from resnet_fast.bench import candidates, cli, inference, peers, report, runner, timing, training
-from resnet_fast.calibrate import calibrate_
+from resnet_fast.calibrate import calibrate_, reference_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +138,7 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
 
 
 def test_a_train_step_updates_every_weight_with_eagers_gradients():
-    reference = runner.reference_model("resnet18", None)
+    reference = reference_model("resnet18")
     names = ("eager", "eager_cl", "resnet_fast")
     steps = training.build_train_steps(names, "resnet18", reference, torch.float32,
                                     torch.device("cpu"))
