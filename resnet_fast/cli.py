@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -64,6 +65,17 @@ def torch_device(text: str) -> torch.device:
     return dev
 
 
+def _json(obj) -> str:
+    """``obj`` as strict JSON: a NaN or infinite error (a failed check) becomes "nan", "inf"."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, list) else value
+    return json.dumps(finite(obj), indent=1, allow_nan=False)
+
+
 def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
@@ -87,7 +99,7 @@ def environment_report() -> dict:
 def backends_main(args: argparse.Namespace) -> int:
     report = environment_report()
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(_json(report))
         return 0
     for key, value in report.items():
         if key not in ("extension", "backends"):
@@ -107,7 +119,7 @@ def check_main(args: argparse.Namespace) -> int:
                    batch=args.batch, image_size=args.image_size, device=args.device,
                    tolerance=args.tolerance)
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(_json(result))
     else:
         scale = result["logit_scale"]
         print(f"{args.arch} on {result['device']}, batch {args.batch}, logit scale {scale:.3g}")

@@ -69,8 +69,10 @@ def test_a_non_finite_reload_error_fails_the_fuse(tmp_path, checkpoint, capsys):
     assert captured.err.startswith("resnet-fast fuse: error: reload check failed")
     assert main(["check", "--arch", "resnet18", "--weights", str(nan_ckpt), "--image-size",
                  "32", "--json"]) == 1
-    result = json.loads(capsys.readouterr().out)
-    assert not result["ok"] and result["backends"]["reference"]["status"] == "fail"
+    # Strict JSON: the NaN error is the string "nan".
+    result = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)
+    reference = result["backends"]["reference"]
+    assert not result["ok"] and reference["status"] == "fail" and reference["max_abs_err"] == "nan"
 
 
 def test_check_passes_on_every_backend(capsys):
