@@ -105,7 +105,7 @@ def backends_main(args: argparse.Namespace) -> int:
         if key not in ("extension", "backends"):
             print(f"{key:<14} {value}")
     ext = report["extension"]
-    print(f"{'extension':<14} {'loaded' if ext['loaded'] else 'not loaded: ' + ext['error']}")
+    print(f"{'extension':<14} " + ("loaded" if ext["loaded"] else f"not loaded: {ext['error']}"))
     print("\nbackends:")
     for name, status in report["backends"].items():
         print(f"  {name:<10} {'yes' if status['available'] else 'no ':<4} {status['detail']}")
