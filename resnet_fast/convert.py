@@ -136,7 +136,8 @@ def fuse_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.ResNet:
     """A torchvision ResNet (any of the family, with its weights) -> the equivalent
-    resnet_fast model with a copy of its weights, on the same device/dtype, in the same mode."""
+    resnet_fast model with a copy of its weights, on the same device/dtype, in the same mode.
+    A replaced ``fc`` head (an ``nn.Sequential``, ``nn.Identity``, ...) is copied as it is."""
     if isinstance(model, rf_resnet.ResNet):
         return model
     if not isinstance(model, tv_resnet.ResNet):
@@ -153,11 +154,13 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.Res
         dilations.append(d > previous)
         previous = d
     norm = type(model.bn1)
-    ours = rf_resnet.ResNet(block, layers, num_classes=model.fc.out_features,
-                            groups=model.groups, width_per_group=model.base_width,
+    # num_classes only sizes the Linear that the copy of the model's own head replaces.
+    ours = rf_resnet.ResNet(block, layers, num_classes=1, groups=model.groups,
+                            width_per_group=model.base_width,
                             replace_stride_with_dilation=dilations,
                             norm_layer=None if norm is nn.BatchNorm2d else norm,
                             in_channels=model.conv1.in_channels, backend=backend)
+    ours.fc = copy.deepcopy(model.fc)
     ref = next(model.parameters())
     ours.load_state_dict(model.state_dict(), strict=True)
     ours.to(device=ref.device, dtype=ref.dtype)

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from resnet_fast.bench import candidates, cli, inference, peers, report, runner, timing, training
-from resnet_fast.calibrate import calibrate_
+from resnet_fast.calibrate import calibrate_, reference_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +52,20 @@ def test_cli_rejects_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert msg in capsys.readouterr().err
+
+
+def test_cli_takes_a_fine_tuned_checkpoint_as_training_scripts_save_it(tmp_path, capsys):
+    torch.manual_seed(0)
+    state = calibrate_(torchvision.models.resnet18(num_classes=3), batch_size=2,
+                       image_size=32).state_dict()
+    ckpt = tmp_path / "ft.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, ckpt)
+    assert cli.main(["--arch", "resnet18", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                     "--image-size", "32", "--candidates", "eager,resnet_fast", "--weights",
+                     str(ckpt), "--out", str(tmp_path), "--no-progress", "--no-plot"]) == 0
+    data = json.loads((tmp_path / "resnet18_float32.json").read_text())
+    assert data["weights"] == str(ckpt)
+    assert all(r["max_abs_err_vs_torchvision"] < 1e-3 for r in data["runs"])
 
 
 def test_calibration_gives_sane_logits():
@@ -138,7 +152,7 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
 
 
 def test_a_train_step_updates_every_weight_with_eagers_gradients():
-    reference = runner.reference_model("resnet18", None)
+    reference = reference_model("resnet18")
     names = ("eager", "eager_cl", "resnet_fast")
     steps = training.build_train_steps(names, "resnet18", reference, torch.float32,
                                     torch.device("cpu"))

@@ -134,6 +134,23 @@ def test_convert_torchvision_models(arch, kwargs):
         _close(ours(x), tv(x), rel=1e-4)
 
 
+@pytest.mark.parametrize("head", [
+    nn.Identity(),  # a feature extractor: (N, 512) embeddings
+    nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 7)),
+    nn.Linear(512, 5, bias=False),
+])
+def test_convert_keeps_a_replaced_fc_head(head):
+    torch.manual_seed(0)
+    tv = calibrate_(torchvision.models.resnet18(), batch_size=2, image_size=32)
+    tv.fc = head.eval()
+    ours = resnet_fast.convert(tv)
+    assert type(ours.fc) is type(head) and ours.fc is not head
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close(ours(x), tv(x), rel=1e-4)
+
+
 def test_convert_keeps_each_modules_mode_and_each_parameters_requires_grad():
     torch.manual_seed(0)
     tv = calibrate_(torchvision.models.resnet18(), batch_size=2, image_size=32).double().train()

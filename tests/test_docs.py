@@ -20,19 +20,28 @@ class _Parsed(Exception):
 
 
 def _our_flags(monkeypatch) -> set[str]:
-    """The option strings of every command's parser, captured as each main parses its args."""
-    from resnet_fast import deploy
-    from resnet_fast.bench import cli, overhead, report
+    """The option strings of every command's parser (and of its subcommands' parsers),
+    captured as each main parses its args."""
+    from resnet_fast import cli
+    from resnet_fast.bench import cli as bench_cli
+    from resnet_fast.bench import overhead, report
 
     examples = [load_example(name) for name in ("finetune", "classify")]
     flags: set[str] = set()
 
     def capture(self, args=None, namespace=None):
-        flags.update(self._option_string_actions)
+        parsers = [self]
+        while parsers:
+            parser = parsers.pop()
+            flags.update(parser._option_string_actions)
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers.extend(action.choices.values())
         raise _Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    for main in (cli.main, deploy.fuse_main, deploy.check_main, overhead.main, report.main,
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    for main in (cli.main, bench_cli.main, overhead.main, report.main,
                  *(example.main for example in examples)):
         with pytest.raises(_Parsed):
             main([])
@@ -41,7 +50,9 @@ def _our_flags(monkeypatch) -> set[str]:
 
 def test_every_flag_the_readmes_name_exists(monkeypatch):
     ours = _our_flags(monkeypatch)
-    assert {"--candidates", "--format", "--json", "--epochs", "--top"} <= ours  # every parser seen
+    # every parser was seen, subcommands' included
+    assert {"--candidates", "--format", "--opset", "--json", "--epochs", "--top",
+            "--debug"} <= ours
     named = {}
     for readme in READMES:
         for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme.read_text()):

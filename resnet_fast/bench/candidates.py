@@ -92,7 +92,8 @@ def build_candidates(names, arch: str, reference: torch.nn.Module, dtype: torch.
                 if not status[backend].available:
                     skipped[f"resnet_fast:{backend}"] = status[backend].detail
                     continue
-                model = create_model(arch, backend=backend)
+                model = create_model(arch, num_classes=reference.fc.out_features,
+                                     backend=backend)
                 model.load_state_dict(state)
                 out.append(Candidate(f"resnet_fast:{backend}",
                                      model.to(device=device, dtype=dtype).eval(), False))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import DTYPES
+from ..cli import DTYPES, at_least, batch_sizes, torch_device
 from ..models import TORCHVISION_ARCHS
 from .candidates import CANDIDATES
 from .env import device_slug
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true",
                         help="time a training step (forward, loss, backward, SGD) instead of "
                              "inference")
-    parser.add_argument("--batch", default=None,
+    parser.add_argument("--batch", type=batch_sizes, default=None,
                         help="comma-separated batch sizes (default: 1,16 on CPU and 1,32,256 on "
                              "GPU; with --train 16 on CPU and 256 on GPU)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
@@ -67,28 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", default=None,
                         help=f"comma-separated, from {', '.join(CANDIDATES)} (default: all); with "
                              f"--train from {', '.join(TRAIN_CANDIDATES)} (default: all)")
-    parser.add_argument("--repeats", type=int, default=None, help="default: 10 on CPU, 30 on GPU")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=at_least(1), default=None,
+                        help="default: 10 on CPU, 30 on GPU")
+    parser.add_argument("--warmup", type=at_least(0), default=2)
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="cpu or cuda[:N] (default: cuda if visible)")
+    parser.add_argument("--image-size", type=at_least(1), default=224)
     parser.add_argument("--weights", default=None,
-                        help="a torchvision state_dict checkpoint (loaded with weights_only=True) "
-                             "instead of calibrated random weights")
+                        help="a torchvision state_dict checkpoint (as resnet-fast fuse takes it; "
+                             "the class count is its fc's) instead of calibrated random weights")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: bench-results/<device>)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible")
+    device = str(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.startswith("cuda")
-    default_batch = ("256" if gpu else "16") if args.train else ("1,32,256" if gpu else "1,16")
-    try:
-        batches = tuple(int(b) for b in (args.batch or default_batch).split(","))
-    except ValueError:
-        parser.error(f"--batch: expected comma-separated integers, got {args.batch!r}")
+    default_batch = ((256,) if gpu else (16,)) if args.train else ((1, 32, 256) if gpu else (1, 16))
+    batches = args.batch or default_batch
     allowed = TRAIN_CANDIDATES if args.train else CANDIDATES
     names = tuple(n.strip() for n in (args.candidates or ",".join(allowed)).split(",") if n.strip())
     unknown = [n for n in names if n not in CANDIDATES + TRAIN_CANDIDATES]
@@ -102,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     if "eager" not in names:
         parser.error("--candidates must include eager (the baseline of every ratio)")
     repeats = (30 if gpu else 10) if args.repeats is None else args.repeats
-    if repeats < 1 or any(b < 1 for b in batches) or args.warmup < 0:
-        parser.error("--repeats and every batch size must be >= 1, --warmup >= 0")
+    if args.out is not None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--out: expected a folder it can write, got {args.out} "
+                         f"({exc.strerror or exc})")
     if args.weights and not Path(args.weights).is_file():
         parser.error(f"--weights: no such file {args.weights}")
     dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]

@@ -8,8 +8,9 @@ from typing import Optional
 
 import torch
 
+from ..calibrate import reference_model
 from .candidates import CANDIDATES, Candidate, build_candidates
-from .runner import Batch, header, pick_device, progress_bar, reference_model, run_batches
+from .runner import Batch, header, pick_device, progress_bar, run_batches
 
 # A candidate is flagged as diverged when its logits differ from fp32 torchvision by more than
 # twice what eager torchvision in the same dtype does, and by more than this fraction of the

@@ -1,5 +1,5 @@
 """The one run loop of ``resnet-fast bench``, for inference and for training steps, and the
-set-up both share (device, seeded reference model, the header every result file starts with).
+set-up both share (device, the header every result file starts with).
 
 Per batch size the mode sets up its calls (:class:`Batch`); the loop times each candidate's
 first call on its own (compilation, export, autotuning), lets the mode judge the first results
@@ -19,10 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torchvision
-from torch import nn
 
-from ..calibrate import calibrate_
 from .candidates import PEERS
 from .env import environment
 from .timing import interleaved, median_ratio, quantile
@@ -47,18 +44,6 @@ def pick_device(device: Optional[str]) -> torch.device:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # what a user of eager PyTorch does
     return dev
-
-
-def reference_model(arch: str, weights: Optional[str]) -> nn.Module:
-    """The seeded torchvision model every candidate copies: ``weights`` loaded, else calibrated."""
-    torch.manual_seed(0)
-    reference = getattr(torchvision.models, arch)()
-    if weights:
-        reference.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        reference.eval()
-    else:
-        calibrate_(reference)
-    return reference
 
 
 def header(arch: str, image_size: int, dtype: torch.dtype, repeats: int, warmup: int,

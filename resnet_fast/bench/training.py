@@ -22,8 +22,9 @@ from torch import nn
 
 from .. import create_model
 from ..backends import requested_backend
+from ..calibrate import reference_model
 from .candidates import compiled
-from .runner import Batch, header, pick_device, progress_bar, reference_model, run_batches
+from .runner import Batch, header, pick_device, progress_bar, run_batches
 
 TRAIN_CANDIDATES = ("eager", "eager_cl", "compile", "resnet_fast")
 TORCH_TRAIN = ("eager", "eager_cl", "compile")  # torch's own: they define the step-2 noise
@@ -93,7 +94,7 @@ def build_train_steps(names, arch: str, reference: nn.Module, dtype: torch.dtype
             out.append(TrainStep(name, copy.deepcopy(reference), channels_last,
                                  name == "compile", dtype, device))
         elif name == "resnet_fast":
-            model = create_model(arch)
+            model = create_model(arch, num_classes=reference.fc.out_features)
             model.load_state_dict(reference.state_dict())
             out.append(TrainStep(name, model, True, False, dtype, device))
         else:

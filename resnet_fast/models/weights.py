@@ -2,13 +2,15 @@
 
 Accepted: None; a torchvision weights enum member (``ResNet50_Weights.IMAGENET1K_V2``) or its
 name ("DEFAULT", "IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V2"), downloaded through the
-torch.hub cache as torchvision does; a local checkpoint path (loaded with
-``weights_only=True``: a checkpoint is data, never code); or a state_dict mapping.
+torch.hub cache as torchvision does; a local checkpoint path (read by :func:`load_checkpoint`,
+the one loader the builders, ``resnet-fast fuse/check`` and the benchmark share); or a
+state_dict mapping.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -72,9 +74,38 @@ def load_state_dict(arch: str, resolved, progress: bool) -> Mapping[str, Tensor]
     if WeightsEnum is not None and isinstance(resolved, WeightsEnum):
         return _download(resolved, progress)
     if isinstance(resolved, Path):
-        obj = torch.load(resolved, map_location="cpu", weights_only=True)
-        return _unwrap(arch, obj, str(resolved))
-    return _unwrap(arch, resolved, "the given state_dict")
+        return load_checkpoint(resolved)
+    return _unwrap(resolved, f"{arch}: the given state_dict")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state_dict in the checkpoint file ``path``, on CPU: loaded with ``weights_only=True``
+    (a checkpoint is data, never code), taken from under a 'state_dict' or 'model' key where
+    training scripts nest it, with DistributedDataParallel's 'module.' prefix removed.
+
+    Raises FileNotFoundError for a missing file, pickle.UnpicklingError for a checkpoint that
+    holds objects ``weights_only=True`` refuses to build, and ValueError for a file that is no
+    PyTorch checkpoint or holds no state_dict."""
+    text = os.fspath(path)
+    if not os.path.isfile(text):
+        raise FileNotFoundError(f"expected a checkpoint file, got {text!r} (no such file)")
+    if os.path.getsize(text) == 0:
+        raise ValueError(f"expected a PyTorch checkpoint, got an empty file: {text}")
+    try:
+        obj = torch.load(text, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        reason = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
+        raise pickle.UnpicklingError(
+            f"{text}: torch.load(weights_only=True) refused it ({reason.strip()}); load it "
+            "with weights_only=False yourself only if you trust its source") from exc
+    # Foreign bytes read as pickle opcodes or a zip archive fail in any way (EOFError,
+    # KeyError, IndexError, RuntimeError, ...): all of them mean "not a checkpoint".
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or ["no message"])[0]
+        raise ValueError(f"{text} is not a PyTorch checkpoint ({type(exc).__name__} from "
+                         f"torch.load: {reason})") from exc
+    return _unwrap(obj, text)
 
 
 def _download(weights, progress: bool) -> Mapping[str, Tensor]:
@@ -90,7 +121,7 @@ def _download(weights, progress: bool) -> Mapping[str, Tensor]:
             f"moves it), or pass weights='/path/to/{filename}'") from exc
 
 
-def _unwrap(arch: str, obj: Any, source: str) -> Mapping[str, Tensor]:
+def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
     """A state_dict from what training scripts save: the dict itself, or one nested under
     'state_dict' / 'model', with DistributedDataParallel's 'module.' prefix removed."""
     if isinstance(obj, Mapping):
@@ -99,8 +130,8 @@ def _unwrap(arch: str, obj: Any, source: str) -> Mapping[str, Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{arch}: {source} does not hold a state_dict (a mapping of parameter "
-                         f"names to tensors), got {type(obj).__name__}")
+        raise ValueError(f"{source} does not hold a state_dict (a mapping of parameter names "
+                         f"to tensors), got {type(obj).__name__}")
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+        return {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
