@@ -1,5 +1,5 @@
-"""Package-level behaviour: importing never fails for want of the extension, and the backend
-report says why a backend is missing."""
+"""Package-level behaviour: importing never fails for want of the extension but warns once
+with the reason and the fix, and the backend report says why a backend is missing."""
 
 import subprocess
 import sys
@@ -16,10 +16,20 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Block())
-import torch, resnet_fast
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, resnet_fast
+    import resnet_fast._extension  # imported already: no second warning
+ours = [str(w.message) for w in caught if w.category is resnet_fast.ExtensionWarning]
+assert len(ours) == 1, ours
+for part in (resnet_fast._extension.LOAD_ERROR, "simulated: extension not built",
+             "pip install --no-build-isolation", "resnet-fast backends"):
+    assert part in ours[0], (part, ours[0])
 status = resnet_fast.available_backends()
 assert status["reference"].available
-assert not status["cpu"].available and "could not be imported" in status["cpu"].detail, status["cpu"]
+cpu = status["cpu"]
+assert not cpu.available and "could not be imported" in cpu.detail, cpu
 x = torch.randn(2, 3, 4, 4)
 assert torch.equal(resnet_fast.ops.add_relu(x, x), torch.relu(x + x))  # auto -> reference
 try:
