@@ -1,10 +1,15 @@
 """Package-level behaviour: importing never fails for want of the extension but warns once
-with the reason and the fix, and the backend report says why a backend is missing."""
+with the reason and the fix, the backend report says why a backend is missing, and optional
+features name the extra that installs what they need."""
 
 import subprocess
 import sys
 
+import pytest
+
 import resnet_fast
+from resnet_fast._optional import require
+from resnet_fast.bench.runner import progress_bar
 
 _WITHOUT_EXTENSION = """
 import sys, importlib.abc
@@ -62,3 +67,15 @@ def test_cli_lists_backends(capsys):
 
 def test_version():
     assert resnet_fast.__version__
+
+
+def test_optional_dependency_names_its_extra():
+    with pytest.raises(ImportError, match=r"the frobnicator needs no_such_module_x .*"
+                                          r"pip install 'resnet_fast\[bench\]'"):
+        require("no_such_module_x", "bench", "the frobnicator")
+
+
+def test_bench_progress_bar_without_tqdm_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    with pytest.raises(ImportError, match=r"needs tqdm .*pip install 'resnet_fast\[bench\]'"):
+        progress_bar(1, "x", enabled=False)

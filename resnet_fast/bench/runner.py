@@ -22,6 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
+from .._optional import require
 from ..calibrate import calibrate_
 from .candidates import PEERS
 from .env import environment
@@ -73,7 +74,7 @@ def header(arch: str, image_size: int, dtype: torch.dtype, repeats: int, warmup:
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+    tqdm = require("tqdm", "bench", "the benchmark's progress bar").tqdm
     return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, disable=not enabled,
                 mininterval=1.0)
 
