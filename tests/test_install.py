@@ -4,7 +4,8 @@ built from it, against the torch installed here, on a machine without a CUDA too
 "Without a toolkit" is an explicit CUDA_HOME that has no bin/nvcc: setup.py must honour it
 (warn, build the CPU kernels only) rather than fall back to /usr/local/cuda. That build
 compiles the same sources as RESNET_FAST_NO_CUDA=1, so one build covers both; the switch
-itself is checked on setup.py's decision, which needs no compiler.
+itself is checked on setup.py's decision, which needs no compiler. The build is about 6.5
+CPU-minutes (10.5 minutes on two cores shared with other builds).
 """
 
 import os
