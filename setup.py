@@ -1,9 +1,11 @@
-"""Build of resnet_fast and its native extension ``resnet_fast._C``.
+"""Build of the native extension ``resnet_fast._C``; the package metadata is in pyproject.toml.
 
 The C++ CPU kernels are always built. The CUDA kernels are built when a real CUDA toolkit
-is found and torch was built with CUDA. Knobs (environment variables):
+is found and torch was built with CUDA; otherwise the build says why and builds the CPU
+kernels only. Knobs (environment variables):
 
-  CUDA_HOME              the toolkit to use (default: /usr/local/cuda when it has bin/nvcc)
+  CUDA_HOME              the toolkit to use, and the only one looked at when set (it needs
+                         bin/nvcc and include/cuda_runtime.h); unset: /usr/local/cuda
   RESNET_FAST_NO_CUDA=1  skip the CUDA sources even when a toolkit is present
   TORCH_CUDA_ARCH_LIST   target archs; default "8.0;9.0" when no GPU is visible
   MAX_JOBS               parallel compile jobs; default bounded by CPU count and RAM
@@ -18,27 +20,28 @@ import platform
 import warnings
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 _X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _find_cuda_home():
-    """The real CUDA toolkit, or None.
+    """The real CUDA toolkit, or None with the reason.
 
     torch guesses CUDA_HOME from the `nvcc` on PATH; where that nvcc is a wrapper script
     (as on our dev machines, /usr/local/bin/nvcc) the guess is /usr/local and linking
-    fails. So look at CUDA_HOME, then /usr/local/cuda, and accept a directory only when it
-    holds bin/nvcc and include/cuda_runtime.h.
+    fails. So take CUDA_HOME (or CUDA_PATH) when set, else /usr/local/cuda, and accept the
+    directory only when it holds bin/nvcc and include/cuda_runtime.h. A CUDA_HOME set to a
+    directory without them is honoured (a CPU-only build), not replaced by /usr/local/cuda.
     """
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if not candidate:
-            continue
-        if (Path(candidate, "bin", "nvcc").is_file()
-                and Path(candidate, "include", "cuda_runtime.h").is_file()):
-            return str(Path(candidate).resolve())
-    return None
+    var = next((v for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)), None)
+    candidate = Path(os.environ[var] if var else "/usr/local/cuda")
+    missing = [f for f in ("bin/nvcc", "include/cuda_runtime.h") if not (candidate / f).is_file()]
+    if not missing:
+        return str(candidate.resolve()), None
+    where = f"{var}={candidate}" if var else f"no CUDA_HOME set and {candidate}"
+    return None, f"{where} has no {' or '.join(missing)}"
 
 
 def _nvcc_major(cuda_home):
@@ -49,7 +52,7 @@ def _nvcc_major(cuda_home):
 
 
 WANT_CUDA = os.environ.get("RESNET_FAST_NO_CUDA", "0") != "1"
-CUDA_HOME = _find_cuda_home() if WANT_CUDA else None
+CUDA_HOME, NO_TOOLKIT = _find_cuda_home() if WANT_CUDA else (None, None)
 if CUDA_HOME:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
     os.environ["CUDA_HOME"] = CUDA_HOME
@@ -61,7 +64,7 @@ build_cuda = False
 if not WANT_CUDA:
     print("resnet_fast: RESNET_FAST_NO_CUDA=1, building the CPU kernels only")
 elif CUDA_HOME is None:
-    warnings.warn("resnet_fast: no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only")
+    warnings.warn(f"resnet_fast: {NO_TOOLKIT}; building the CPU kernels only")
 elif torch.version.cuda is None:
     warnings.warn("resnet_fast: this torch has no CUDA support; building the CPU kernels only")
 elif _nvcc_major(CUDA_HOME) != int(torch.version.cuda.split(".")[0]):
@@ -118,7 +121,8 @@ if build_cuda:
         "resnet_fast._C",
         sources,
         include_dirs=[str(ROOT / "csrc")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags,
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=link_flags,
     )
     # Appended after CUDAExtension added torch's and the toolkit's include dirs.
@@ -163,17 +167,6 @@ class BuildExt(BuildExtension):
 
 
 setup(
-    name="resnet_fast",
-    version="0.1.0",
-    description="Fused-kernel ResNets for PyTorch: drop-in torchvision models, Triton/CUDA/CPU kernels",
-    packages=find_packages(include=["resnet_fast", "resnet_fast.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "torchvision>=0.26"],
-    extras_require={"bench": ["tqdm", "matplotlib"], "test": ["pytest", "pytest-benchmark", "hypothesis"],
-                    "onnx": ["onnx", "onnxscript", "onnxruntime"],
-                    "peers": ["onnx", "onnxscript", "onnxruntime", "openvino"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["resnet-fast=resnet_fast.cli:main"]},
-    zip_safe=False,
 )

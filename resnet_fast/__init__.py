@@ -6,11 +6,13 @@ kernel backends work on this machine and why the others do not.
 """
 
 from . import ops
+from ._extension import ExtensionWarning
+from ._version import __version__
 from .backends import BackendUnavailableError, available_backends
 from .convert import convert, fuse_bn, optimize
 from .models import *  # noqa: F401,F403
 from .models import __all__ as _models_all
+from .models.weights import load_checkpoint
 
-__version__ = "0.1.0"
-__all__ = ["ops", "available_backends", "BackendUnavailableError", "convert", "fuse_bn", "optimize",
-           "__version__", *_models_all]
+__all__ = ["ops", "available_backends", "BackendUnavailableError", "ExtensionWarning", "convert",
+           "fuse_bn", "optimize", "load_checkpoint", "__version__", *_models_all]

@@ -1,16 +1,26 @@
 """Guarded load of the native extension ``resnet_fast._C``.
 
-Importing resnet_fast never fails because the extension is missing, was built for another
-torch, or was built without CUDA: the failure is recorded here and reported by
-``resnet_fast.available_backends()``; the ``reference`` backend always works.
+Importing resnet_fast never fails because the extension is missing or was built for another
+torch: the import warns once (:class:`ExtensionWarning`, with the reason and the fix), the
+reason stays in :data:`LOAD_ERROR` and ``resnet_fast.available_backends()`` reports it; the
+``reference`` backend always works. An extension built without CUDA is a build choice, not a
+failure: only the backend report says so.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import torch
+
+
+class ExtensionWarning(UserWarning):
+    """The C++ extension could not be loaded; resnet_fast runs without its cpu and cuda
+    backends. Issued while resnet_fast is first imported, so filter it by module before the
+    import: ``warnings.filterwarnings("ignore", module="resnet_fast")``."""
+
 
 _C = None
 LOAD_ERROR: str | None = None
@@ -18,8 +28,14 @@ LOAD_ERROR: str | None = None
 try:
     from . import _C  # noqa: F811  (runs the TORCH_LIBRARY registrations)
 except ImportError as exc:  # not built, or built against a different torch
-    LOAD_ERROR = (f"the C++ extension resnet_fast._C could not be imported ({exc}); "
-                  "build it with `pip install --no-build-isolation -e .` (or `make test`)")
+    LOAD_ERROR = (f"the C++ extension resnet_fast._C could not be imported ({exc}); rebuild it "
+                  f"against the installed torch {torch.__version__} from the source tree with "
+                  "`pip install --no-build-isolation .` (a development checkout: "
+                  "`pip install --no-build-isolation -e .` or `make build`)")
+    warnings.warn(f"resnet_fast: {LOAD_ERROR}. Until then the cpu and cuda backends are "
+                  "unavailable and ops run on the reference (plain PyTorch) or Triton backend. "
+                  "Run `resnet-fast backends` (or `python -m resnet_fast.doctor`) for the full "
+                  "picture.", ExtensionWarning)
 
 
 def loaded() -> bool:

@@ -1,5 +1,6 @@
-"""Package-level behaviour: importing never fails for want of the extension, and the backend
-report says why a backend is missing."""
+"""Package-level behaviour: importing never fails for want of the extension but warns once
+with the reason and the fix, the backend report says why a backend is missing, and optional
+features name the extra that installs what they need."""
 
 import subprocess
 import sys
@@ -7,6 +8,8 @@ import sys
 import pytest
 
 import resnet_fast
+from resnet_fast._optional import require
+from resnet_fast.bench.runner import progress_bar
 
 _WITHOUT_EXTENSION = """
 import sys, importlib.abc
@@ -18,10 +21,20 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Block())
-import torch, resnet_fast
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, resnet_fast
+    import resnet_fast._extension  # imported already: no second warning
+ours = [str(w.message) for w in caught if w.category is resnet_fast.ExtensionWarning]
+assert len(ours) == 1, ours
+for part in (resnet_fast._extension.LOAD_ERROR, "simulated: extension not built",
+             "pip install --no-build-isolation", "resnet-fast backends"):
+    assert part in ours[0], (part, ours[0])
 status = resnet_fast.available_backends()
 assert status["reference"].available
-assert not status["cpu"].available and "could not be imported" in status["cpu"].detail, status["cpu"]
+cpu = status["cpu"]
+assert not cpu.available and "could not be imported" in cpu.detail, cpu
 x = torch.randn(2, 3, 4, 4)
 assert torch.equal(resnet_fast.ops.add_relu(x, x), torch.relu(x + x))  # auto -> reference
 try:
@@ -56,3 +69,15 @@ def test_cli_lists_backends(capsys):
 
 def test_version():
     assert resnet_fast.__version__
+
+
+def test_optional_dependency_names_its_extra():
+    with pytest.raises(ImportError, match=r"the frobnicator needs no_such_module_x .*"
+                                          r"pip install 'resnet_fast\[bench\]'"):
+        require("no_such_module_x", "bench", "the frobnicator")
+
+
+def test_bench_progress_bar_without_tqdm_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    with pytest.raises(ImportError, match=r"needs tqdm .*pip install 'resnet_fast\[bench\]'"):
+        progress_bar(1, "x", enabled=False)

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._optional import require
 from .candidates import PEERS
 from .env import environment
 from .timing import interleaved, median_ratio, quantile
@@ -58,7 +59,7 @@ def header(arch: str, image_size: int, dtype: torch.dtype, repeats: int, warmup:
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
+    tqdm = require("tqdm", "bench", "the benchmark's progress bar").tqdm
     return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, disable=not enabled,
                 mininterval=1.0)
 
