@@ -24,7 +24,7 @@ def load_artefact(fmt: str, path: str):
             import onnxruntime
         except ImportError as exc:
             raise RuntimeError("reloading ONNX needs onnxruntime "
-                               "(pip install onnxruntime)") from exc
+                               "(pip install 'resnet_fast[onnx]')") from exc
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
         def run(images: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ from . import __version__
 # The --dtype names the commands accept.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What our code raises for a bad input or an environment that cannot run the command
-# (BackendUnavailableError is a RuntimeError): one line, no traceback.
-ERRORS = (ValueError, RuntimeError, OSError, pickle.UnpicklingError)
+# (BackendUnavailableError is a RuntimeError; a missing optional package an ImportError naming
+# the extra to install): one line, no traceback.
+ERRORS = (ValueError, RuntimeError, OSError, ImportError, pickle.UnpicklingError)
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import available_backends
+from ._optional import require
 from .backends import device_backends
 from .calibrate import reference_model
 from .convert import convert, fuse_bn
@@ -78,11 +79,7 @@ def export(model: nn.Module, example: torch.Tensor, fmt: str, out: str | os.Path
             else:
                 torch._inductor.aoti_compile_and_package(program, package_path=out)
         elif fmt == "onnx":
-            try:
-                import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-            except ImportError as exc:
-                raise RuntimeError("ONNX export needs the onnx and onnxscript packages "
-                                   "(pip install onnx onnxscript onnxruntime)") from exc
+            require("onnxscript", "onnx", "ONNX export")  # torch.onnx's exporter needs it
             torch.onnx.export(wrapped, (example,), out, dynamo=True, verbose=False,
                               input_names=["images"], output_names=["logits"],
                               dynamic_shapes={"images": {0: batch}}, opset_version=opset)

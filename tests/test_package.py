@@ -80,4 +80,7 @@ def test_optional_dependency_names_its_extra():
 def test_bench_progress_bar_without_tqdm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
     with pytest.raises(ImportError, match=r"needs tqdm .*pip install 'resnet_fast\[bench\]'"):
-        progress_bar(1, "x", enabled=False)
+        progress_bar(1, "x", enabled=True)
+    bar = progress_bar(1, "x", enabled=False)  # --no-progress: tqdm not needed
+    bar.update(1)
+    bar.close()

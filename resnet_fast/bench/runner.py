@@ -58,10 +58,22 @@ def header(arch: str, image_size: int, dtype: torch.dtype, repeats: int, warmup:
                 shlex.quote(a) for a in sys.argv[1:])}
 
 
+class _NoBar:
+    """What the run loop calls on a progress bar, doing nothing (``--no-progress``: tqdm is
+    then not needed)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
     tqdm = require("tqdm", "bench", "the benchmark's progress bar").tqdm
-    return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, disable=not enabled,
-                mininterval=1.0)
+    return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, mininterval=1.0)
 
 
 def best_peer(times: dict[str, list[float]], diverged: set[str]) -> Optional[str]:
