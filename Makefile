@@ -1,4 +1,5 @@
-# make test   create .venv if missing, install the dev set, build the extension, run all tests
+# make test   create .venv if missing, install the dev set, build the extension, lint (ruff),
+#             run all tests
 # make bench  same set-up, then the model benchmark (python -m resnet_fast.bench), with the
 #             peers (ONNX Runtime, OpenVINO) where they installed
 # make bench-kernels  the kernel benchmarks (pytest-benchmark; JSON in .benchmarks/)
@@ -37,6 +38,7 @@ $(STAMPS)/build: $(STAMPS)/deps $(SOURCES)
 build: $(STAMPS)/build
 
 test: build
+	$(PY) -m ruff check .
 	RESNET_FAST_REQUIRE_CUDA_BUILD=$(REQUIRE_CUDA) $(PY) -m pytest
 	@echo "kernel suites, one call each (so they cannot rot):"
 	RESNET_FAST_BENCH_BATCHES=1 $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable

@@ -13,10 +13,10 @@ kernels only. Knobs (environment variables):
 
 import glob
 import os
+import platform
 import re
 import subprocess
 import sys
-import platform
 import warnings
 from pathlib import Path
 
@@ -64,12 +64,14 @@ build_cuda = False
 if not WANT_CUDA:
     print("resnet_fast: RESNET_FAST_NO_CUDA=1, building the CPU kernels only")
 elif CUDA_HOME is None:
-    warnings.warn(f"resnet_fast: {NO_TOOLKIT}; building the CPU kernels only")
+    warnings.warn(f"resnet_fast: {NO_TOOLKIT}; building the CPU kernels only", stacklevel=1)
 elif torch.version.cuda is None:
-    warnings.warn("resnet_fast: this torch has no CUDA support; building the CPU kernels only")
+    warnings.warn("resnet_fast: this torch has no CUDA support; building the CPU kernels only",
+                  stacklevel=1)
 elif _nvcc_major(CUDA_HOME) != int(torch.version.cuda.split(".")[0]):
     warnings.warn(f"resnet_fast: nvcc in {CUDA_HOME} is CUDA {_nvcc_major(CUDA_HOME)} but torch "
-                  f"was built with CUDA {torch.version.cuda}; building the CPU kernels only")
+                  f"was built with CUDA {torch.version.cuda}; building the CPU kernels only",
+                  stacklevel=1)
 else:
     build_cuda = True
 

@@ -10,11 +10,10 @@ import statistics
 
 import pytest
 import torch
-
-from resnet_fast.ops import batch_norm_act
+from conftest import batch_sizes, devices_and_backends
 
 from resnet_fast.bench.timing import interleaved, median_ratio, synchronized
-from conftest import batch_sizes, devices_and_backends
+from resnet_fast.ops import batch_norm_act
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 

@@ -9,12 +9,11 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import devices_and_backends
 
 import resnet_fast
-from resnet_fast.ops import conv_bias_act, fold_bn
-
 from resnet_fast.bench.timing import interleaved, synchronized
-from conftest import devices_and_backends
+from resnet_fast.ops import conv_bias_act, fold_bn
 
 BATCHES = {"cpu": [1, 16], "cuda": [1, 32, 256]}
 
@@ -98,9 +97,12 @@ def test_resnet50_conv_layers(benchmark, record, device, backend, dtype, batch):
 
         candidates = {"ours": ours, "eager": eager}
         if device == "cuda" and relu:
-            candidates["cudnn_fused"] = (
-                (lambda: torch.cudnn_convolution_add_relu(x, w, r, 1.0, b, *geo))
-                if r is not None else (lambda: torch.cudnn_convolution_relu(x, w, b, *geo)))
+            def cudnn_fused(x=x, w=w, b=b, geo=geo, r=r):
+                if r is not None:
+                    return torch.cudnn_convolution_add_relu(x, w, r, 1.0, b, *geo)
+                return torch.cudnn_convolution_relu(x, w, b, *geo)
+
+            candidates["cudnn_fused"] = cudnn_fused
         with torch.inference_mode():
             if benchmark.disabled:  # make test's smoke run: one call each
                 times = interleaved(candidates, dev, repeats=1, warmup=0)

@@ -9,11 +9,10 @@ import statistics
 
 import pytest
 import torch
-
-from resnet_fast.ops import add_relu, scale_shift_act
+from conftest import batch_sizes, devices_and_backends
 
 from resnet_fast.bench.timing import interleaved, median_ratio, synchronized
-from conftest import batch_sizes, devices_and_backends
+from resnet_fast.ops import add_relu, scale_shift_act
 
 # (channels, spatial) of the ResNet-50 stage outputs, where every block joins its residual.
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]

@@ -35,7 +35,7 @@ except ImportError as exc:  # not built, or built against a different torch
     warnings.warn(f"resnet_fast: {LOAD_ERROR}. Until then the cpu and cuda backends are "
                   "unavailable and ops run on the reference (plain PyTorch) or Triton backend. "
                   "Run `resnet-fast backends` (or `python -m resnet_fast.doctor`) for the full "
-                  "picture.", ExtensionWarning)
+                  "picture.", ExtensionWarning, stacklevel=2)
 
 
 def loaded() -> bool:

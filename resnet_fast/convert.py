@@ -62,7 +62,7 @@ def _structural_pairs(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
 def _fuse_resnet(model: nn.Module) -> int:
     names = {id(m): n for n, m in model.named_modules()}
     pairs = _structural_pairs(model)
-    for parent, conv_attr, bn_attr in pairs:
+    for parent, _, bn_attr in pairs:
         bn = getattr(parent, bn_attr)
         _check_foldable(f"{names[id(parent)] or 'model'}.{bn_attr}".lstrip("."), bn)
     for parent, conv_attr, bn_attr in pairs:

@@ -10,12 +10,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _numerics import assert_within_reference_error
 
 import resnet_fast
 from resnet_fast.models.norm import bn_act
 from resnet_fast.ops import batch_norm_act
-
-from _numerics import assert_within_reference_error
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["reference", "cpu"] + (["triton"] if INTERPRET else [])

@@ -174,7 +174,7 @@ def test_a_train_step_updates_every_weight_with_eagers_gradients():
         for name, p in step.model.named_parameters():
             scale = eager[name].grad.abs().max()  # measured: <= 1e-13 of it apart
             torch.testing.assert_close(p.grad, eager[name].grad, rtol=0, atol=1e-9 * scale,
-                                       msg=lambda m: f"{step.name} {name}: {m}")
+                                       msg=lambda m, s=step.name, n=name: f"{s} {n}: {m}")
 
 
 def _tiny_classifier() -> torch.nn.Module:

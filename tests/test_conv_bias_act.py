@@ -7,12 +7,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _numerics import assert_within_reference_error
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import resnet_fast
 from resnet_fast.ops import conv_bias_act, fold_bn, reference
-
-from _numerics import assert_within_reference_error
 
 
 def _distinct_convs(arch, size=32):
@@ -55,7 +54,12 @@ def _case(conv, dtype=torch.float32, batch=2, channels_last=True, residual=True,
     p = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
     r = torch.randn(batch, c_out, p, p, generator=g, dtype=torch.float64) if residual else None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    cast = lambda t: None if t is None else t.to(dtype).contiguous(memory_format=fmt) if t.dim() == 4 else t.to(dtype)
+
+    def cast(t):
+        if t is None:
+            return None
+        return t.to(dtype).contiguous(memory_format=fmt) if t.dim() == 4 else t.to(dtype)
+
     return cast(x), cast(w), cast(b), (stride, pad, dil, groups), cast(r)
 
 
@@ -63,7 +67,10 @@ def _check(backend, x, w, b, geo, r, relu=True):
     stride, pad, dil, groups = geo
     out = conv_bias_act(x, w, b, stride, pad, dil, groups, r, relu, backend=backend)
     ref = reference.conv_bias_act(x, w, b, stride, pad, dil, groups, r, relu)
-    d = lambda t: None if t is None else t.double()
+
+    def d(t):
+        return None if t is None else t.double()
+
     truth = reference.conv_bias_act(d(x), d(w), d(b), stride, pad, dil, groups, d(r), relu)
     magnitude = F.conv2d(x.double().abs(), w.double().abs(), None, stride, pad, dil, groups)
     magnitude = magnitude + (0 if b is None else b.double().abs().view(1, -1, 1, 1))

@@ -3,13 +3,12 @@ residual and relu choice, the C++ CPU kernels agree with the reference (add_relu
 scale_shift_act per the tolerance rule) and keep the input's memory format."""
 
 import torch
+from _numerics import assert_within_reference_error, scale_shift_magnitude
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resnet_fast.kernels.layout import layout_of
 from resnet_fast.ops import add_relu, reference, scale_shift_act
-
-from _numerics import assert_within_reference_error, scale_shift_magnitude
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

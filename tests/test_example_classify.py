@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from _examples import load_example
 from PIL import Image
 from torchvision import transforms
 
 import resnet_fast
-from _examples import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "classify.py"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _examples import load_example
 from PIL import Image
 
 import resnet_fast
-from _examples import load_example
 
 CLASSES = ("cat", "dog")
 

@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import torchvision
 
 import resnet_fast
-import torchvision
 from resnet_fast.calibrate import calibrate_
 from resnet_fast.models._fused import ConvPlan
 

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from _numerics import assert_within_reference_error, scale_shift_magnitude
 
 from resnet_fast.ops import reference, scale_shift_act
-
-from _numerics import assert_within_reference_error, scale_shift_magnitude
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # The odd shape (nothing a multiple of a vector width), a ResNet-like one, 2-D and 3-D.

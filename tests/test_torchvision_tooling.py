@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torchvision.models.feature_extraction import (create_feature_extractor,
-                                                   get_graph_node_names)
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import resnet_fast
 from resnet_fast.models import TORCHVISION_ARCHS

@@ -7,12 +7,11 @@ import os
 
 import pytest
 import torch
+from _numerics import assert_within_reference_error
+from test_scale_shift_act import check_against_reference, make_inputs
 
 import resnet_fast
 from resnet_fast.ops import add_relu, reference, scale_shift_act
-
-from _numerics import assert_within_reference_error
-from test_scale_shift_act import check_against_reference, make_inputs
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",

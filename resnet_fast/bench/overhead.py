@@ -40,8 +40,8 @@ import torch.nn.functional as F
 import torchvision
 
 from .. import convert
-from ..models._fused import ConvPlan
 from ..calibrate import calibrate_
+from ..models._fused import ConvPlan
 from .env import environment
 from .timing import interleaved, quantile
 

@@ -12,10 +12,19 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 
 from torch import Tensor, nn
-from torchvision.models import (ResNet18_Weights, ResNet34_Weights, ResNet50_Weights,
-                                ResNet101_Weights, ResNet152_Weights, ResNeXt50_32X4D_Weights,
-                                ResNeXt101_32X8D_Weights, ResNeXt101_64X4D_Weights,
-                                Wide_ResNet50_2_Weights, Wide_ResNet101_2_Weights, WeightsEnum)
+from torchvision.models import (
+    ResNet18_Weights,
+    ResNet34_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
+    ResNet152_Weights,
+    ResNeXt50_32X4D_Weights,
+    ResNeXt101_32X8D_Weights,
+    ResNeXt101_64X4D_Weights,
+    WeightsEnum,
+    Wide_ResNet50_2_Weights,
+    Wide_ResNet101_2_Weights,
+)
 
 from . import weights as _weights
 from ._fused import refresh

@@ -11,10 +11,16 @@ import torch
 from torch import Tensor
 
 from ..backends import resolve
-from . import reference
 from ..kernels.layout import layout_of
-from ._common import (check_same_meta, check_tensor, check_triton_device, register_common,
-                      relu_grad, triton_kernels)
+from . import reference
+from ._common import (
+    check_same_meta,
+    check_tensor,
+    check_triton_device,
+    register_common,
+    relu_grad,
+    triton_kernels,
+)
 
 
 def _validate(x: Tensor, residual: Tensor) -> None:

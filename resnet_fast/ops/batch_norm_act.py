@@ -26,9 +26,18 @@ from torch import Tensor
 from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
-from ._common import (LIB, autocast_kernel, check_channel_param, check_same_meta, check_tensor,
-                      check_triton_device, qualnames, relu_grad)
+from ._common import (
+    LIB,
+    autocast_kernel,
+    check_channel_param,
+    check_same_meta,
+    check_tensor,
+    check_triton_device,
+    qualnames,
+    relu_grad,
+)
 from .scale_shift_act import scale_shift_act
+
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -152,7 +161,10 @@ def _autocast(args):
     # x and residual promote as eager's add would; weight/bias stay float32 when they are.
     x, weight, bias, residual, relu, eps = args
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    cast = (lambda p: p if p is None or p.dtype in (dtype, torch.float32) else p.float())
+
+    def cast(p):
+        return p if p is None or p.dtype in (dtype, torch.float32) else p.float()
+
     return (x.to(dtype), cast(weight), cast(bias),
             None if residual is None else residual.to(dtype), relu, eps)
 

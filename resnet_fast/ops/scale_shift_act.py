@@ -17,8 +17,15 @@ from torch import Tensor
 from ..backends import resolve
 from ..kernels.layout import layout_of
 from . import reference
-from ._common import (check_channel_param, check_same_meta, check_tensor, check_triton_device,
-                      register_common, relu_grad, triton_kernels)
+from ._common import (
+    check_channel_param,
+    check_same_meta,
+    check_tensor,
+    check_triton_device,
+    register_common,
+    relu_grad,
+    triton_kernels,
+)
 
 
 def check_scale_shift(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
