@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from _examples import load_script
 
 from resnet_fast.bench import candidates, cli, inference, peers, report, runner, timing, training
 from resnet_fast.calibrate import calibrate_, reference_model
@@ -353,3 +354,21 @@ def test_the_deployment_cli_does_not_import_the_benchmark():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
+    """benchmarks/profile_cpu.py on a tiny model: each runtime's per-forward time lands in
+    kinds (conv first among them), the JSON is written, a missing peer is said, not fatal."""
+    profile = load_script(ROOT / "benchmarks" / "profile_cpu.py")
+    out = tmp_path / "prof.json"
+    result = profile.main(["--arch", "resnet18", "--batch", "1", "--image-size", "32",
+                           "--iters", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["batches"]["1"].keys() == result["batches"][1].keys()
+    table = result["batches"][1]
+    assert set(table) == {"optimize", "onnxruntime", "openvino"}
+    for name, row in table.items():
+        if "not_run" in row:
+            assert name == "openvino" and "openvino" in row["not_run"]
+            continue
+        assert row["kinds"]["conv"] == max(row["kinds"].values()) > 0, (name, row)
+        assert sum(row["kinds"].values()) == pytest.approx(sum(row["ops"].values()))

@@ -1,0 +1,165 @@
+"""Where the time goes on CPU: per-operator time of ``resnet_fast.optimize``, ONNX Runtime and
+OpenVINO on the same calibrated model and input, per forward, grouped into comparable kinds
+(convolutions, the passes around them, pooling, fc).
+
+    python benchmarks/profile_cpu.py                    # ResNet-50, batch 1 and 16, fp32
+    python benchmarks/profile_cpu.py --batch 16 --threads 1 --json prof.json
+
+Sources: ``torch.profiler`` (self CPU time per aten/mkldnn/resnet_fast op), ORT's
+``enable_profiling`` trace (``Node`` events, kernel time per node) and OpenVINO's
+``PERF_COUNT`` report (real time per executed node). Each profiler adds its own overhead, so
+compare kinds within a runtime and totals against ``resnet-fast bench``, not to the last 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torchvision
+
+import resnet_fast
+from resnet_fast.bench.env import environment
+from resnet_fast.calibrate import calibrate_
+
+# Our ops by kind; anything else is "other".
+_OURS = {"mkldnn::_convolution_pointwise_": "conv", "aten::copy_": "residual copy",
+         "aten::fill_": "zero fill", "aten::zero_": "zero fill", "aten::clamp_min_": "relu pass",
+         "aten::relu_": "relu pass", "aten::max_pool2d_with_indices": "maxpool",
+         "aten::max_pool2d": "maxpool", "aten::mean": "avgpool", "aten::sum": "avgpool",
+         "aten::div_": "avgpool", "aten::adaptive_avg_pool2d": "avgpool", "aten::addmm": "fc",
+         "aten::linear": "fc"}
+_ORT = {"Conv": "conv", "FusedConv": "conv", "MaxPool": "maxpool",
+        "GlobalAveragePool": "avgpool", "ReduceMean": "avgpool", "Gemm": "fc", "Add": "add", "Relu": "relu pass",
+        "ReorderInput": "reorder", "ReorderOutput": "reorder"}
+_OV = {"Convolution": "conv", "MaxPool": "maxpool", "ReduceMean": "avgpool",
+       "FullyConnected": "fc", "Reorder": "reorder", "Eltwise": "add"}
+
+
+def ours(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
+    fast = resnet_fast.optimize(model, example_input=x)
+    with torch.inference_mode():
+        fast(x)
+        with torch.profiler.profile() as prof:
+            for _ in range(iters):
+                fast(x)
+    ops: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if not event.key.startswith("resnet_fast::"):  # our op's frame: its children count
+            ops[event.key] += event.self_cpu_time_total / 1e3 / iters
+    return _by_kind(ops, _OURS)
+
+
+def onnxruntime(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "model.onnx")
+        with torch.no_grad():
+            torch.onnx.export(model, (x,), path, dynamo=True, input_names=["input"],
+                              verbose=False)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        feed = {"input": x.numpy()}
+        session.run(None, feed)
+        trace = session.end_profiling()  # the warm-up call, dropped below
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        for _ in range(iters + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        del trace
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    first_end = runs[0]["ts"] + runs[0]["dur"]  # skip the first run of this session too
+    ops: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > first_end:
+            ops[e["args"].get("op_name", "?")] += e["dur"] / 1e3 / iters
+    return _by_kind(ops, _ORT)
+
+
+def openvino(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
+    import openvino as ov
+
+    with torch.no_grad():
+        converted = ov.convert_model(model, example_input=x)
+    compiled = ov.Core().compile_model(converted, "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    request.infer([x.numpy()])
+    ops: dict[str, float] = defaultdict(float)
+    for _ in range(iters):
+        request.infer([x.numpy()])
+        for info in request.get_profiling_info():
+            ops[f"{info.node_type} ({info.exec_type})"] += (
+                info.real_time.total_seconds() * 1e3 / iters)
+    return _by_kind({k: v for k, v in ops.items() if v > 0}, _OV, strip=" (")
+
+
+def _by_kind(ops: dict[str, float], kinds: dict[str, str], strip: str = "") -> dict:
+    """{"kinds": ms per kind, "ops": ms per op name as the profiler names it}."""
+    grouped: dict[str, float] = defaultdict(float)
+    for name, ms in ops.items():
+        grouped[kinds.get(name.split(strip)[0] if strip else name, "other")] += ms
+    return {"kinds": dict(grouped), "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+
+
+RUNTIMES = {"optimize": ours, "onnxruntime": onnxruntime, "openvino": openvino}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--batch", default="1,16", help="comma-separated (default 1,16)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--iters", type=int, default=5, help="profiled forwards (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
+    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = calibrate_(getattr(torchvision.models, args.arch)(), image_size=args.image_size)
+    result = {"arch": args.arch, "threads": torch.get_num_threads(), "unit": "ms per forward",
+              "iters": args.iters, "image_size": args.image_size,
+              "command": "python benchmarks/profile_cpu.py " + " ".join(argv or sys.argv[1:]),
+              "environment": environment(torch.device("cpu")), "batches": {}}
+    for batch in (int(b) for b in args.batch.split(",")):
+        x = torch.randn(batch, 3, args.image_size, args.image_size)
+        table = {}
+        for name, profile in RUNTIMES.items():
+            start = time.perf_counter()
+            try:
+                table[name] = profile(model, x, args.iters)
+            except ImportError as exc:  # a peer not installed: said, not fatal
+                table[name] = {"kinds": {}, "ops": {}, "not_run": str(exc)}
+                print(f"{name} not run: {exc}")
+                continue
+            print(f"profiled {name} at batch {batch} in {time.perf_counter() - start:.0f} s")
+        result["batches"][batch] = table
+        rows = [t["kinds"] for t in table.values()]
+        kinds = sorted({k for row in rows for k in row})
+        print(f"\n{args.arch} batch {batch}, {result['threads']} threads, ms per forward")
+        print(f"{'kind':<14}" + "".join(f"{name:>13}" for name in table))
+        for kind in kinds + ["total"]:
+            cells = [sum(row.values()) if kind == "total" else row.get(kind, 0.0)
+                     for row in rows]
+            print(f"{kind:<14}" + "".join(f"{c:>13.2f}" for c in cells))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
