@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from _examples import load_example
+from _examples import load_example, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "examples" / "README.md",
@@ -26,7 +26,8 @@ def _our_flags(monkeypatch) -> set[str]:
     from resnet_fast.bench import cli as bench_cli
     from resnet_fast.bench import overhead, report
 
-    examples = [load_example(name) for name in ("finetune", "classify")]
+    scripts = [*(load_example(name) for name in ("finetune", "classify", "export")),
+               load_script(ROOT / "benchmarks" / "profile_cpu.py")]
     flags: set[str] = set()
 
     def capture(self, args=None, namespace=None):
@@ -42,7 +43,7 @@ def _our_flags(monkeypatch) -> set[str]:
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
     for main in (cli.main, bench_cli.main, overhead.main, report.main,
-                 *(example.main for example in examples)):
+                 *(script.main for script in scripts)):
         with pytest.raises(_Parsed):
             main([])
     return flags
@@ -52,7 +53,7 @@ def test_every_flag_the_readmes_name_exists(monkeypatch):
     ours = _our_flags(monkeypatch)
     # every parser was seen, subcommands' included
     assert {"--candidates", "--format", "--opset", "--json", "--epochs", "--top",
-            "--debug"} <= ours
+            "--debug", "--threads"} <= ours
     named = {}
     for readme in READMES:
         for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme.read_text()):
