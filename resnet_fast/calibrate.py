@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .models.weights import load_checkpoint
+from .models.weights import load_checkpoint, load_into
 
 
 @torch.no_grad()
@@ -52,9 +52,5 @@ def reference_model(arch: str, checkpoint: Optional[str] = None,
     model = getattr(torchvision.models, arch)(num_classes=classes)
     if state is None:
         return calibrate_(model)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{arch}: the weights of {checkpoint} do not match the architecture: "
-                         f"{exc}") from exc
+    load_into(model, state, f"{arch}: the weights of {checkpoint}")
     return model.eval()

@@ -93,10 +93,7 @@ def _load_checked(arch: str, model: nn.Module, state_dict) -> None:
         raise ValueError(f"{arch}: the checkpoint's fc.weight has shape {tuple(fc.shape)} "
                          f"({fc.shape[0]} classes) but the model was built with num_classes="
                          f"{model.fc.out_features}; pass num_classes={fc.shape[0]}")
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{arch}: the weights do not match the architecture: {exc}") from exc
+    _weights.load_into(model, state_dict, f"{arch}: the weights")
 
 
 def resnet18(*, weights: Optional[Union[ResNet18_Weights, WeightsSource]] = None,
@@ -197,13 +194,13 @@ def list_models(module: Any = None, include: Union[str, Iterable[str], None] = N
     if module is not None and getattr(module, "__name__", None) not in (__name__, "resnet_fast"):
         raise ValueError(f"list_models: resnet_fast has one model family; expected module=None, "
                          f"got {module!r}")
-    names = set(_ARCHS)
-    if include is not None:
-        patterns = [include] if isinstance(include, str) else list(include)
-        names = {n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)}
+    def matching(patterns: Union[str, Iterable[str]]) -> set[str]:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        return {n for n in _ARCHS if any(fnmatch.fnmatch(n, p) for p in patterns)}
+
+    names = set(_ARCHS) if include is None else matching(include)
     if exclude is not None:
-        patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-        names = {n for n in names if not any(fnmatch.fnmatch(n, p) for p in patterns)}
+        names -= matching(exclude)
     return sorted(names)
 
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 try:
     from torchvision.models import WeightsEnum
@@ -106,6 +106,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         raise ValueError(f"{text} is not a PyTorch checkpoint ({type(exc).__name__} from "
                          f"torch.load: {reason})") from exc
     return _unwrap(obj, text)
+
+
+def load_into(model: nn.Module, state_dict: Mapping[str, Tensor], what: str) -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, a mismatch raised as a ValueError
+    that says ``what`` did not fit (e.g. "resnet50: the weights")."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{what} do not match the architecture: {exc}") from exc
 
 
 def _download(weights, progress: bool) -> Mapping[str, Tensor]:
