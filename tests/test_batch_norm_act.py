@@ -2,7 +2,8 @@
 outputs, running statistics, num_batches_tracked and gradients, on every CPU backend (Triton in
 its interpreter), both layouts, odd sizes; float64 gradcheck; reduced precision under the
 tolerance rule; opcheck of every registered variant; the models' ``bn_act`` on plain
-nn.BatchNorm2d modules."""
+nn.BatchNorm2d modules. The CUDA kernels are checked in the gpu tier,
+tests/test_gpu_native_ops.py."""
 
 import copy
 import os
@@ -243,36 +244,6 @@ def test_models_use_torchvisions_batchnorm2d():
     assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in sync.modules()) == 20
     # SyncBatchNorm must reduce across processes: the blocks run the unfused math.
     assert not any(b._fused_train() for b in sync.modules() if hasattr(b, "_fused_train"))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape, channels_last", [((3, 37, 13, 19), False), ((3, 37, 13, 19), True),
-                                                  ((32, 256, 28, 28), True), ((8, 2048, 7, 7), False)])
-def test_gpu_matches_the_float64_truth(backend, dtype, shape, channels_last):
-    """Outputs and every gradient within the tolerance rule (fp32 parameters, as under
-    autocast); the running statistics within fp32 rounding."""
-    x, r = (t.cuda() for t in _inputs(shape, dtype, channels_last))
-    w = (torch.rand(shape[1]) + 0.5).cuda()
-    b = torch.randn(shape[1]).cuda()
-    g = torch.randn(shape, generator=torch.Generator().manual_seed(9)).to("cuda", dtype)
-    results = {}
-    for name in ("ours", "eager", "truth"):
-        cast = torch.float64 if name == "truth" else None
-        xi, ri = (t.to(cast or t.dtype).detach().requires_grad_() for t in (x, r))
-        wi, bi = (t.to(cast or t.dtype).detach().requires_grad_() for t in (w, b))
-        rm, rv = torch.zeros_like(wi).detach(), torch.ones_like(wi).detach()
-        if name == "ours":
-            out = batch_norm_act(xi, wi, bi, rm, rv, True, 0.1, 1e-5, ri, True, backend=backend)
-        else:
-            out = torch.relu(F.batch_norm(xi, rm, rv, wi, bi, True, 0.1, 1e-5) + ri)
-        out.backward(g.to(out.dtype))
-        results[name] = (out, xi.grad, wi.grad, bi.grad, ri.grad, rm, rv)
-    for i in range(5):  # out, dx, dweight, dbias, dresidual
-        assert_within_reference_error(results["ours"][i], results["eager"][i], results["truth"][i])
-    for i in (5, 6):
-        torch.testing.assert_close(results["ours"][i].double(), results["truth"][i], rtol=1e-4, atol=1e-5)
 
 
 def test_autocast_promotes_mixed_inputs_like_eager():

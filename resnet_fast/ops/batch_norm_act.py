@@ -7,8 +7,8 @@ Training runs two primitives per call, each one op per backend:
 ``bn_act_fwd(x, weight, bias, residual, relu, eps) -> (out, mean, var)`` (statistics pass, then
 one fused apply + add + ReLU pass) and its backward ``bn_act_bwd`` (one reduction pass, one
 element pass for dx and d residual), from the saved statistics and the output (the ReLU mask).
-That is the CPU and Triton kernels; on CUDA, ATen's Welford passes do the statistics, apply and
-backward, with our fusion around them (csrc/cuda/batch_norm_cuda.cpp).
+On every backend but one the statistics pass is ours too; CUDA's is ATen's Welford reduction
+(csrc/cuda/batch_norm_cuda.cu).
 A backward that must itself be differentiable (create_graph=True, e.g. a gradient penalty) runs
 the same formula in PyTorch ops instead. An empty batch runs eager BatchNorm's empty path.
 Variants: ``torch.ops.resnet_fast.bn_act_fwd`` / ``bn_act_bwd`` (C++: CPU and CUDA) and
