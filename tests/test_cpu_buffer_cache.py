@@ -87,3 +87,30 @@ def test_two_threads_at_once():
 
     with ThreadPoolExecutor(2) as pool:  # exceptions in a thread re-raise here
         assert [w for wrong in pool.map(work, range(2)) for w in wrong] == []
+
+
+def test_conv_both_sides_of_the_cache_threshold():
+    """conv_bias_act on CPU float32 writes an output of 1 MiB or more into a cached buffer
+    (filled with the residual or zeros, then a sum post-op) and a smaller one straight from
+    oneDNN (a plain conv, or the residual as a binary-add post-op): both give the reference's
+    result, with and without a residual, ReLU or not, keeping a NaN of the residual."""
+    from resnet_fast.ops import conv_bias_act, reference
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 32, 3, 3, generator=g) / 17
+    b = torch.randn(64, generator=g)
+    for batch in (1, 4):  # output 256 KiB / 1 MiB
+        x = torch.randn(batch, 32, 32, 32, generator=g).contiguous(
+            memory_format=torch.channels_last)
+        r = torch.randn(batch, 64, 32, 32, generator=g).contiguous(
+            memory_format=torch.channels_last)
+        r[0, 5, 2, 3] = float("nan")
+        for residual, relu in ((r, True), (r, False), (None, True), (None, False)):
+            empty_cpu_cache()
+            out = conv_bias_act(x, w, b, 1, 1, 1, 1, residual, relu, backend="cpu")
+            ref = reference.conv_bias_act(x, w, b, (1, 1), (1, 1), (1, 1), 1, residual, relu)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+            assert torch.isnan(out).any() == (residual is not None)
+            del out
+            assert (cpu_cache_bytes() > 0) == (batch == 4)

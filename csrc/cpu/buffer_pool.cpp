@@ -99,7 +99,7 @@ void* acquire(size_t bytes) {
 // threads, an `out=` that resizes it.
 struct PoolAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kMinBytes || cap_bytes() == 0) return c10::GetCPUAllocator()->allocate(nbytes);
+    if (!pooled(nbytes)) return c10::GetCPUAllocator()->allocate(nbytes);
     const size_t rounded = (nbytes + kAlign - 1) / kAlign * kAlign;
     void* ptr = acquire(rounded);
     return {ptr, new Block{ptr, rounded}, &release, c10::Device(c10::DeviceType::CPU)};
@@ -115,6 +115,8 @@ PoolAllocator& pool_allocator() {
 }
 
 }  // namespace
+
+bool pooled(size_t bytes) { return bytes >= kMinBytes && cap_bytes() != 0; }
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat fmt) {

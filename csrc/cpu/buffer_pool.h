@@ -19,6 +19,10 @@ namespace resnet_fast::cpu {
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat fmt);
 
+// Whether empty_output of this many bytes takes its buffer from the cache (else it is the
+// default allocator's).
+bool pooled(size_t bytes);
+
 // Frees every cached buffer; returns the bytes released.
 int64_t buffer_cache_clear();
 // Bytes currently held in the cache (not counting buffers owned by live tensors).

@@ -1,10 +1,13 @@
 // conv_bias_act on CPU: act(conv2d(x, w) + bias (+ residual)), and its prepacked-weight form.
 //
 // float32 (the CPU inference dtype): oneDNN through the pointwise convolution ops PyTorch
-// ships. The output buffer (buffer_pool.h) is filled with the residual (or zeros) and the
-// convolution accumulates into it in place with the bias and an "add" post-op
-// (mkldnn::_convolution_pointwise_.binary): a reused buffer plus one fill pass costs half of
-// what a fresh output's page faults do (ResNet-50 layer1 conv3, batch 16: 16.8 vs 36.5 ms).
+// ships. An output large enough for the buffer cache (buffer_pool.h) is filled with the
+// residual (or zeros) and the convolution accumulates into it in place with the bias and a sum
+// post-op (mkldnn::_convolution_pointwise_.binary): a reused buffer plus one fill pass costs
+// half of what a fresh output's page faults do (ResNet-50 layer1 conv3, batch 16: 16.8 vs
+// 36.5 ms). A smaller output comes from the default allocator either way, so oneDNN writes it
+// directly, without the fill: the plain convolution (mkldnn::_convolution_pointwise), or with
+// the residual read as a binary-add post-op (mkldnn::_convolution_pointwise.binary).
 // The ReLU is our own in-place pass, not oneDNN's post-op: that one maps NaN to 0 and +inf to
 // FLT_MAX, where torch.relu keeps both.
 //
@@ -39,9 +42,21 @@ const c10::OperatorHandle& reorder_op() {
   return op;
 }
 
-const c10::OperatorHandle& conv_add_op() {
+const c10::OperatorHandle& conv_sum_inplace_op() {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise_", "binary");
+  return op;
+}
+
+const c10::OperatorHandle& conv_add_op() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
+  return op;
+}
+
+const c10::OperatorHandle& conv_op() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
   return op;
 }
 
@@ -63,18 +78,32 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        int64_t groups, const at::Tensor& r, bool relu,
                        at::IntArrayRef out_shape, at::MemoryFormat fmt) {
-  at::Tensor out = empty_output(out_shape, x.options(), fmt);
-  if (r.defined()) {
-    out.copy_(r);
-  } else {
-    out.zero_();
-  }
   c10::impl::GenericList no_scalars(c10::OptionalType::create(c10::NumberType::get()));
-  torch::jit::Stack stack{out, x, w, bias.defined() ? c10::IValue(bias) : c10::IValue(),
-                          padding.vec(), stride.vec(), dilation.vec(), groups,
-                          std::string("add"), c10::IValue(), c10::IValue(), no_scalars,
-                          c10::IValue()};
-  conv_add_op().callBoxed(stack);
+  const c10::IValue b = bias.defined() ? c10::IValue(bias) : c10::IValue();
+  at::Tensor out;
+  if (pooled(c10::multiply_integers(out_shape) * x.element_size())) {
+    out = empty_output(out_shape, x.options(), fmt);
+    if (r.defined()) {
+      out.copy_(r);
+    } else {
+      out.zero_();
+    }
+    torch::jit::Stack stack{out, x, w, b, padding.vec(), stride.vec(), dilation.vec(), groups,
+                            std::string("add"), c10::IValue(), c10::IValue(), no_scalars,
+                            c10::IValue()};
+    conv_sum_inplace_op().callBoxed(stack);
+  } else if (r.defined()) {
+    torch::jit::Stack stack{x, r, w, b, padding.vec(), stride.vec(), dilation.vec(), groups,
+                            std::string("add"), c10::IValue(), c10::IValue(), no_scalars,
+                            c10::IValue()};
+    conv_add_op().callBoxed(stack);
+    out = dense_in(stack.at(0).toTensor(), fmt);
+  } else {
+    torch::jit::Stack stack{x, w, b, padding.vec(), stride.vec(), dilation.vec(), groups,
+                            std::string("none"), no_scalars, c10::IValue()};
+    conv_op().callBoxed(stack);
+    out = dense_in(stack.at(0).toTensor(), fmt);
+  }
   if (relu) at::relu_(out);
   return out;
 }
