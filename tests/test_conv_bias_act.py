@@ -351,3 +351,42 @@ def test_packed_bad_arguments():
         torch.ops.resnet_fast.conv_bias_act_packed(x, w, b, *geo, r, True)
     with pytest.raises(ValueError, match=r"x has 4 channels but weight expects 8"):
         torch.ops.resnet_fast.conv_bias_act_packed(x[:, :4], packed, b, *geo, None, True)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("batch", [2, 40])  # output under / over the buffer cache's 1 MiB
+def test_packed_inplace_writes_over_the_residual(relu, channels_last, batch):
+    x, w, b, (stride, pad, dil, groups), r = _case((8, 16, 3, 1, 1, 1, 2, 20), batch=batch,
+                                                   channels_last=channels_last)
+    geo = ([stride] * 2, [pad] * 2, [dil] * 2, groups)
+    packed = torch.ops.resnet_fast.prepack_conv_weight(w, *geo, list(x.shape))
+    r[0, 3, 4, 5] = float("nan")
+    expect = reference.conv_bias_act(x, w, b, *geo, r, relu)
+    ptr, version = r.data_ptr(), r._version
+    assert torch.ops.resnet_fast.conv_bias_act_packed_(r, x, packed, b, *geo, relu) is None
+    assert r.data_ptr() == ptr and r._version > version
+    torch.testing.assert_close(r, expect, rtol=1e-4, atol=1e-4, equal_nan=True)
+    assert torch.isnan(r[0, 3, 4, 5])
+
+
+def test_packed_inplace_refusals_and_fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, w, b, geo, r, packed = _packed_case()
+    with pytest.raises(ValueError, match=r"expected the residual \(written in place\) dense in "
+                                         r"x's memory format"):
+        torch.ops.resnet_fast.conv_bias_act_packed_(r.contiguous(), x, packed, b, *geo)
+    with pytest.raises(ValueError, match=r"expected residual of the output's shape"):
+        torch.ops.resnet_fast.conv_bias_act_packed_(r[:1], x, packed, b, *geo)
+    with pytest.raises(ValueError, match=r"conv_bias_act_packed_: expected a weight from "
+                                         r"prepack_conv_weight"):
+        torch.ops.resnet_fast.conv_bias_act_packed_(r, x, w, b, *geo)
+    sq = torch.randn(2, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    w1 = torch.randn(8, 8, 1, 1)
+    p1 = torch.ops.resnet_fast.prepack_conv_weight(w1, [1, 1], [0, 0], [1, 1], 1, list(sq.shape))
+    with pytest.raises(ValueError, match=r"shares memory with x"):
+        torch.ops.resnet_fast.conv_bias_act_packed_(sq, sq, p1, None, [1, 1], [0, 0], [1, 1], 1)
+    mode = FakeTensorMode()
+    fr, fx, fp, fb = (mode.from_tensor(t) for t in (r, x, packed, b))
+    with mode:
+        torch.ops.resnet_fast.conv_bias_act_packed_(fr, fx, fp, fb, *geo)
