@@ -9,9 +9,10 @@ per shape is merged into the config table (``resnet_fast._jsonfile.update``, key
 name, Triton version and ``conv.shape_key``), and a per-layer JSON records every shape's times
 and ratios with the environment.
 
-    python benchmarks/tune_triton_conv.py
+    python benchmarks/tune_triton_conv.py [--archs resnet50] [--batches 256] [--dtypes bfloat16]
 
-writes the package's table and benchmarks/results/<gpu>/triton_conv_tune.json.
+merges into the package's table and benchmarks/results/<gpu>/triton_conv_tune.json after
+every conv, so a run cut short keeps what it measured and runs over subsets add up.
 
 ``--smoke`` runs one tiny shape with one config on the CPU under Triton's interpreter (timed
 with perf_counter against F.conv2d + bias + ReLU), so a test can run the whole script.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 ARCHS = ("resnet18", "resnet50", "resnext50_32x4d")
 BATCHES = (32, 256)
-DTYPES = (torch.bfloat16, torch.float16)
+DTYPES = ("bfloat16", "float16")
 # (conv as distinct_convs gives it, dtype, batch) of --smoke
 SMOKE = ((16, 32, 3, 1, 1, 1, 1, 5), torch.float32, 2)
 
@@ -89,55 +89,65 @@ def _conv_relu(x, w, b, stride, pad, dil, groups):
     return F.conv2d(x, w, b, stride, pad, dil, groups).relu_()
 
 
-def tune(cases, device: torch.device, configs_for, timer) -> list[dict]:
-    """Times every config of ``configs_for(conv, gemm_m)`` and the baseline per case; returns
-    one row per case, best config first."""
+def tune_one(conv, dtype, batch, device: torch.device, configs_for, timer) -> dict:
+    """Times each config of ``configs_for(conv, gemm_m)`` and the baseline (before and after
+    them) on one conv; the row of the per-layer JSON, with the fastest config as ``best``."""
     from resnet_fast.kernels.triton import conv as tconv
-    rows = []
-    for conv, dtype, batch in cases:
-        x, w, b = _tensors(conv, dtype, batch, device)
-        c_in, c_out, k, stride, pad, dil, groups, h = conv
-        geo = ((stride,) * 2, (pad,) * 2, (dil,) * 2)
-        p = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
-        gemm_m = batch * p * p
-        if device.type == "cuda":
-            baseline = functools.partial(torch.cudnn_convolution_relu, x, w, b, *geo, groups)
-        else:
-            baseline = functools.partial(_conv_relu, x, w, b, stride, pad, dil, groups)
-        expected = baseline().float()
-        heuristic = tconv.heuristic_config(gemm_m, c_out // groups, c_in // groups, k, k,
-                                           groups, tconv.sm_count(device))
-        times = []
-        for config in configs_for(conv, gemm_m):
-            ours = functools.partial(tconv.conv_bias_act, x, w, b, *geo, groups, None, True,
-                                     config=config)
-            try:
-                err = (ours().float() - expected).abs().max().item()
-                times.append((timer(ours), config, err))
-            except Exception as exc:  # out of shared memory or registers on this GPU
-                print(f"  {conv} {config}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        base_ms = timer(baseline)
-        best_ms, best, err = min(times, key=lambda t: t[0])
-        heuristic_ms = next((t for t, c, _ in times if c == heuristic), None)
-        key = tconv.shape_key(gemm_m, c_out // groups, c_in // groups, groups, k, k,
-                              (stride, stride), dtype)
-        rows.append(dict(key=key, conv=list(conv), batch=batch, dtype=str(dtype)[6:],
-                         best=best, best_ms=best_ms, baseline_ms=base_ms,
-                         heuristic_ms=heuristic_ms, best_over_baseline=base_ms / best_ms,
-                         heuristic_over_baseline=heuristic_ms and base_ms / heuristic_ms,
-                         max_abs_err_vs_baseline=err))
-        print(f"{key}: best {best_ms:.4f} ms, baseline {base_ms:.4f} ms "
-              f"({base_ms / best_ms:.2f}x)", flush=True)
-    return rows
+    x, w, b = _tensors(conv, dtype, batch, device)
+    c_in, c_out, k, stride, pad, dil, groups, h = conv
+    geo = ((stride,) * 2, (pad,) * 2, (dil,) * 2)
+    p = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    gemm_m = batch * p * p
+    if device.type == "cuda":
+        baseline = functools.partial(torch.cudnn_convolution_relu, x, w, b, *geo, groups)
+    else:
+        baseline = functools.partial(_conv_relu, x, w, b, stride, pad, dil, groups)
+    expected = baseline().float()
+    base_ms = [timer(baseline)]
+    times = []
+    for config in configs_for(conv, gemm_m):
+        ours = functools.partial(tconv.conv_bias_act, x, w, b, *geo, groups, None, True,
+                                 config=config)
+        try:
+            err = (ours().float() - expected).abs().max().item()
+            times.append((timer(ours), config, err))
+        except Exception as exc:  # out of shared memory or registers on this GPU
+            print(f"  {conv} {config}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    base_ms.append(timer(baseline))
+    baseline_ms = statistics.mean(base_ms)
+    best_ms, best, err = min(times, key=lambda t: t[0])
+    heuristic = tconv.heuristic_config(gemm_m, c_out // groups, c_in // groups, k, k, groups,
+                                       tconv.sm_count(device))
+    heuristic_ms = next((t for t, c, _ in times if c == heuristic), None)
+    return dict(key=tconv.shape_key(gemm_m, c_out // groups, c_in // groups, groups, k, k,
+                                    (stride, stride), dtype),
+                conv=list(conv), batch=batch, dtype=str(dtype).removeprefix("torch."),
+                best=best, best_ms=best_ms, baseline_ms=base_ms, heuristic=heuristic,
+                heuristic_ms=heuristic_ms, best_over_baseline=baseline_ms / best_ms,
+                heuristic_over_baseline=heuristic_ms and baseline_ms / heuristic_ms,
+                max_abs_err_vs_baseline=err, configs_timed=len(times))
+
+
+def _store_best(device: str, version: str, row: dict, table: dict) -> None:
+    shapes = table.setdefault("entries", {}).setdefault(device, {}).setdefault(version, {})
+    shapes[row["key"]] = row["best"]
+
+
+def _store_row(env: dict, row: dict, results: dict) -> None:
+    results["environment"] = env  # of the latest run; each row names its command
+    results.setdefault("layers", {})[row["key"]] = row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny shape, one config, CPU under Triton's interpreter")
+    parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated")
     parser.add_argument("--table", type=Path,
                         help="the config table to merge into (default: the package's)")
-    parser.add_argument("--out", type=Path, help="the per-layer JSON (default: "
+    parser.add_argument("--out", type=Path, help="the per-layer JSON to merge into (default: "
                         "benchmarks/results/<device>/triton_conv_tune.json)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -161,28 +171,32 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("needs a CUDA device (or --smoke)")
         device = torch.device("cuda")
         torch.backends.cudnn.benchmark = True
-        shapes = {c: None for arch in ARCHS for c in distinct_convs(arch, 224)}
-        cases = [(c, d, n) for d in DTYPES for n in BATCHES for c in shapes]
+        shapes = {c: None for arch in args.archs.split(",") for c in distinct_convs(arch, 224)}
+        cases = [(c, getattr(torch, d), int(n)) for d in args.dtypes.split(",")
+                 for n in args.batches.split(",") for c in shapes]
 
         def configs_for(conv, gemm_m):
             return _candidates(conv, gemm_m, tconv.sm_count(device))
-    rows = tune(cases, device, configs_for, _timer(device))
     env = environment(device)
     name = tconv.device_name(device)
-
-    def merge(table):
-        shapes = table.setdefault("entries", {}).setdefault(name, {}).setdefault(
-            f"triton {triton.__version__}", {})
-        shapes.update((row["key"], row["best"]) for row in rows)
-
-    update(args.table or tconv.TABLE_PATH, "Triton conv config table", merge)
+    version = f"triton {triton.__version__}"
+    table = args.table or tconv.TABLE_PATH
     out = args.out or (Path(__file__).parent / "results" / device_slug(env)
                        / "triton_conv_tune.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/tune_triton_conv.py " + " ".join(argv or sys.argv[1:])
-    out.write_text(json.dumps(dict(command=command.strip(), environment=env, layers=rows),
-                              indent=1) + "\n")
-    print(f"wrote {out} and {args.table or tconv.TABLE_PATH}")
+    command = "python benchmarks/tune_triton_conv.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    timer = _timer(device)
+    # Stored after every conv: a run cut short (a time limit) keeps what it measured, and
+    # runs over different subsets merge.
+    for conv, dtype, batch in cases:
+        row = tune_one(conv, dtype, batch, device, configs_for, timer)
+        print(f"{row['key']}: best {row['best_ms']:.4f} ms, {row['best_over_baseline']:.2f}x "
+              f"the baseline", flush=True)
+        update(table, "Triton conv config table", functools.partial(_store_best, name, version,
+                                                                    row))
+        update(out, "Triton conv tuning results",
+               functools.partial(_store_row, env, dict(row, command=command.strip())))
+    print(f"wrote {table} and {out}")
     return 0
 
 
