@@ -448,14 +448,18 @@ def test_triton_table_entry_is_used(table, spy, monkeypatch):
 
 
 @triton_only
-@pytest.mark.parametrize("content", [None, "{not json", '{"entries": []}',
-                                     '{"entries": {"cpu": {"triton %s": {"%s": {"BLOCK_M": 0}}}}}'])
+@pytest.mark.parametrize("content", [None, "{not json", '{"entries": []}', {"BLOCK_M": 64},
+                                     _config(48, 16, 16), _config(16, 16, 8)], ids=str)
 def test_triton_bad_table_warns_once_and_uses_the_heuristic(table, spy, content):
+    """No file, a corrupt file, or an entry that is not a usable config: one TableWarning, and
+    the heuristic config."""
     import triton
     tconv = _tconv()
-    if content is not None:
+    if isinstance(content, dict):
         key = tconv.shape_key(2 * 5 * 5, 32, 16, 1, 3, 3, (1, 1), torch.float32)
-        table.write_text(content.replace("%s", triton.__version__, 1).replace("%s", key, 1))
+        content = json.dumps({"entries": {"cpu": {f"triton {triton.__version__}": {key: content}}}})
+    if content is not None:
+        table.write_text(content)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert _run_table_conv(spy) == _heuristic()

@@ -56,7 +56,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = not INTERPRET and os.environ.get("RESNET_FAST_TRITON_AUTOTUNE", "1") != "0"
 TABLE_PATH = Path(__file__).with_name("conv_configs.json")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
-MAX_BLOCK_M = 256  # the widest row tile of any config (bounds the int32 check's overhang)
+MAX_BLOCK = 256  # the widest tile of the autotune search (bounds the int32 check's overhang)
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for the wide late layers, narrow ones
 # for the 64-channel early layers and the grouped convs.
 SEARCH = [
@@ -302,25 +302,30 @@ def config_table() -> dict:
     return entries
 
 
-_bad_entries: set[str] = set()
+_bad_entries: set[tuple[str, str, str]] = set()
 
 
 def table_config(device: torch.device, key: str) -> dict | None:
     """This device's and Triton version's table entry for ``key``, or None. An entry that is
-    not a complete config of positive ints is ignored with one warning."""
+    not a complete config of positive ints, with power-of-two tiles of at least 16 and warps,
+    is ignored with one warning."""
     versions = config_table().get(device_name(device))
     shapes = versions.get(f"triton {triton.__version__}") if isinstance(versions, dict) else None
     entry = shapes.get(key) if isinstance(shapes, dict) else None
     if entry is None:
         return None
     if (isinstance(entry, dict) and set(entry) == set(CONFIG_KEYS)
-            and all(type(v) is int and v > 0 for v in entry.values())):
+            and all(type(v) is int and v > 0 for v in entry.values())
+            and all(entry[k] >= 16 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            and all(entry[k] & (entry[k] - 1) == 0
+                    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"))):
         return entry
-    if key not in _bad_entries:
-        _bad_entries.add(key)
+    if (str(TABLE_PATH), device_name(device), key) not in _bad_entries:
+        _bad_entries.add((str(TABLE_PATH), device_name(device), key))
         warnings.warn(f"ignoring the Triton conv config table's entry {key!r} for "
                       f"{device_name(device)}: expected {{{', '.join(CONFIG_KEYS)}}} as "
-                      f"positive ints, got {entry!r}", TableWarning, stacklevel=2)
+                      f"positive ints (tiles and warps powers of two, tiles >= 16), got "
+                      f"{entry!r}", TableWarning, stacklevel=2)
     return None
 
 
@@ -361,8 +366,13 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split = config["SPLIT_K"]
     ws = torch.empty((split, gemm_m, k), device=x.device, dtype=torch.float32) if split > 1 \
         else out
-    int64 = needs_int64(xc.numel(), wc.numel() + MAX_BLOCK_M,
-                        (gemm_m + MAX_BLOCK_M) * k * split)
+    # Masked lanes compute offsets past the tensors' ends: taps in the bottom/right padding
+    # (less than a padded row of x), partial tiles (less than a tile); the workspace holds
+    # `split` outputs.
+    tile_m, tile_n, tile_k = ((MAX_BLOCK,) * 3 if tuned else
+                              (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]))
+    int64 = needs_int64(xc.numel() + (padding[0] + 1) * (w_in + padding[1] + 1) * c,
+                        wc.numel() + tile_k, (gemm_m + tile_m) * (k + tile_n) * split)
 
     def grid(meta):
         tiles = triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(k_g, meta["BLOCK_N"])
