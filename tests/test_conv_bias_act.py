@@ -485,6 +485,11 @@ def test_tune_triton_conv_smoke(table, spy, tmp_path):
     _tconv().conv_bias_act(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups, None, True)
     assert {k: spy.launches[-1][1][k] for k in config if k != "SPLIT_K"} == {
         k: v for k, v in config.items() if k != "SPLIT_K"}
+    # The GPU run's candidates (not run here): whole configs, with split-K variants where a
+    # batch-1 late layer has few tiles for 132 SMs.
+    candidates = tune._candidates((512, 512, 3, 1, 1, 1, 1, 7), 49, sms=132)
+    assert all(set(c) == set(_tconv().CONFIG_KEYS) for c in candidates)
+    assert max(c["SPLIT_K"] for c in candidates) > 1
 
 
 @pytest.mark.gpu

@@ -12,8 +12,8 @@ K_gemm = R*S*C/groups. Activations are NHWC (channels_last) and the weight (K, R
 - EVEN_K (the channels, or the packed taps, fill whole BLOCK_K chunks): no K mask.
 - A 1x1, stride-1, unpadded conv is a plain GEMM over x viewed as [N*H*W, C] (GEMM_1X1: no
   pixel decomposition, no bounds mask).
-- Rows and columns past the edge of the GEMM load row/column ``% M`` (valid addresses) and
-  are masked only in the store.
+- Rows and columns of partial tiles load a valid row (m % M) or column (n % N) and are masked
+  only in the store.
 - Tiles are visited in groups of GROUP_M row tiles (the Triton matmul tutorial's swizzle), so
   a group's activation tiles stay in L2 while the column tiles walk over them.
 - Split-K (SPLIT_K > 1, where the output has few tiles for the SMs: batch 1's late layers):
@@ -33,6 +33,8 @@ argument, the per-shape table ``conv_configs.json`` (keyed by device name, Trito
 once per process), an in-memory autotune over :data:`SEARCH` (RESNET_FAST_TRITON_AUTOTUNE=1,
 the default on GPU; SPLIT_K from the heuristic), or :func:`heuristic_config`. The environment
 is read once, when this module is imported.
+
+Not done (Hopper-only, untestable under the interpreter): TMA descriptors, a persistent kernel.
 """
 
 from __future__ import annotations
