@@ -4,7 +4,8 @@
 # benchmark, logging everything under $OUT (default ./gpu-out).
 #
 #   benchmarks/gpu_session.sh [stage ...]     stages: env build gpu-tests cpu-tests kernels
-#                                             diag model train   (default: env build gpu-tests)
+#                                             diag model train tune
+#                                             (default: env build gpu-tests)
 # Each stage has its own time limit (seconds, env: T_<STAGE>), so one slow stage cannot eat
 # the whole call. Results JSON goes to $OUT; copy it to benchmarks/results/<device>/.
 set -u
@@ -69,6 +70,13 @@ torchvision.__version__, torch.cuda.get_device_name(), torch.backends.cudnn.vers
       stage train ${T_TRAIN:-300} $PY -m resnet_fast.bench --train --device cuda \
         --dtype bfloat16 --batch "${TRAIN_BATCHES:-256}" --out "$OUT/train" --no-progress \
         ${TRAIN_ARGS:-} ;;
+    tune)  # Triton conv configs per shape. Both JSON files are merged after every conv, so a
+      # stage cut short keeps its rows; bring back conv_configs.json to
+      # resnet_fast/kernels/triton/ and triton_conv_tune.json to benchmarks/results/<device>/.
+      # Subsets: TUNE_ARGS="--archs resnet50 --batches 256 --dtypes bfloat16".
+      cp resnet_fast/kernels/triton/conv_configs.json "$OUT/conv_configs.json"
+      stage tune ${T_TUNE:-540} $PY benchmarks/tune_triton_conv.py \
+        --table "$OUT/conv_configs.json" --out "$OUT/triton_conv_tune.json" ${TUNE_ARGS:-} ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

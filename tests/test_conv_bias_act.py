@@ -1,8 +1,15 @@
 """conv_bias_act and fold_bn: every distinct conv of resnet18, resnet50 and resnext50_32x4d
 against the reference (F.conv2d + bias + residual + relu), odd sizes, layouts, gradients,
-opcheck; the Triton kernel under the interpreter (fp32/fp16)."""
+opcheck; the Triton kernel under the interpreter (fp32/fp16): every shape, each of its
+kernel paths forced by config (1x1 GEMM, packed taps, EVEN_K or not, split-K, grouped tile
+order, int64 offsets), its config table (entry used, missing/corrupt table warns once) and the
+tuner's --smoke run."""
 
+import importlib.util
+import json
 import os
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,31 +17,12 @@ import torch.nn.functional as F
 from _numerics import assert_within_reference_error
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-import resnet_fast
+from resnet_fast._jsonfile import TableWarning
+from resnet_fast.bench.conv_shapes import distinct_convs
 from resnet_fast.ops import conv_bias_act, fold_bn, reference
 
-
-def _distinct_convs(arch, size=32):
-    """(C_in, C_out, kernel, stride, padding, dilation, groups, H) of every conv as it runs
-    in ``arch`` on a size x size image, without duplicates."""
-    # Train mode: the eval path fuses convs into conv_bias_act calls, which hooks do not see.
-    model = resnet_fast.create_model(arch).train()
-    seen = {}
-
-    def hook(mod, inputs, _out):
-        key = (mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0],
-               mod.padding[0], mod.dilation[0], mod.groups, inputs[0].shape[2])
-        seen[key] = None
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        model(torch.randn(2, 3, size, size))
-    for h in handles:
-        h.remove()
-    return list(seen)
-
-
-CONVS = sorted({c for arch in ("resnet18", "resnet50", "resnext50_32x4d") for c in _distinct_convs(arch)})
+CONVS = sorted({c for arch in ("resnet18", "resnet50", "resnext50_32x4d")
+                for c in distinct_convs(arch)})
 
 
 def test_the_shape_list_covers_the_family():
@@ -64,8 +52,14 @@ def _case(conv, dtype=torch.float32, batch=2, channels_last=True, residual=True,
 
 
 def _check(backend, x, w, b, geo, r, relu=True):
+    out = conv_bias_act(x, w, b, *geo, r, relu, backend=backend)
+    return _judge(out, x, w, b, geo, r, relu)
+
+
+def _judge(out, x, w, b, geo, r, relu):
+    """Asserts that ``out`` is conv_bias_act(x, ...) in x's dtype and memory format, within the
+    reduced-precision rule (docs/design.md, Tolerances) against a float64 truth."""
     stride, pad, dil, groups = geo
-    out = conv_bias_act(x, w, b, stride, pad, dil, groups, r, relu, backend=backend)
     ref = reference.conv_bias_act(x, w, b, stride, pad, dil, groups, r, relu)
 
     def d(t):
@@ -244,13 +238,18 @@ def test_fold_bn_refusals():
 
 triton_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="Triton on CPU needs its interpreter (the gpu tier runs it on CUDA)")
+# (channels_last, residual, relu, bias): cycled over the shape list, so every shape runs once
+# and each layout and epilogue combination runs on many shapes.
+EPILOGUES = [(True, True, True, True), (False, False, True, True), (True, False, False, True),
+             (False, True, True, False), (True, False, True, False)]
 
 
 @triton_only
-@pytest.mark.parametrize("conv", CONVS, ids=str)
-def test_triton_every_resnet_conv(conv):
-    x, w, b, geo, r = _case(conv, batch=1)
-    _check("triton", x, w, b, geo, r)
+@pytest.mark.parametrize("index, conv", list(enumerate(CONVS)), ids=str)
+def test_triton_every_resnet_conv(index, conv):
+    channels_last, residual, relu, bias = EPILOGUES[index % len(EPILOGUES)]
+    x, w, b, geo, r = _case(conv, batch=1, channels_last=channels_last, residual=residual)
+    _check("triton", x, w, b if bias else None, geo, r, relu)
 
 
 @triton_only
@@ -270,34 +269,276 @@ def test_triton_opcheck():
     torch.library.opcheck(torch.ops.resnet_fast.conv_bias_act_triton, (x, w, b, *pairs, geo[3], r, True))
 
 
+def _tconv():
+    from resnet_fast.kernels.triton import conv
+    return conv
+
+
+def _config(m, n, k, group_m=8, split=1):
+    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group_m, SPLIT_K=split, num_warps=4,
+                num_stages=2)
+
+
+class _Spy:
+    """Stands in for a Triton kernel object and records each launch's arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    tconv = _tconv()
+    spy = _Spy(tconv._conv)
+    monkeypatch.setattr(tconv, "_conv", spy)
+    return spy
+
+
+# (conv, config, GEMM_1X1, PACK_RS, EVEN_K, why). The K loop's variants, the 1x1 GEMM path,
+# split-K (bias, residual and ReLU must be applied once, after the splits are summed; 5 splits
+# of 2 K steps leaves some empty) and the grouped tile order with partial groups and tiles.
+PATHS = [
+    ((32, 48, 1, 1, 0, 1, 1, 9), _config(32, 32, 16), True, False, True, "1x1 GEMM, EVEN_K"),
+    ((40, 48, 1, 1, 0, 1, 1, 9), _config(32, 32, 16), True, False, False, "1x1 GEMM, C tail"),
+    ((32, 48, 1, 2, 0, 1, 1, 9), _config(32, 32, 16), False, False, True, "strided 1x1"),
+    ((32, 40, 3, 1, 1, 1, 1, 7), _config(32, 16, 32), False, False, True, "3x3, EVEN_K"),
+    ((24, 40, 3, 2, 1, 1, 1, 9), _config(32, 16, 16), False, False, False, "3x3, C tail"),
+    ((3, 32, 7, 2, 3, 1, 1, 11), _config(32, 32, 32), False, True, False, "stem, packed taps"),
+    ((16, 32, 3, 1, 2, 2, 8, 7), _config(16, 16, 16), False, True, False, "dilated, 2-ch groups"),
+    ((24, 40, 3, 2, 1, 1, 1, 9), _config(32, 16, 16, split=3), False, False, False, "split-K 3"),
+    ((32, 32, 2, 1, 0, 1, 8, 7), _config(16, 16, 16), False, True, True, "2x2, packed, EVEN_K"),
+    ((32, 48, 1, 1, 0, 1, 1, 5), _config(16, 16, 16, split=5), True, False, True, "split-K, empty"),
+    ((3, 32, 7, 2, 3, 1, 1, 11), _config(16, 16, 32, split=2), False, True, False, "split, packed"),
+    ((16, 40, 3, 1, 1, 1, 1, 9), _config(32, 16, 16, group_m=4), False, False, True, "GROUP_M 4/6"),
+    ((16, 40, 1, 1, 0, 1, 1, 9), _config(16, 16, 16, group_m=3), True, False, True, "GROUP_M 3/11"),
+]
+
+
+def _check_paths(cases, device, dtype, spy):
+    tconv = _tconv()
+    for i, (conv, config, gemm_1x1, pack, even, why) in enumerate(cases):
+        channels_last, residual, relu, bias = EPILOGUES[i % len(EPILOGUES)]
+        x, w, b, geo, r = _case(conv, dtype, batch=2, channels_last=channels_last,
+                                residual=residual)
+        x, w, b, r = (None if t is None else t.to(device) for t in (x, w, b, r))
+        b = b if bias else None
+        stride, pad, dil, groups = geo
+        out = tconv.conv_bias_act(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups, r,
+                                  relu, config=config)
+        _judge(out, x, w, b, geo, r, relu)
+        kwargs = spy.launches[-1][1]
+        shape = dict(R=conv[2], S=conv[2], C_G=conv[0] // groups, BLOCK_K=config["BLOCK_K"])
+        assert (kwargs["GEMM_1X1"], tconv._pack_rs(shape), tconv._even_k(shape)) == (
+            gemm_1x1, pack, even), why
+        assert kwargs["SPLIT_K"] == config["SPLIT_K"] and kwargs["INT64"] is False, why
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_kernel_paths(dtype, spy):
+    _check_paths(PATHS, "cpu", dtype, spy)
+
+
+@triton_only
+def test_triton_int64_indexing_path(spy, monkeypatch):
+    # The selection is a pure function of the sizes (no 2^31-element tensor here); the int64
+    # kernel itself is run by forcing the selection.
+    tconv = _tconv()
+    assert not tconv.needs_int64(2**31 - 1, 10)
+    assert tconv.needs_int64(10, 2**31)
+    monkeypatch.setattr(tconv, "needs_int64", lambda *numels: True)
+    for conv, config in [((24, 40, 3, 2, 1, 1, 1, 9), _config(32, 16, 16, split=2)),
+                         ((3, 32, 7, 2, 3, 1, 1, 11), _config(32, 32, 32)),
+                         ((32, 48, 1, 1, 0, 1, 1, 5), _config(16, 16, 16))]:
+        x, w, b, geo, r = _case(conv)
+        stride, pad, dil, groups = geo
+        out = tconv.conv_bias_act(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups, r,
+                                  True, config=config)
+        _judge(out, x, w, b, geo, r, True)
+        assert spy.launches[-1][1]["INT64"] is True
+
+
+@triton_only
+def test_triton_autotuned_launch(monkeypatch):
+    # The search itself times configs on a GPU; here one config runs through the same
+    # autotune + heuristics wrapper, and every key names a kernel argument (the autotuner
+    # skips unknown names silently).
+    tconv = _tconv()
+    assert set(tconv._conv_tuned.keys) <= set(tconv._conv_tuned.arg_names)
+    monkeypatch.setattr(tconv, "AUTOTUNE", True)
+    monkeypatch.setattr(tconv._conv_tuned, "configs", tconv._conv_tuned.configs[-1:])
+    x, w, b, geo, r = _case((24, 40, 3, 2, 1, 1, 1, 9))
+    _check("triton", x, w, b, geo, r)
+
+
+def test_split_k_heuristic():
+    tconv = _tconv()
+    assert tconv.split_k(ctas=132, k_steps=72, sms=132) == 1
+    assert tconv.split_k(ctas=4, k_steps=72, sms=132) == 16  # batch 1, a late 3x3
+    assert tconv.split_k(ctas=4, k_steps=8, sms=132) == 2  # >= 4 K steps per split
+    assert tconv.split_k(ctas=40, k_steps=4, sms=132) == 1
+
+
+@triton_only
+def test_triton_channels_last_weight_is_not_copied(spy):
+    from resnet_fast.kernels.layout import dense_in
+    tconv = _tconv()
+    x, w, b, (stride, pad, dil, groups), r = _case((16, 32, 3, 1, 1, 1, 1, 5))
+    geo = ((stride,) * 2, (pad,) * 2, (dil,) * 2, groups)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    assert dense_in(w_cl, torch.channels_last) is w_cl
+    tconv.conv_bias_act(x, w_cl, b, *geo, r, True)
+    assert spy.launches[-1][0][1].data_ptr() == w_cl.data_ptr()
+    assert spy.launches[-1][0][0].data_ptr() == x.data_ptr()  # channels_last x: not copied
+    w_nchw = w.contiguous()
+    tconv.conv_bias_act(x, w_nchw, b, *geo, r, True)  # an NCHW 3x3 weight is laid out anew
+    assert spy.launches[-1][0][1].data_ptr() != w_nchw.data_ptr()
+
+
+@pytest.fixture
+def table(monkeypatch, tmp_path):
+    """Points the launcher at a table in tmp_path (written by the test) and re-reads it."""
+    tconv = _tconv()
+    path = tmp_path / "conv_configs.json"
+    monkeypatch.setattr(tconv, "TABLE_PATH", path)
+    tconv.config_table.cache_clear()
+    yield path
+    tconv.config_table.cache_clear()
+
+
+TABLE_CONV = (16, 32, 3, 1, 1, 1, 1, 5)
+
+
+def _run_table_conv(spy, times=2):
+    tconv = _tconv()
+    x, w, b, (stride, pad, dil, groups), r = _case(TABLE_CONV)
+    for _ in range(times):
+        out = tconv.conv_bias_act(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups, r, True)
+        _judge(out, x, w, b, (stride, pad, dil, groups), r, True)
+    kwargs = spy.launches[-1][1]
+    return {k: kwargs.get(k) for k in tconv.CONFIG_KEYS}
+
+
+def _heuristic():
+    tconv = _tconv()
+    c_in, c_out, k, *_ = TABLE_CONV
+    return dict(tconv.heuristic_config(2 * 5 * 5, c_out, c_in, k, k, 1, 1), SPLIT_K=1)
+
+
+@triton_only
+def test_triton_table_entry_is_used(table, spy, monkeypatch):
+    import triton
+    tconv = _tconv()
+    monkeypatch.setattr(tconv, "device_name", lambda device: "Fake GPU")
+    key = tconv.shape_key(2 * 5 * 5, 32, 16, 1, 3, 3, (1, 1), torch.float32)
+    entry = _config(16, 16, 16, group_m=2, split=2)
+    version = f"triton {triton.__version__}"
+    table.write_text(json.dumps({"entries": {"Fake GPU": {version: {key: entry}}}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _run_table_conv(spy) == entry
+        monkeypatch.setattr(tconv, "device_name", lambda device: "Other GPU")  # no entry: silent
+        assert _run_table_conv(spy, times=1) == _heuristic()
+
+
+@triton_only
+@pytest.mark.parametrize("content", [None, "{not json", '{"entries": []}', {"BLOCK_M": 64},
+                                     _config(48, 16, 16), _config(16, 16, 8)], ids=str)
+def test_triton_bad_table_warns_once_and_uses_the_heuristic(table, spy, content):
+    """No file, a corrupt file, or an entry that is not a usable config: one TableWarning, and
+    the heuristic config."""
+    import triton
+    tconv = _tconv()
+    if isinstance(content, dict):
+        key = tconv.shape_key(2 * 5 * 5, 32, 16, 1, 3, 3, (1, 1), torch.float32)
+        content = json.dumps({"entries": {"cpu": {f"triton {triton.__version__}": {key: content}}}})
+    if content is not None:
+        table.write_text(content)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run_table_conv(spy) == _heuristic()
+    assert [type(w.message) for w in caught] == [TableWarning], [str(w.message) for w in caught]
+
+
+@triton_only
+def test_tune_triton_conv_smoke(table, spy, tmp_path):
+    """benchmarks/tune_triton_conv.py --smoke (one tiny shape, one config, the interpreter)
+    writes a table entry the launcher then uses, and the per-layer ratio JSON."""
+    spec = importlib.util.spec_from_file_location(
+        "tune_triton_conv", Path(__file__).parents[1] / "benchmarks" / "tune_triton_conv.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    ratios = tmp_path / "ratios.json"
+    assert tune.main(["--smoke", "--table", str(table), "--out", str(ratios)]) == 0
+    (row,) = json.loads(ratios.read_text())["layers"].values()
+    assert row["best_over_baseline"] > 0 and row["configs_timed"] == 1
+    (entry,) = json.loads(table.read_text())["entries"]["cpu"].values()
+    (config,) = entry.values()
+    conv, dtype, batch = tune.SMOKE
+    x, w, b, (stride, pad, dil, groups), _ = _case(conv, dtype, batch=batch)
+    _tconv().conv_bias_act(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups, None, True)
+    assert {k: spy.launches[-1][1][k] for k in config if k != "SPLIT_K"} == {
+        k: v for k, v in config.items() if k != "SPLIT_K"}
+    # The GPU run's candidates (not run here): whole configs, with split-K variants where a
+    # batch-1 late layer has few tiles for 132 SMs.
+    candidates = tune._candidates((512, 512, 3, 1, 1, 1, 1, 7), 49, sms=132)
+    assert all(set(c) == set(_tconv().CONFIG_KEYS) for c in candidates)
+    assert max(c["SPLIT_K"] for c in candidates) > 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_every_resnet50_conv_full_size(backend, dtype):
-    for conv in _distinct_convs("resnet50", size=224):
+    for conv in distinct_convs("resnet50", size=224):
         x, w, b, geo, r = _case(conv, dtype, batch=8)
         _check(backend, x.cuda(), w.cuda(), b.cuda(), geo, r.cuda())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("index", range(10))
-def test_gpu_triton_every_search_config(index, monkeypatch):
-    """Each config of the autotune list computes the same conv (the search only times them):
-    forced through heuristic_config, on an odd-sized conv with partial tiles and a grouped one."""
-    from resnet_fast.kernels.triton import conv as tconv
-
-    cfg = tconv._configs()[index]
-    forced = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    monkeypatch.setattr(tconv, "heuristic_config", lambda *a: forced)
-    for conv in [(64, 96, 3, 2, 1, 1, 1, 17), (128, 128, 3, 1, 1, 1, 32, 14)]:
-        x, w, b, geo, r = _case(conv, torch.float16, batch=3)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_triton_batch_1_heuristic_splits_k(dtype, spy):
+    """Batch 1 at 224px: the late layers' few tiles take split-K from the heuristic."""
+    for conv in distinct_convs("resnet50", size=224):
+        x, w, b, geo, r = _case(conv, dtype, batch=1)
         _check("triton", x.cuda(), w.cuda(), b.cuda(), geo, r.cuda())
+    assert max(kwargs["SPLIT_K"] for _, kwargs in spy.launches) > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_triton_kernel_paths(dtype, spy):
+    _check_paths(PATHS, "cuda", dtype, spy)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_every_search_config():
+    """Each config of the autotune list computes the same conv (the search only times them),
+    on an odd-sized conv with partial tiles, a grouped one and a 1x1 GEMM."""
+    tconv = _tconv()
+    for m, n, k, warps, stages in tconv.SEARCH:
+        config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, SPLIT_K=1, num_warps=warps,
+                      num_stages=stages)
+        for conv in [(64, 96, 3, 2, 1, 1, 1, 17), (128, 128, 3, 1, 1, 1, 32, 14),
+                     (256, 64, 1, 1, 0, 1, 1, 15)]:
+            x, w, b, (stride, pad, dil, groups), r = _case(conv, torch.float16, batch=3)
+            x, w, b, r = x.cuda(), w.cuda(), b.cuda(), r.cuda()
+            out = tconv.conv_bias_act(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups,
+                                      r, True, config=config)
+            _judge(out, x, w, b, (stride, pad, dil, groups), r, True)
 
 
 @pytest.mark.gpu
 def test_gpu_triton_autotuned_path(monkeypatch):
-    monkeypatch.setenv("RESNET_FAST_TRITON_AUTOTUNE", "1")
-    for conv in [(256, 64, 1, 1, 0, 1, 1, 28), (64, 64, 3, 1, 1, 1, 1, 28)]:
+    monkeypatch.setattr(_tconv(), "AUTOTUNE", True)
+    for conv in [(256, 64, 1, 1, 0, 1, 1, 28), (64, 64, 3, 1, 1, 1, 1, 28),
+                 (3, 64, 7, 2, 3, 1, 1, 56)]:
         x, w, b, geo, r = _case(conv, torch.bfloat16, batch=4)
         _check("triton", x.cuda(), w.cuda(), b.cuda(), geo, r.cuda())
 

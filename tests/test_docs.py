@@ -27,7 +27,8 @@ def _our_flags(monkeypatch) -> set[str]:
     from resnet_fast.bench import overhead, report
 
     scripts = [*(load_example(name) for name in ("finetune", "classify", "export")),
-               load_script(ROOT / "benchmarks" / "profile_cpu.py")]
+               load_script(ROOT / "benchmarks" / "profile_cpu.py"),
+               load_script(ROOT / "benchmarks" / "tune_triton_conv.py")]
     flags: set[str] = set()
 
     def capture(self, args=None, namespace=None):

@@ -88,6 +88,7 @@ def test_wheel_contents(cpu_only_wheel):
         metadata = zf.read(f"{info}/METADATA").decode()
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
     assert "resnet_fast/py.typed" in names and "resnet_fast/_version.py" in names
+    assert "resnet_fast/kernels/triton/conv_configs.json" in names  # package-data
     assert any(n.startswith("resnet_fast/_C.") and n.endswith(".so") for n in names), names
     assert not any(n.startswith(("tests/", "csrc/")) for n in names)
     assert f"\nVersion: {resnet_fast.__version__}\n" in metadata

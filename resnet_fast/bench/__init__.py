@@ -11,7 +11,8 @@ Markdown table and a PNG plot made from it.
 Where to read on: :mod:`.candidates` (what runs) and :mod:`.peers` (ONNX Runtime, OpenVINO),
 :mod:`.runner` (the run loop both modes share), :mod:`.inference` and :mod:`.training` (the
 two modes), :mod:`.cli` (arguments and outputs), :mod:`.report` (tables, plot, the README
-block), :mod:`.timing`, :mod:`.overhead` (host overhead per conv).
+block), :mod:`.timing`, :mod:`.overhead` (host overhead per conv), :mod:`.conv_shapes` (the
+conv shapes of a ResNet).
 """
 
 from .cli import main, write_outputs

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..layout import dense_in, layout_of
-from .elementwise import SUPPORTED, _relu_nan
+from .elementwise import SUPPORTED, _add_act_store
 
 _MAX_ROW_PROGRAMS = 512
 
@@ -76,12 +76,7 @@ def _apply_kernel(x_ptr, r_ptr, out_ptr, m_ptr, a_ptr, b_ptr, ROWS, HW, C, sN, s
     mean = tl.load(m_ptr + c, mask=cm, other=0.0)[None, :]
     a = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
     b = tl.load(b_ptr + c, mask=cm, other=0.0)[None, :]
-    v = (x - mean) * a + b
-    if RES:
-        v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        v = _relu_nan(v)
-    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+    _add_act_store((x - mean) * a + b, r_ptr, out_ptr, offs, mask, RES, RELU)
 
 
 @triton.jit

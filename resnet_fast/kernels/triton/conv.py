@@ -2,128 +2,343 @@
 
 GEMM view (per group g): M = N*P*Q output pixels, N_gemm = K/groups output channels,
 K_gemm = R*S*C/groups. Activations are NHWC (channels_last) and the weight (K, R, S, C/groups)
-(the weight's channels_last layout), so a [BLOCK_M, BLOCK_K] tile of input is BLOCK_M pixels x
-BLOCK_K consecutive channels. The K loop walks (r, s) and channel chunks; out-of-image taps
-and channel tails are masked to zero. Accumulation is float32; bias, residual and ReLU are
-applied to the accumulator in registers before the single store. Groups (ResNeXt) are the
-third grid axis. float32 inputs use TF32 exactly when torch would for a convolution
+(the weight's channels_last layout, so each output channel's K_gemm values are contiguous).
+
+- One K loop: a single ``for`` over R*S*ceil(C_G/BLOCK_K) steps, each decomposed into a tap
+  (r, s) and a channel chunk, so the compiler software-pipelines it (``num_stages``) even
+  where C_G <= BLOCK_K. Where C_G < BLOCK_K on a kernel wider than 1x1 (the C=3 stem,
+  ResNeXt's 4-channel groups) the taps are packed into the K dimension instead (PACK_RS):
+  each step takes BLOCK_K consecutive (r, s, c) values, so an MMA is not mostly padding.
+- EVEN_K (the channels, or the packed taps, fill whole BLOCK_K chunks): no K mask.
+- A 1x1, stride-1, unpadded conv is a plain GEMM over x viewed as [N*H*W, C] (GEMM_1X1: no
+  pixel decomposition, no bounds mask).
+- Rows and columns of partial tiles load a valid row (m % M) or column (n % N) and are masked
+  only in the store.
+- Tiles are visited in groups of GROUP_M row tiles (the Triton matmul tutorial's swizzle), so
+  a group's activation tiles stay in L2 while the column tiles walk over them.
+- Split-K (SPLIT_K > 1, where the output has few tiles for the SMs: batch 1's late layers):
+  each split writes float32 partial sums to a workspace, and one reduce kernel adds them in a
+  fixed order and applies the epilogue once.
+- Index math is int32 unless a tensor the kernel addresses can pass 2^31 elements
+  (:func:`needs_int64`, chosen at launch: the INT64 constexpr).
+
+Accumulation is float32; bias, residual and ReLU (NaN-propagating) are applied in registers
+before the single store. Groups (ResNeXt) are the third grid axis, the split the second.
+float32 inputs use TF32 exactly when torch would for a convolution
 (torch.backends.cudnn.allow_tf32).
+
+Configs (tile sizes, GROUP_M, SPLIT_K, warps, stages) come, in order, from the ``config=``
+argument, the per-shape table ``conv_configs.json`` (keyed by device name, Triton version and
+:func:`shape_key`; written by ``benchmarks/tune_triton_conv.py`` on the GPU it describes, read
+once per process), an in-memory autotune over :data:`SEARCH` (RESNET_FAST_TRITON_AUTOTUNE=1,
+the default on GPU; SPLIT_K from the heuristic), or :func:`heuristic_config`. The environment
+is read once, when this module is imported.
+
+Not done (Hopper-only, untestable under the interpreter): TMA descriptors, a persistent kernel.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+from ..._jsonfile import TableWarning, read
 from ..layout import dense_in, layout_of
-from .elementwise import _relu_nan
+from .elementwise import _add_act_store
 
 SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter runs every config it is given, so it never searches.
+AUTOTUNE = not INTERPRET and os.environ.get("RESNET_FAST_TRITON_AUTOTUNE", "1") != "0"
+TABLE_PATH = Path(__file__).with_name("conv_configs.json")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
+MAX_BLOCK = 256  # the widest tile of the autotune search (bounds the int32 check's overhang)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for the wide late layers, narrow ones
+# for the 64-channel early layers and the grouped convs.
+SEARCH = [
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4),
+    (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 2, 5), (32, 32, 16, 2, 5),
+]
 
 
-def _configs():
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        # The interpreter runs every config it is given: one small tile keeps tests fast
-        # and still exercises partial tiles.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4)]
-    shapes = [
-        # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for the wide late layers,
-        # narrow ones for the 64-channel early layers and the grouped convs.
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-        (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 2, 5), (32, 32, 16, 2, 5),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+def _autotune_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for m, n, k, w, s in SEARCH]
+
+
+def _pack_rs(args) -> bool:
+    return args["R"] * args["S"] > 1 and args["C_G"] < args["BLOCK_K"]
+
+
+def _even_k(args) -> bool:
+    walked = args["R"] * args["S"] * args["C_G"] if _pack_rs(args) else args["C_G"]
+    return walked % args["BLOCK_K"] == 0
 
 
 @triton.jit
-def _conv_bias_act_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
+def _epilogue(acc, offs_m, offs_k, m_mask, n_mask, K, b_ptr, r_ptr, out_ptr,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr):
+    """acc (+ bias[k]) (+ residual) -> ReLU -> out, rows offs_m and channels offs_k of the
+    [M, K] (NHWC) output."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_k, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    _add_act_store(acc, r_ptr, out_ptr, offs_m[:, None] * K + offs_k[None, :],
+                   m_mask[:, None] & n_mask[None, :], HAS_RES, RELU)
+
+
+@triton.jit
+def _conv_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, ws_ptr,
     H, W, C, K, P, Q,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    C_G, K_G,
-    GEMM_M, GEMM_N, GEMM_K,
+    C_G, K_G, GEMM_M, SPLIT_STRIDE,
     R: tl.constexpr, S: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GEMM_1X1: tl.constexpr, INT64: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PACK_RS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     g = tl.program_id(2)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_pid_m = tl.cdiv(GEMM_M, BLOCK_M)
+    num_pid_n = tl.cdiv(K_G, BLOCK_N)
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_m
+    pid_n = (pid % tiles_per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+        pid_k = pid_k.to(tl.int64)
     m_mask = offs_m < GEMM_M
-    n_mask = offs_n < GEMM_N
-    n_img = offs_m // (P * Q)
-    pq = offs_m % (P * Q)
-    h0 = (pq // Q) * stride_h - pad_h
-    w0 = (pq % Q) * stride_w - pad_w
+    n_mask = offs_n < K_G
     k_out = g * K_G + offs_n  # global output channel
+    # Rows/columns past the edge read a valid row/column; only the store is masked.
+    m_in = offs_m % GEMM_M
+    w_base = g * K_G + offs_n % K_G
+    if INT64:
+        w_base = w_base.to(tl.int64)
+    w_base = w_base * (R * S * C_G)
+    if GEMM_1X1:
+        x_base = m_in * C + g * C_G
+    else:
+        n_img = m_in // (P * Q)
+        pq = m_in % (P * Q)
+        h0 = (pq // Q) * stride_h - pad_h
+        w0 = (pq % Q) * stride_w - pad_w
+        x_img = n_img * H
+    if PACK_RS:
+        k_steps = tl.cdiv(R * S * C_G, BLOCK_K)
+    else:
+        c_chunks = tl.cdiv(C_G, BLOCK_K)
+        k_steps = R * S * c_chunks
+    per_split = tl.cdiv(k_steps, SPLIT_K)
+    step0 = pid_k * per_split
+    step1 = tl.minimum(step0 + per_split, k_steps)
+    offs_kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(R):
-        h = h0 + r * dil_h
-        for s in range(S):
-            w = w0 + s * dil_w
-            pix_ok = m_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            x_row = ((n_img * H + h) * W + w) * C + g * C_G
-            w_col = ((k_out.to(tl.int64) * R + r) * S + s) * C_G
-            for c0 in range(0, C_G, BLOCK_K):
-                offs_c = c0 + tl.arange(0, BLOCK_K)
-                c_mask = offs_c < C_G
-                a = tl.load(x_ptr + x_row[:, None] + offs_c[None, :],
-                            mask=pix_ok[:, None] & c_mask[None, :], other=0.0)
-                b = tl.load(w_ptr + w_col[None, :] + offs_c[:, None],
-                            mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + k_out, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_off = offs_m[:, None] * K + k_out[None, :]
+    for step in range(step0, step1):
+        if PACK_RS:
+            kk = step * BLOCK_K + offs_kk  # (r, s, c) flattened
+            rs = kk // C_G
+            h = h0[:, None] + ((rs // S) * dil_h)[None, :]
+            w = w0[:, None] + ((rs % S) * dil_w)[None, :]
+            a_ptrs = x_ptr + ((x_img[:, None] + h) * W + w) * C + g * C_G + (kk % C_G)[None, :]
+            b_ptrs = w_ptr + w_base[None, :] + kk[:, None]
+            a_ok = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = kk < R * S * C_G
+                a = tl.load(a_ptrs, mask=a_ok & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            rs = step // c_chunks
+            offs_c = (step % c_chunks) * BLOCK_K + offs_kk
+            b_ptrs = w_ptr + (w_base + rs * C_G)[None, :] + offs_c[:, None]
+            if GEMM_1X1:
+                a_ptrs = x_ptr + x_base[:, None] + offs_c[None, :]
+                a_ok = tl.full((BLOCK_M,), 1, tl.int1)
+            else:
+                h = h0 + (rs // S) * dil_h
+                w = w0 + (rs % S) * dil_w
+                a_ptrs = x_ptr + (((x_img + h) * W + w) * C + g * C_G)[:, None] + offs_c[None, :]
+                a_ok = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            if EVEN_K:
+                if GEMM_1X1:
+                    a = tl.load(a_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs)
+            else:
+                c_ok = offs_c < C_G
+                a = tl.load(a_ptrs, mask=a_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=c_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if SPLIT_K == 1:
+        _epilogue(acc, offs_m, k_out, m_mask, n_mask, K, b_ptr, r_ptr, out_ptr,
+                  HAS_BIAS, HAS_RES, RELU)
+    else:
+        off = pid_k * SPLIT_STRIDE + offs_m[:, None] * K + k_out[None, :]
+        tl.store(ws_ptr + off, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, GEMM_M, K, SPLIT_STRIDE,
+                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                           RELU: tl.constexpr, INT64: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sums the SPLIT_K float32 partials of one [BLOCK_M, BLOCK_N] output tile in split order
+    (deterministic) and applies the epilogue once."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < GEMM_M
+    n_mask = offs_k < K
     mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RES:
-        acc += tl.load(r_ptr + out_off, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = _relu_nan(acc)
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    ptrs = ws_ptr + offs_m[:, None] * K + offs_k[None, :]
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for _ in range(1, SPLIT_K):
+        ptrs += SPLIT_STRIDE
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    _epilogue(acc, offs_m, offs_k, m_mask, n_mask, K, b_ptr, r_ptr, out_ptr,
+              HAS_BIAS, HAS_RES, RELU)
 
 
-_conv_bias_act_tuned = triton.autotune(configs=_configs(), key=["GEMM_M", "GEMM_N", "GEMM_K"])(
-    _conv_bias_act_kernel)
+_HEURISTICS = {"PACK_RS": _pack_rs, "EVEN_K": _even_k}
+_conv = triton.heuristics(_HEURISTICS)(_conv_kernel)
+_conv_tuned = triton.autotune(
+    configs=_autotune_configs(),
+    key=["GEMM_M", "K_G", "C_G", "C", "R", "S", "stride_h", "stride_w", "GEMM_1X1", "SPLIT_K"],
+)(triton.heuristics(_HEURISTICS)(_conv_kernel))
 
 
-def autotuning() -> bool:
-    """Whether launches search the config list (RESNET_FAST_TRITON_AUTOTUNE=1, the default on
-    GPU: once per GEMM shape and process, ~1 s of compiles each) or take one config per shape
-    from :func:`heuristic_config` (=0: first call in a second, a few percent slower)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    return os.environ.get("RESNET_FAST_TRITON_AUTOTUNE", "1") != "0"
+def needs_int64(*numels: int) -> bool:
+    """Whether the kernels must index in int64: some offset they compute (bounded by these
+    element counts) can pass 2^31 - 1."""
+    return max(numels) > 2**31 - 1
 
 
-def heuristic_config(gemm_m: int, gemm_n: int, c_g: int) -> dict:
-    """One tile config for a GEMM shape, without a search: wide tiles where the problem is
-    large, narrow where it is not (the 64-channel layers, batch-1 late layers, grouped convs);
-    BLOCK_K no wider than the channels it walks (tl.dot needs >= 16)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+def split_k(ctas: int, k_steps: int, sms: int) -> int:
+    """How many ways to split the K loop: 1 where the output tiles already fill half the SMs,
+    else enough splits to fill them, keeping >= 4 K steps per split, at most 16."""
+    if ctas * 2 >= sms:
+        return 1
+    return max(1, min(sms // ctas, k_steps // 4, 16))
+
+
+def heuristic_config(gemm_m: int, gemm_n: int, c_g: int, r: int, s: int, groups: int,
+                     sms: int) -> dict:
+    """One config for a GEMM shape, without a search: wide tiles where the problem is large,
+    narrow where it is not (the 64-channel layers, batch-1 late layers, grouped convs);
+    BLOCK_K no wider than the channels (or packed taps) it walks (tl.dot needs >= 16);
+    split-K where the tiles cannot fill the SMs. Under the interpreter, tiles of at most 64
+    (fast tests that still have partial tiles) and no split."""
     block_m = 128 if gemm_m >= 4096 else 64
-    block_n = 128 if gemm_n >= 128 else 64 if gemm_n >= 64 else 32
-    block_k = 64 if c_g >= 64 else 32 if c_g >= 32 else 16
-    warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                num_stages=3 if block_k == 64 else 4)
+    block_n = (256 if gemm_n >= 256 and gemm_m >= 16384 else 128 if gemm_n >= 128
+               else 64 if gemm_n >= 64 else 32 if gemm_n >= 32 else 16)
+    walked = r * s * c_g if r * s > 1 and c_g < 16 else c_g
+    block_k = 64 if walked >= 64 else 32 if walked >= 32 else 16
+    if INTERPRET:
+        return dict(BLOCK_M=min(block_m, 64), BLOCK_N=min(block_n, 64), BLOCK_K=block_k,
+                    GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=1)
+    ctas = triton.cdiv(gemm_m, block_m) * triton.cdiv(gemm_n, block_n) * groups
+    packed = r * s > 1 and c_g < block_k  # as the kernel's PACK_RS
+    k_steps = triton.cdiv(r * s * c_g, block_k) if packed else r * s * triton.cdiv(c_g, block_k)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                SPLIT_K=split_k(ctas, k_steps, sms),
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+                num_stages=3 if block_m * block_n >= 128 * 256 else 4)
+
+
+def shape_key(gemm_m: int, gemm_n: int, c_g: int, groups: int, r: int, s: int,
+              stride: tuple[int, int], dtype: torch.dtype) -> str:
+    """The config table's key for one conv: its GEMM shape per group, the group count, the
+    kernel size, the stride and the dtype."""
+    return (f"M{gemm_m}-N{gemm_n}-C{c_g}-G{groups}-R{r}S{s}-stride{stride[0]}x{stride[1]}-"
+            f"{str(dtype).removeprefix('torch.')}")
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """The table's device key: the GPU's name; "cpu" for the interpreter."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def config_table() -> dict:
+    """The entries of the config table at TABLE_PATH, read once: {device name: {"triton
+    <version>": {shape key: config}}}. A missing or corrupt table is empty, with one
+    TableWarning (the table ships with the package, so a missing one is a broken install)."""
+    what = "Triton conv config table"
+    if not os.path.exists(TABLE_PATH):
+        warnings.warn(f"ignoring {what} {TABLE_PATH}: no such file; heuristic configs",
+                      TableWarning, stacklevel=2)
+        return {}
+    entries = read(TABLE_PATH, what).get("entries", {})
+    if not isinstance(entries, dict):
+        warnings.warn(f"ignoring {what} {TABLE_PATH}: 'entries' is not an object",
+                      TableWarning, stacklevel=2)
+        return {}
+    return entries
+
+
+_bad_entries: set[tuple[str, str, str]] = set()
+
+
+def table_config(device: torch.device, key: str) -> dict | None:
+    """This device's and Triton version's table entry for ``key``, or None. An entry that is
+    not a complete config of positive ints, with power-of-two tiles of at least 16 and warps,
+    is ignored with one warning."""
+    versions = config_table().get(device_name(device))
+    shapes = versions.get(f"triton {triton.__version__}") if isinstance(versions, dict) else None
+    entry = shapes.get(key) if isinstance(shapes, dict) else None
+    if entry is None:
+        return None
+    if (isinstance(entry, dict) and set(entry) == set(CONFIG_KEYS)
+            and all(type(v) is int and v > 0 for v in entry.values())
+            and all(entry[k] >= 16 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            and all(entry[k] & (entry[k] - 1) == 0
+                    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"))):
+        return entry
+    if (str(TABLE_PATH), device_name(device), key) not in _bad_entries:
+        _bad_entries.add((str(TABLE_PATH), device_name(device), key))
+        warnings.warn(f"ignoring the Triton conv config table's entry {key!r} for "
+                      f"{device_name(device)}: expected {{{', '.join(CONFIG_KEYS)}}} as "
+                      f"positive ints (tiles and warps powers of two, tiles >= 16), got "
+                      f"{entry!r}", TableWarning, stacklevel=2)
+    return None
 
 
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   stride: tuple[int, int], padding: tuple[int, int],
                   dilation: tuple[int, int], groups: int, residual: torch.Tensor | None,
-                  relu: bool) -> torch.Tensor:
+                  relu: bool, *, config: dict | None = None) -> torch.Tensor:
     """Host launcher; arguments validated by resnet_fast.ops. Output in x's memory format
-    (NCHW input: computed in NHWC, converted back, one extra pass)."""
+    (NCHW input: computed in NHWC, converted back, one extra pass each way). A weight that is
+    already channels_last-dense (the models' plans store it so) is used as it is.
+    ``config`` (the keys of CONFIG_KEYS) overrides the table, autotuning and heuristic."""
     if x.dtype not in SUPPORTED:
         raise TypeError(f"conv_bias_act (triton): expected float32, float16 or bfloat16, got "
                         f"{x.dtype}; use the cpu/cuda backend for float64")
@@ -143,20 +358,41 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32
     k_g = k // groups
     gemm_m = n * p * q
+    gemm_1x1 = r == s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    if config is None:
+        config = table_config(x.device, shape_key(gemm_m, k_g, c_g, groups, r, s, stride,
+                                                  x.dtype))
+    tuned = config is None and AUTOTUNE
+    if config is None:
+        config = heuristic_config(gemm_m, k_g, c_g, r, s, groups, sm_count(x.device))
+    split = config["SPLIT_K"]
+    ws = torch.empty((split, gemm_m, k), device=x.device, dtype=torch.float32) if split > 1 \
+        else out
+    # Masked lanes compute offsets past the tensors' ends: taps in the bottom/right padding
+    # (less than a padded row of x), partial tiles (less than a tile); the workspace holds
+    # `split` outputs.
+    tile_m, tile_n, tile_k = ((MAX_BLOCK,) * 3 if tuned else
+                              (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]))
+    int64 = needs_int64(xc.numel() + (padding[0] + 1) * (w_in + padding[1] + 1) * c,
+                        wc.numel() + tile_k, (gemm_m + tile_m) * (k + tile_n) * split)
 
     def grid(meta):
-        return (triton.cdiv(gemm_m, meta["BLOCK_M"]), triton.cdiv(k_g, meta["BLOCK_N"]), groups)
+        tiles = triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(k_g, meta["BLOCK_N"])
+        return (tiles, split, groups)
 
-    tuned = autotuning()
-    kernel = _conv_bias_act_tuned if tuned else _conv_bias_act_kernel
-    config = {} if tuned else heuristic_config(gemm_m, k_g, c_g)
-    kernel[grid](
-        xc, wc, b, res, out,
+    launch = dict(R=r, S=s, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                  RELU=bool(relu), INPUT_PRECISION="tf32" if tf32 else "ieee",
+                  GEMM_1X1=gemm_1x1, INT64=int64, SPLIT_K=split)
+    if not tuned:
+        launch.update((key, v) for key, v in config.items() if key != "SPLIT_K")
+    (_conv_tuned if tuned else _conv)[grid](
+        xc, wc, b, res, out, ws,
         h, w_in, c, k, p, q,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        c_g, k_g,
-        gemm_m, k_g, c_g * r * s,
-        R=r, S=s, HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=bool(relu),
-        INPUT_PRECISION="tf32" if tf32 else "ieee", **config,
+        c_g, k_g, gemm_m, gemm_m * k, **launch,
     )
+    if split > 1:
+        _split_k_reduce_kernel[(triton.cdiv(gemm_m, 64), triton.cdiv(k, 64))](
+            ws, b, res, out, gemm_m, k, gemm_m * k, SPLIT_K=split, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, RELU=bool(relu), INT64=int64, BLOCK_M=64, BLOCK_N=64)
     return out if fmt == torch.channels_last else out.contiguous(memory_format=fmt)

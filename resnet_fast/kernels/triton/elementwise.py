@@ -25,6 +25,17 @@ def _relu_nan(v):
 
 
 @triton.jit
+def _add_act_store(v, r_ptr, out_ptr, offs, mask, HAS_RES: tl.constexpr, RELU: tl.constexpr):
+    """out[offs] = act(v (+ r[offs])), in out's dtype: the epilogue every fused kernel ends
+    with (v is float32)."""
+    if HAS_RES:
+        v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        v = _relu_nan(v)
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_relu_kernel(x_ptr, r_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -37,11 +48,7 @@ def _add_relu_kernel(x_ptr, r_ptr, out_ptr, n, BLOCK: tl.constexpr):
 def _scale_shift_act_tile(x_ptr, r_ptr, out_ptr, offs, mask, s, b, HAS_RES: tl.constexpr,
                           RELU: tl.constexpr):
     v = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * s + b
-    if HAS_RES:
-        v += tl.load(r_ptr + offs, mask=mask).to(tl.float32)
-    if RELU:
-        v = _relu_nan(v)
-    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+    _add_act_store(v, r_ptr, out_ptr, offs, mask, HAS_RES, RELU)
 
 
 @triton.jit
