@@ -252,8 +252,9 @@ def group_plans(backend: Optional[str], pairs: list, own: int,
 
     The downsample's folded bias moves into the block's last conv, which takes the
     downsample's output as its residual: relu(conv(y, W3) + (b3 + b_ds) + conv(x, W_ds)).
-    The downsample then runs as a plain conv (no bias pass, no epilogue), and the sum is taken
-    in float32 (float64 for float64) before one rounding to the weights' dtype."""
+    The downsample then runs as a plain conv (no bias pass, no epilogue). The two folded
+    biases are added in float32 (float64 for float64), and the sum is rounded to the weights'
+    dtype."""
     if differentiable:
         return _group_plans(backend, pairs, own, differentiable)
     # Normal (not inference) tensors even under inference_mode, so a later call with autograd
