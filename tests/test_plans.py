@@ -663,6 +663,26 @@ def test_padded_stem_plan_on_triton_matches_the_unpadded_conv():
     assert_within_reference_error(ours, ref, truth)
 
 
+@interpreter
+def test_a_model_with_a_padded_stem_matches_torchvisions_code():
+    # fp16 on Triton's interpreter, the one program and block by block (a hooked block). Rule
+    # as above, against the same model's torchvision code in fp16.
+    torch.manual_seed(0)
+    model = calibrate_(resnet_fast.create_model("resnet20"), batch_size=4, image_size=16)
+    truth_model = copy.deepcopy(model).double()
+    model.half().set_backend("triton")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        truth = truth_model(x.double())
+        xh = x.half()
+        plain = model.fc(torch.flatten(model.avgpool(model._forward_plain_features(xh)), 1))
+        assert_within_reference_error(model(xh), plain, truth)
+        assert model.__dict__["_program_cache"][1][0].pads
+        model.layer1[0].register_forward_hook(lambda m, i, o: None)
+        assert_within_reference_error(model(xh), plain, truth)
+        assert model.__dict__["_plan_cache"][1][0].pads
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", HALF)
