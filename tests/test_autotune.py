@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from _numerics import assert_within_reference_error
 
 import resnet_fast
 from resnet_fast import _jsonfile, autotune, backends
@@ -243,6 +244,33 @@ def test_a_named_backend_or_gradients_are_never_measured(two_candidates):
         model.set_backend("cpu")(x)
     model.set_backend(None)(x).sum().backward()  # differentiable plans: the fixed order
     assert timed == []
+
+
+def test_a_padded_stem_is_measured_on_its_staged_input(monkeypatch, tmp_path):
+    # As on CUDA (auto resolving to triton, two candidates), with reference as the second
+    # candidate and the timer preferring it: the measured op runs on the padded input.
+    monkeypatch.setattr(_fused, "resolve", lambda op, device, backend: "triton")
+    monkeypatch.setattr(_fused, "tuned_backends", lambda op, dev: ("triton", "reference"))
+    monkeypatch.delenv("RESNET_FAST_BACKEND", raising=False)
+    layers = []
+
+    def timer(run):
+        layers.append(run.args[0].shape)
+        return 1.0 if run.func is resnet_fast.ops.reference.conv_bias_act else 2.0
+
+    monkeypatch.setattr(autotune, "_default", Tuner(str(tmp_path / "t.json"), timer=timer,
+                                                    measure=True))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False).half().eval()
+    bn = torch.nn.BatchNorm2d(8).half().eval()
+    plan = _fused.group_plans(None, [(conv, bn, True)], 1, differentiable=False)[0]
+    x = torch.randn(2, 3, 6, 6).half()
+    with torch.no_grad():
+        out = plan(x)
+        ref = torch.relu(bn(conv(x)))
+        truth = torch.relu(bn.double()(conv.double()(x.double())))
+    assert plan.pads and layers == [(2, PADDED_STEM_CHANNELS, 6, 6)] * 2
+    assert_within_reference_error(out, ref, truth)  # docs/design.md, Tolerances
 
 
 @pytest.mark.gpu
