@@ -101,8 +101,9 @@ def interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Which backends auto picks from on a device type, in order of preference (a static order
-# for now: per-shape measurement is future work).
+# Which backends auto picks from on a device type, in order of preference. The models' plans
+# measure per layer where more than one kernel backend serves (tuned_backends); this order is
+# the choice everywhere else and when measuring is off.
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
@@ -127,6 +128,20 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     return _resolve(op, device.type, requested_backend(backend), interpreting_triton())
 
 
+def _usable(name: str, op: str, dev: str) -> bool:
+    native_ok = name not in ("cpu", "cuda") or _extension.has_kernel(op, dev.upper())
+    return native_ok and backend_status(name).available
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_backends(op: str, dev: str) -> tuple[str, ...]:
+    """The kernel backends (not ``reference``) that ``auto`` may run ``op`` on for ``dev``
+    tensors, in order of preference; the models time them per layer where there are two or
+    more (CUDA: ``cuda`` and ``triton``)."""
+    return tuple(name for name in device_backends(dev)
+                 if name != "reference" and _usable(name, op, dev))
+
+
 # Availability is fixed once the extension is imported, so a choice is worked out once per
 # (op, device type, request); an unavailable request raises every time (exceptions are not
 # cached).
@@ -134,8 +149,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
 def _resolve(op: str, dev: str, choice: str, _interpreting: bool) -> str:
     if choice == "auto":
         for name in device_backends(dev):
-            native_ok = name not in ("cpu", "cuda") or _extension.has_kernel(op, dev.upper())
-            if backend_status(name).available and native_ok:
+            if _usable(name, op, dev):
                 log.info("resnet_fast: %s on %s uses the %s backend", op, dev, name)
                 return name
         return "reference"

@@ -82,9 +82,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def environment_report() -> dict:
-    """Versions, CUDA, CPU capability, whether the C++ extension loaded (and why not), and
-    every backend with whether it works here: what ``resnet-fast backends`` prints."""
-    from . import _extension, available_backends
+    """Versions, CUDA, CPU capability, whether the C++ extension loaded (and why not), every
+    backend with whether it works here, and the autotuning cache: what ``resnet-fast
+    backends`` prints."""
+    from . import _extension, autotune, available_backends
     from .bench.env import environment
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,7 +95,9 @@ def environment_report() -> dict:
                              for i in range(torch.cuda.device_count())],
             "extension": {"loaded": _extension.loaded(), "error": _extension.LOAD_ERROR},
             "backends": {name: {"available": status.available, "detail": status.detail}
-                         for name, status in available_backends().items()}}
+                         for name, status in available_backends().items()},
+            "autotune_cache": {"path": autotune.cache_path(),
+                               "entries": autotune.cached_entries()}}
 
 
 def backends_main(args: argparse.Namespace) -> int:
@@ -103,10 +106,12 @@ def backends_main(args: argparse.Namespace) -> int:
         print(_json(report))
         return 0
     for key, value in report.items():
-        if key not in ("extension", "backends"):
+        if key not in ("extension", "backends", "autotune_cache"):
             print(f"{key:<14} {value}")
     ext = report["extension"]
     print(f"{'extension':<14} " + ("loaded" if ext["loaded"] else f"not loaded: {ext['error']}"))
+    cache = report["autotune_cache"]
+    print(f"{'autotune cache':<14} {cache['path']} ({cache['entries']} entries)")
     print("\nbackends:")
     for name, status in report["backends"].items():
         print(f"  {name:<10} {'yes' if status['available'] else 'no ':<4} {status['detail']}")

@@ -194,11 +194,10 @@ class OptimizedModel(nn.Module):
         self._graphs: dict = {}
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dtype is not None:
-            x = x.to(self.dtype)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        """x in the model's dtype and (4-D) channels_last: one copy at most."""
+        fmt = (torch.channels_last if self.channels_last and x.dim() == 4
+               else torch.preserve_format)
+        return x.to(dtype=self.dtype or x.dtype, memory_format=fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._prepare(x)

@@ -51,7 +51,9 @@ def test_module_entry_points_and_bench_help_without_its_extras():
     assert json.loads(doctor.stdout)["resnet_fast"] == resnet_fast.__version__
 
 
-def test_backends_report(capsys):
+def test_backends_report(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path))
+    (tmp_path / "autotune.json").write_text('{"format": 1, "entries": {"a": {}, "b": {}}}')
     assert main(["backends", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["torch"] == torch.__version__ and report["torchvision"] == torchvision.__version__
@@ -61,9 +63,11 @@ def test_backends_report(capsys):
     assert report["backends"]["reference"] == {"available": True,
                                                "detail": "plain PyTorch, any device"}
     assert set(report["backends"]) == set(resnet_fast.available_backends())
+    assert report["autotune_cache"] == {"path": str(tmp_path / "autotune.json"), "entries": 2}
     assert main(["backends"]) == 0
     text = capsys.readouterr().out
     assert "cpu_capability" in text and "extension" in text and "reference  yes" in text
+    assert f"autotune cache {tmp_path / 'autotune.json'} (2 entries)" in text
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,11 +1,15 @@
 """The models' per-layer plans (models/_fused.py) and the ops as pure functions: never stale,
 never another tensor's data, safe in threads, correct under inductor, and the fused path taken
 only where it computes exactly what the modules compute. Every expected value comes from
-torchvision (or plain PyTorch) on the same weights."""
+torchvision (or plain PyTorch) on the same weights. Also what the plans prepare for speed: the
+padded stem (cuda/triton, half precision), the downsample's bias folded into the block's last
+conv, and the input and head without layout copies."""
 
+import collections
 import copy
 import gc
 import io
+import os
 import threading
 
 import pytest
@@ -14,11 +18,20 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize
 import torch.nn.utils.prune
 import torchvision
+from _numerics import assert_within_reference_error
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fast
 from resnet_fast.calibrate import calibrate_
-from resnet_fast.models._fused import ConvPlan
+from resnet_fast.models import _fused
+from resnet_fast.models._fused import (
+    PADDED_STEM_CHANNELS,
+    ConvPlan,
+    pad_weight,
+    padded_in_channels,
+    stage_padded,
+)
 
 CPU = resnet_fast.available_backends()["cpu"].available
 needs_cpu = pytest.mark.skipif(not CPU, reason="C++ extension not built")
@@ -550,3 +563,241 @@ def test_cpu_outputs_can_be_resized_and_written_with_out():
     out.resize_(0)
     torch.add(y, 1, out=out)  # grows the storage
     torch.testing.assert_close(out, y + 1)
+
+
+# --- padded stem, shortcut bias, layout copies -----------------------------------------------
+
+HALF = (torch.float16, torch.bfloat16)
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton on CPU tensors needs its interpreter")
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the aten ops called from Python (a custom op counts once, not its insides)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+        self.zeroed = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func).split(".")[1] if str(func).startswith("aten.") else str(func)
+        self.calls[name] += 1
+        if name == "zero_":
+            self.zeroed.append(args[0].numel())
+        return func(*args, **(kwargs or {}))
+
+    def copies(self):
+        return sum(self.calls[n] for n in ("clone", "copy_", "_to_copy", "copy"))
+
+
+# --- padded stem --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend, dtype, channels, groups, expected", [
+    ("cuda", torch.bfloat16, 3, 1, PADDED_STEM_CHANNELS),
+    ("cuda", torch.float16, 3, 1, PADDED_STEM_CHANNELS),
+    ("triton", torch.bfloat16, 3, 1, PADDED_STEM_CHANNELS),
+    ("triton", torch.float16, 3, 1, PADDED_STEM_CHANNELS),
+    ("cuda", torch.float32, 3, 1, 3),      # fp32 has no tensor-core NHWC constraint to meet
+    ("triton", torch.float64, 3, 1, 3),
+    ("cpu", torch.bfloat16, 3, 1, 3),      # CPU backends: nothing changes
+    ("reference", torch.float16, 3, 1, 3),
+    ("cuda", torch.bfloat16, 1, 1, 1),     # only the 3-channel stem is padded
+    ("cuda", torch.bfloat16, 64, 1, 64),
+    ("cuda", torch.bfloat16, 3, 3, 3),     # depthwise
+])
+def test_which_convs_are_padded(backend, dtype, channels, groups, expected):
+    assert padded_in_channels(backend, dtype, channels, groups) == expected
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_staged_input_and_padded_weight_compute_the_unpadded_conv(layout):
+    # float64: the padded conv adds exact zeros, so it equals the unpadded one to rounding.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 19, 23, dtype=torch.float64, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, 6, 19, 46, dtype=torch.float64, generator=g)[:, ::2, :, ::2]
+    x[1, 2, 4, 5] = float("nan")
+    w = torch.randn(16, 3, 7, 7, dtype=torch.float64, generator=g)
+    staged, padded = stage_padded(x, 8), pad_weight(w, 8)
+    assert staged.shape == (2, 8, 19, 23) and padded.shape == (16, 8, 7, 7)
+    assert staged.is_contiguous(memory_format=torch.channels_last)
+    assert padded.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(staged[:, :3], x, equal_nan=True, rtol=0, atol=0)
+    assert staged[:, 3:].eq(0).all() and padded[:, 3:].eq(0).all()
+    assert torch.equal(padded[:, :3], w)
+    torch.testing.assert_close(F.conv2d(staged, padded, stride=2, padding=3),
+                               F.conv2d(x, w, stride=2, padding=3), equal_nan=True,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_staging_copies_x_once_and_zero_fills_only_the_extra_channels():
+    x = torch.randn(2, 3, 16, 16)
+    with _Ops() as ops:
+        stage_padded(x, 8)
+    assert ops.copies() == 1
+    assert ops.zeroed == [2 * 5 * 16 * 16]
+
+
+def _stem(dtype):
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(16)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return conv.to(dtype).eval(), bn.to(dtype).eval()
+
+
+@interpreter
+def test_padded_stem_plan_on_triton_matches_the_unpadded_conv():
+    # Rule (docs/design.md, Tolerances): fp16 error vs an fp64 truth <= 2x the fp16 PyTorch
+    # reference's + 2 eps at the output's magnitude. (bf16 is not trustworthy in the
+    # interpreter.)
+    conv, bn = _stem(torch.float16)
+    plan = _fused.group_plans("triton", [(conv, bn, True)], 1, differentiable=False)[0]
+    assert plan.pads and plan.weight.shape == (16, PADDED_STEM_CHANNELS, 7, 7)
+    x = torch.randn(2, 3, 21, 18).half()
+    with torch.no_grad():
+        ours = plan(x)
+        ref = torch.relu(bn(conv(x.float().half())))
+        truth = torch.relu(bn.double()(conv.double()(x.double())))
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert_within_reference_error(ours, ref, truth)
+
+
+@interpreter
+def test_a_model_with_a_padded_stem_matches_torchvisions_code():
+    # fp16 on Triton's interpreter, the one program and block by block (a hooked block). Rule
+    # as above, against the same model's torchvision code in fp16.
+    torch.manual_seed(0)
+    model = calibrate_(resnet_fast.create_model("resnet20"), batch_size=4, image_size=16)
+    truth_model = copy.deepcopy(model).double()
+    model.half().set_backend("triton")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        truth = truth_model(x.double())
+        xh = x.half()
+        plain = model.fc(torch.flatten(model.avgpool(model._forward_plain_features(xh)), 1))
+        assert_within_reference_error(model(xh), plain, truth)
+        assert model.__dict__["_program_cache"][1][0].pads
+        model.layer1[0].register_forward_hook(lambda m, i, o: None)
+        assert_within_reference_error(model(xh), plain, truth)
+        assert model.__dict__["_plan_cache"][1][0].pads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_padded_stem_on_cuda_matches_the_unpadded_conv(backend, dtype):
+    # Rule as above (docs/design.md, Tolerances), against the same-dtype cuDNN conv -> BN.
+    if not resnet_fast.available_backends()[backend].available:
+        pytest.skip(f"{backend} is not available")
+    conv, bn = (m.cuda() for m in _stem(dtype))
+    plan = _fused.group_plans(backend, [(conv, bn, True)], 1, differentiable=False)[0]
+    assert plan.pads
+    x = torch.randn(8, 3, 224, 224, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        ours = plan(x)
+        ref = torch.relu(bn(conv(x)))
+        truth = torch.relu(bn.double()(conv.double()(x.double())))
+    assert_within_reference_error(ours, ref, truth)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cpu_backends_do_not_pad(backend):
+    if not resnet_fast.available_backends()[backend].available:
+        pytest.skip(f"{backend} is not available")
+    for dtype in (torch.float32, *HALF):
+        conv, bn = _stem(dtype)
+        plan = _fused.group_plans(backend, [(conv, bn, True)], 1, differentiable=False)[0]
+        assert not plan.pads and plan.weight.shape == (16, 3, 7, 7)
+
+
+# --- the downsample's bias in the block's last conv ---------------------------------------
+
+def _shortcuts(model):
+    """(last plan, downsample plan, block) of every block with a fused downsample."""
+    _, blocks = model.__dict__["_program_cache"][1]
+    with_ds = [b for stage in model._stages() for b in stage if b.downsample is not None]
+    return [(last, ds, b) for (_, last, ds), b in zip([b for b in blocks if b[2] is not None],
+                                                      with_ds)]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_downsample_bias_moves_into_the_last_conv(arch):
+    model, tv = _pair(arch)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close(model(x), tv(x))
+        shortcuts = _shortcuts(model)
+        assert len(shortcuts) == (3 if arch == "resnet18" else 4)
+        for last, ds, block in shortcuts:
+            assert isinstance(ds, ConvPlan) and ds.bias is None and not ds.relu
+            b_last = resnet_fast.ops.fold_bn(*block._pairs()[-1])[1]
+            b_ds = resnet_fast.ops.fold_bn(*block.downsample)[1]
+            torch.testing.assert_close(last.bias, b_last + b_ds)
+        # The plans depend on the downsample BN: a change to its bias after a forward is seen.
+        for m in (model, tv):
+            m.layer2[0].downsample[1].bias.add_(0.75)
+        _close(model(x), tv(x))
+    with torch.inference_mode():
+        _close(model(x), tv(x))
+        model.layer3[0].downsample[1].running_mean.sub_(0.5)
+        tv.layer3[0].downsample[1].running_mean.sub_(0.5)
+        _close(model(x), tv(x))
+    _close(resnet_fast.optimize(tv)(x), tv(x))
+
+
+def test_a_block_on_its_own_moves_the_bias_too():
+    model, tv = _pair("resnet18")
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        _close(model.layer2[0](x), tv.layer2[0](x))
+        conv1, conv2, ds = model.layer2[0].__dict__["_plan_cache"][1]
+        assert ds.bias is None and not ds.relu
+
+
+def test_frozen_bn_gradients_flow_into_both_biases():
+    # With gradients into the parameters the summed bias is built with autograd: both BNs'
+    # biases get torchvision's gradients.
+    model, tv = _pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().sum().backward()
+    tv(x).square().sum().backward()
+    for name in ("layer2.0.bn2.bias", "layer2.0.downsample.1.bias"):
+        ours, theirs = model.get_parameter(name).grad, tv.get_parameter(name).grad
+        _close(ours, theirs, rel=1e-3)
+
+
+# --- layouts: the input copied once, the head pooled in channels_last ---------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_forward_copies_the_input_once_and_pools_channels_last(backend):
+    if not resnet_fast.available_backends()[backend].available:
+        pytest.skip(f"{backend} is not available")
+    model, tv = _pair("resnet18")
+    model.set_backend(backend)
+    x = torch.randn(2, 3, 32, 32)  # NCHW
+    with torch.no_grad():
+        model(x)
+        with _Ops() as ops:
+            out = model(x)
+        _close(out, tv(x))
+        assert ops.copies() == 1  # the staging into channels_last; none before the pooling
+        feats = model.forward_features(x)
+        assert feats.is_contiguous()  # forward_features still answers in the input's layout
+
+
+def test_optimize_casts_and_lays_out_the_input_in_one_copy():
+    _, tv = _pair("resnet18")
+    optimized = resnet_fast.optimize(tv, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32)
+    optimized(x)
+    with _Ops() as ops:
+        out = optimized(x)
+    assert ops.copies() == 1
+    _close(out.float(), tv(x))

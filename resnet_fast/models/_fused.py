@@ -35,16 +35,19 @@ it, as does a forward that ``torch.jit.trace`` or ``torch.fx.symbolic_trace`` re
 (:func:`recorded`); ``torch.jit.script`` compiles torchvision's code only.
 """
 
+import functools
 from typing import Callable, Optional, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
 
-from .. import ops
+from .. import autotune, ops
 from .._extension import has_kernel, tensor_states
-from ..backends import resolve
+from ..backends import requested_backend, resolve, tuned_backends
+from ..kernels.layout import layout_of
 from ..ops import reference
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -101,53 +104,129 @@ def add_pair(conv: nn.Module, bn: nn.Module, key: list, sources: list[Tensor]) -
     return True
 
 
-class ConvPlan:
-    """One conv -> BN (-> add) -> ReLU, prepared: ``plan(x, residual)`` runs it.
+# Input channels a 3-channel conv (the stem) is zero-padded to on cuda/triton in float16 and
+# bfloat16. cuDNN's NHWC tensor-core kernels want C a multiple of 8 in half precision (16-byte
+# vector loads); with C=3 it falls back to slow non-tensor-core kernels (H100: 1.9 ms for the
+# stem at batch 256 against a 0.16 ms roofline). NVIDIA's MLPerf ResNet pads to 4, but for its
+# own first-layer kernel; 8 is what stock cuDNN and our Triton GEMM (K = R*S*C) are built for.
+# The cost: 8/3 of the stem's FLOPs and input bytes.
+PADDED_STEM_CHANNELS = 8
 
-    ``differentiable=True`` folds with autograd and runs the autograd-capable op (gradients
-    into the parameters, torch.compile); otherwise the fold is done once, without autograd.
-    ``dense_op`` is the (autograd-capable) op it runs; on CPU float32, inference calls run
-    ``packed_op`` (``conv_bias_act_packed``) on weights packed once per input size.
+
+def padded_in_channels(backend: str, dtype: torch.dtype, in_channels: int, groups: int) -> int:
+    """The input channels a plan's weight has: ``PADDED_STEM_CHANNELS`` for a 3-channel
+    ungrouped conv in float16/bfloat16 on ``cuda``/``triton``, else ``in_channels``."""
+    if (backend in ("cuda", "triton") and dtype in (torch.float16, torch.bfloat16)
+            and groups == 1 and in_channels == 3):
+        return PADDED_STEM_CHANNELS
+    return in_channels
+
+
+def pad_weight(weight: Tensor, channels: int) -> Tensor:
+    """(K, C, R, S) -> (K, channels, R, S) channels_last, the extra input channels zero."""
+    padded = F.pad(weight, (0, 0, 0, 0, 0, channels - weight.shape[1]))
+    return padded.contiguous(memory_format=torch.channels_last)
+
+
+def stage_padded(x: Tensor, channels: int) -> Tensor:
+    """(N, C, H, W) in any layout -> (N, channels, H, W) channels_last holding x in the first C
+    channels and zeros after: one copy of x, and only the extra channels zero-filled."""
+    n, c, h, w = x.shape
+    staged = torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device,
+                         memory_format=torch.channels_last)
+    staged[:, :c].copy_(x)
+    staged[:, c:].zero_()
+    return staged
+
+
+def _conv_op(backend: str) -> Callable[..., Tensor]:
+    if backend == "reference":
+        return reference.conv_bias_act
+    if backend == "triton":
+        return torch.ops.resnet_fast.conv_bias_act_triton.default
+    return torch.ops.resnet_fast.conv_bias_act.default
+
+
+class ConvPlan:
+    """One conv (-> BN folded into ``weight``, ``bias``) (-> add) -> ReLU, prepared:
+    ``plan(x, residual)`` runs it.
+
+    ``differentiable=True`` means ``weight``/``bias`` carry autograd and the plan runs the
+    autograd-capable op (gradients into the parameters, torch.compile). ``dense_op`` is the
+    (autograd-capable) op it runs; on CPU float32, inference calls run ``packed_op``
+    (``conv_bias_act_packed``) on weights packed once per input size. Under ``auto`` on a
+    device with two kernel backends (CUDA: cuda, triton) the op is chosen per input shape and
+    layout at its first call, by measurement (``resnet_fast.autotune``), and kept. A 3-channel
+    conv in half precision on cuda/triton keeps its weight zero-padded (``padded_in_channels``)
+    and stages its input to match (``pads``).
     """
 
-    __slots__ = ("weight", "bias", "geometry", "relu", "run", "dense_op", "packed_op", "_packed")
+    __slots__ = ("weight", "bias", "geometry", "relu", "run", "dense_op", "packed_op", "pads",
+                 "_packed", "_inner", "_tuned", "_candidates", "_default")
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, relu: bool,
+    def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor], relu: bool,
                  backend: Optional[str], differentiable: bool) -> None:
-        if differentiable:
-            weight, bias = ops.fold_bn(conv, bn)
-        else:
-            # Normal (not inference) tensors even under inference_mode, so a later call with
-            # autograd on (input gradients) may save them for backward.
-            with torch.inference_mode(False), torch.no_grad():
-                weight, bias = ops.fold_bn(conv, bn)
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         self.relu = relu
         chosen = resolve("conv_bias_act", weight.device, backend)
+        tuned = () if differentiable or requested_backend(backend) != "auto" else tuned_backends(
+            "conv_bias_act", weight.device.type)
+        if len(tuned) < 2:
+            tuned = ()  # one candidate: nothing to measure
         self.run: Callable[[Tensor, Optional[Tensor]], Tensor]
-        self.dense_op: Callable[..., Tensor]
-        if chosen == "reference":
-            self.dense_op = reference.conv_bias_act
-        elif chosen == "triton":
-            self.dense_op = torch.ops.resnet_fast.conv_bias_act_triton.default
-        else:
-            self.dense_op = torch.ops.resnet_fast.conv_bias_act.default
-        if chosen in ("cuda", "triton") and not differentiable:
+        self.dense_op: Callable[..., Tensor] = _conv_op(chosen)
+        channels = padded_in_channels(chosen, weight.dtype, weight.shape[1], conv.groups)
+        self.pads = channels != weight.shape[1] and not differentiable
+        if self.pads:
+            weight = pad_weight(weight, channels)
+        elif (chosen in ("cuda", "triton") or tuned) and not differentiable:
             # The layout both kernels read; laid out once here instead of on every call.
             weight = weight.contiguous(memory_format=torch.channels_last)
         self.weight, self.bias = weight, bias
         self.run, self.packed_op = self._dense, None
-        if (chosen == "cpu" and not differentiable and weight.dtype == torch.float32
+        if tuned:
+            self._tuned: dict[tuple, Callable[..., Tensor]] = {}
+            self._candidates, self._default = tuned, chosen
+            self.run = self._measured
+        elif (chosen == "cpu" and not differentiable and weight.dtype == torch.float32
                 and has_kernel("conv_bias_act_packed", "CPU") and torch.backends.mkldnn.enabled):
             self._packed: dict[torch.Size, Tensor] = {}
             self.run = self._onednn
             self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default
+        if self.pads:
+            self._inner, self.run = self.run, self._staged
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return self.run(x, residual)
 
     def _dense(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         return self.dense_op(x, self.weight, self.bias, *self.geometry, residual, self.relu)
+
+    def _staged(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        return self._inner(stage_padded(x, self.weight.shape[1]), residual)
+
+    def _measured(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        shape = (x.shape, x.stride())
+        op = self._tuned.get(shape)
+        if op is None:
+            op = self._choose(x, residual)
+            tuned = dict(self._tuned)  # copy, change, assign: as _onednn's dict
+            tuned[shape] = op
+            self._tuned = tuned
+        return op(x, self.weight, self.bias, *self.geometry, residual, self.relu)
+
+    def _choose(self, x: Tensor, residual: Optional[Tensor]) -> Callable[..., Tensor]:
+        """The op for x's shape and layout: the candidates timed once per layer key (or the
+        choice a table already holds for it)."""
+        layer = {"op": "conv_bias_act", "x": list(x.shape), "dtype": str(x.dtype).split(".")[-1],
+                 "layout": "channels_last" if layout_of(x) == torch.channels_last else "nchw",
+                 "weight": list(self.weight.shape), "geometry": list(self.geometry),
+                 "residual": residual is not None, "relu": self.relu}
+        args = (x, self.weight, self.bias, *self.geometry, residual, self.relu)
+        runs = {name: functools.partial(_conv_op(name), *args) for name in self._candidates}
+        with torch.no_grad():
+            name = autotune.default_tuner().choose(x.device, layer, runs, self._default)
+        return _conv_op(name)
 
     def _onednn(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None
@@ -164,6 +243,36 @@ class ConvPlan:
             sizes[x.shape] = packed
             self._packed = sizes
         return self.packed_op(x, packed, self.bias, *self.geometry, residual, self.relu)
+
+
+def group_plans(backend: Optional[str], pairs: list, own: int,
+                differentiable: bool) -> list[ConvPlan]:
+    """The plans of one group of pairs: a block's ``own`` pairs, then (if present) its
+    downsample pair, or the stem alone.
+
+    The downsample's folded bias moves into the block's last conv, which takes the
+    downsample's output as its residual: relu(conv(y, W3) + (b3 + b_ds) + conv(x, W_ds)).
+    The downsample then runs as a plain conv (no bias pass, no epilogue). The two folded
+    biases are added in float32 (float64 for float64), and the sum is rounded to the weights'
+    dtype."""
+    if differentiable:
+        return _group_plans(backend, pairs, own, differentiable)
+    # Normal (not inference) tensors even under inference_mode, so a later call with autograd
+    # on (input gradients) may save the prepared weights for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        return _group_plans(backend, pairs, own, differentiable)
+
+
+def _group_plans(backend: Optional[str], pairs: list, own: int,
+                 differentiable: bool) -> list[ConvPlan]:
+    folded = [ops.fold_bn(conv, bn) for conv, bn, _ in pairs]
+    if len(pairs) > own:
+        (w_last, b_last), (w_ds, b_ds) = folded[own - 1], folded[own]
+        acc = torch.promote_types(b_last.dtype, torch.float32)
+        folded[own - 1] = (w_last, (b_last.to(acc) + b_ds.to(acc)).to(b_last.dtype))
+        folded[own] = (w_ds, None)
+    return [ConvPlan(conv, w, b, relu, backend, differentiable)
+            for (conv, _, relu), (w, b) in zip(pairs, folded)]
 
 
 class FusedEvalMixin:
@@ -207,7 +316,8 @@ class FusedEvalMixin:
         pairs = self._fold_pairs()
         if pairs is None:
             return None
-        return cached_plans(self, "_plan_cache", [(self.backend, pairs)], [], _first)
+        return cached_plans(self, "_plan_cache", [(self.backend, pairs, len(self._fold_spec))],
+                            [], _first)
 
     def _drop_plans(self) -> None:
         self.__dict__.pop("_plan_cache", None)
@@ -235,8 +345,9 @@ def _first(plans: list[list[ConvPlan]]) -> list[ConvPlan]:
 def cached_plans(holder: nn.Module, slot: str, groups: list, extra_key: list,
                  assemble: Callable[[list[list[ConvPlan]]], T]) -> Optional[T]:
     """``assemble(plans)``, plans being one list per group of ``groups`` ([(backend,
-    [(conv, bn, relu), ...]), ...]), kept in ``holder.__dict__[slot]`` with its key; None if
-    a pair is not foldable.
+    [(conv, bn, relu), ...], own), ...]: ``own`` pairs, then a downsample pair if present, see
+    :func:`group_plans`), kept in ``holder.__dict__[slot]`` with its key; None if a pair is not
+    foldable.
 
     The key: ``extra_key`` (modules the assembled program calls, compared by identity), each
     group's backend, each BN's eps, each conv's geometry and (version, data pointer) of every
@@ -244,15 +355,15 @@ def cached_plans(holder: nn.Module, slot: str, groups: list, extra_key: list,
     is what keeps the plans from ever being stale."""
     key = list(extra_key)
     sources: list[Tensor] = []
-    for backend, pairs in groups:
+    for backend, pairs, _ in groups:
         key.append(backend)
         for conv, bn, _ in pairs:
             if not add_pair(conv, bn, key, sources):
                 return None
 
     def build(differentiable: bool) -> list[list[ConvPlan]]:
-        return [[ConvPlan(c, b, relu, backend, differentiable) for c, b, relu in pairs]
-                for backend, pairs in groups]
+        return [group_plans(backend, pairs, own, differentiable)
+                for backend, pairs, own in groups]
 
     if torch.compiler.is_compiling() or (torch.is_grad_enabled()
                                          and any(t.requires_grad for t in sources)):

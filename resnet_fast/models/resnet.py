@@ -258,7 +258,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
         stem = self._fold_pairs()
         if stem is None:
             return None
-        groups = [(self.backend, stem)]
+        groups = [(self.backend, stem, 1)]
         held = []  # per block: its class, and its downsample when that is not a fused pair
         for stage in stages:
             if type(stage) is not nn.Sequential or not no_hooks(stage):
@@ -270,15 +270,15 @@ class _Backbone(FusedEvalMixin, nn.Module):
                 pairs = block._fold_pairs()
                 if pairs is None:
                     return None
-                groups.append((block.backend, pairs))
+                groups.append((block.backend, pairs, len(kind._fold_spec)))
                 ds = block.downsample
                 held.append((kind, None if type(ds) is nn.Sequential else ds))
         return cached_plans(self, "_program_cache", groups, held, _assembler(held))
 
     def _run_program(self, x: Tensor, program: FusedProgram) -> Tensor:
-        fmt = layout_of(x)
+        """The fused eval features, channels_last."""
         stem, blocks = program
-        x = stem(x.contiguous(memory_format=torch.channels_last))
+        x = stem(x if stem.pads else x.contiguous(memory_format=torch.channels_last))
         maxpool = getattr(self, "maxpool", None)
         if maxpool is not None:
             x = maxpool(x)
@@ -288,25 +288,27 @@ class _Backbone(FusedEvalMixin, nn.Module):
             for plan in head:
                 out = plan(out)
             x = last(out, identity)
-        return x.contiguous(memory_format=fmt)
+        return x
 
     @torch.jit.unused
-    def _features(self, x: Tensor) -> Tensor:
+    def _features(self, x: Tensor, keep_layout: bool = True) -> Tensor:
         """The eager forward_features. The fused eval path runs channels_last inside (what
         oneDNN, cuDNN and our Triton kernel are fast at; measured on CPU: NCHW activations
         made the fused model slower than eager) and hands the features back in the input's
-        layout. Recorded by a tracer: torchvision's code."""
+        layout, or in channels_last without ``keep_layout`` (forward pools them as they are:
+        a layout copy of the last features would be wasted). Recorded by a tracer:
+        torchvision's code."""
         if recorded():
             return self._forward_plain_features(x)
         self._check_input(x)
+        fmt = layout_of(x) if keep_layout else torch.channels_last
         stages = self._stages()
         program = self._fused_program(stages)
         if program is not None:
-            return self._run_program(x, program)
-        fmt = layout_of(x)
+            return self._run_program(x, program).contiguous(memory_format=fmt)
         plans = self._fused_plans()
         fused = plans is not None
-        if fused:
+        if fused and not plans[0].pads:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self._stem(x, plans)
         maxpool = getattr(self, "maxpool", None)
@@ -323,7 +325,11 @@ class _Backbone(FusedEvalMixin, nn.Module):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
-        features = self.forward_head(self.forward_features(x), pre_logits=True)
+        if torch.jit.is_scripting():
+            x = self._forward_plain_features(x)
+        else:
+            x = self._features(x, keep_layout=False)
+        features = self.forward_head(x, pre_logits=True)
         logits = self.fc(features)
         if self.return_features:
             return logits, features

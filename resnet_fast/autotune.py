@@ -1,0 +1,184 @@
+"""The ``auto`` backend's per-layer choice on CUDA: time each candidate kernel once per layer
+key and keep the winner in memory and on disk.
+
+A layer key is the op, the input's shape, dtype and layout, the weight's shape, the geometry,
+and whether a residual and a ReLU are fused; the full key adds the device name and the versions
+of torch, cuDNN, triton and resnet_fast, so a new driver stack or another GPU measures again.
+The table is ``autotune.json`` in ``$RESNET_FAST_CACHE_DIR``, else
+``$XDG_CACHE_HOME/resnet_fast``, else ``~/.cache/resnet_fast``: JSON written through
+``_jsonfile.update`` (locked, atomic, merging, so concurrent writers lose nothing). A corrupt
+table is ignored with one warning and rewritten by the next measurement; an unwritable one
+warns once and the measured choice is still used for this process. ``RESNET_FAST_AUTOTUNE=0``
+never measures: a choice comes from the table or, failing that, from the fixed order of
+``backends.resolve``.
+
+Only the first call of a layer key in a process reaches this module (the models' plans keep
+the chosen op per input shape), so file reads and environment reads stay off the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import threading
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import _jsonfile
+from ._version import __version__
+
+CACHE_DIR_ENV = "RESNET_FAST_CACHE_DIR"
+AUTOTUNE_ENV = "RESNET_FAST_AUTOTUNE"
+CACHE_FILE = "autotune.json"
+FORMAT = 1  # the table's layout: {"format": 1, "entries": {full key: {"backend", "ms"}}}
+_WHAT = "resnet_fast autotuning cache"
+
+log = logging.getLogger("resnet_fast")
+
+
+class TuningCacheWarning(UserWarning):
+    """The autotuning cache could not be written, or held an entry this version cannot use."""
+
+
+def cache_path() -> str:
+    """Where the autotuning table lives (see the module docstring)."""
+    root = os.environ.get(CACHE_DIR_ENV)
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "resnet_fast")
+    return os.path.join(root, CACHE_FILE)
+
+
+def _entries(table: dict[str, Any]) -> dict[str, Any]:
+    entries = table.get("entries")
+    return entries if table.get("format") == FORMAT and isinstance(entries, dict) else {}
+
+
+def cached_entries(path: Optional[str] = None) -> int:
+    """How many choices the table at ``path`` (default :func:`cache_path`) holds."""
+    return len(_entries(_jsonfile.read(path or cache_path(), _WHAT)))
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The part of every key that names the machine: device name and library versions."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"device": name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+            "triton": triton_version, "resnet_fast": __version__}
+
+
+def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream, timed with CUDA events after
+    a first call (compilation, cuDNN plan search) and ``warmup`` more."""
+    for _ in range(1 + warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+class Tuner:
+    """Chooses among candidate kernels per key, measuring each key at most once.
+
+    Args:
+        path: the table (default :func:`cache_path`, read when the tuner is made).
+        environment: device -> the machine part of the key (default :func:`environment`).
+        timer: callable -> its time in ms (default :func:`cuda_time_ms`).
+        measure: whether a key missing from the table is measured (default: unless
+            ``$RESNET_FAST_AUTOTUNE`` is ``0``).
+    """
+
+    def __init__(self, path: Optional[str] = None,
+                 environment: Callable[[torch.device], dict[str, Any]] = environment,
+                 timer: Callable[[Callable[[], object]], float] = cuda_time_ms,
+                 measure: Optional[bool] = None) -> None:
+        self.path = path or cache_path()
+        self.environment = environment
+        self.timer = timer
+        self.measure = os.environ.get(AUTOTUNE_ENV, "1") != "0" if measure is None else measure
+        self._chosen: dict[str, str] = {}
+        self._lock = threading.Lock()  # one measurement at a time: timings must not overlap
+        self._warned: set[str] = set()
+
+    def choose(self, device: torch.device, layer: dict[str, Any],
+               candidates: dict[str, Callable[[], object]], default: str) -> str:
+        """The name of the fastest of ``candidates`` (name -> a call of that kernel on the
+        layer's real arguments) for ``layer`` on ``device``: from memory, else the table,
+        else measured and stored (unless measuring is off: then ``default``)."""
+        key = json.dumps({**self.environment(device), **layer}, sort_keys=True)
+        chosen = self._chosen.get(key)
+        if chosen in candidates:
+            return chosen
+        with self._lock:
+            chosen = self._chosen.get(key)
+            if chosen not in candidates:
+                chosen = self._look_up(key, candidates, default)
+                self._chosen[key] = chosen
+        return chosen
+
+    def _look_up(self, key: str, candidates: dict[str, Callable[[], object]],
+                 default: str) -> str:
+        entry = _entries(_jsonfile.read(self.path, _WHAT)).get(key)
+        if entry is not None:
+            chosen = entry.get("backend") if isinstance(entry, dict) else None
+            if chosen in candidates:
+                return chosen
+            self._warn("entry", f"ignoring an entry of {self.path} that names none of "
+                                f"{sorted(candidates)}: {entry!r}")
+        if not self.measure:
+            return default
+        ms = {}
+        for name, run in candidates.items():
+            try:
+                ms[name] = float(self.timer(run))
+            except Exception as exc:  # a kernel that cannot run this layer loses
+                log.info("resnet_fast autotune: %s failed on %s (%s)", name, key, exc)
+        if not ms:
+            return default
+        chosen = min(ms, key=ms.__getitem__)
+        log.info("resnet_fast autotune: %s for %s (ms: %s)", chosen, key, ms)
+
+        def store(table: dict[str, Any]) -> None:
+            if table.get("format") != FORMAT or not isinstance(table.get("entries"), dict):
+                table.clear()
+                table.update(format=FORMAT, entries={})
+            table["entries"][key] = {"backend": chosen, "ms": ms}
+
+        try:
+            _jsonfile.update(self.path, _WHAT, store)
+        except OSError as exc:
+            self._warn("write", f"cannot write {self.path} ({exc}); the measured choices are "
+                                "used in this process only")
+        return chosen
+
+    def _warn(self, kind: str, message: str) -> None:
+        """One warning per kind of problem and tuner."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, TuningCacheWarning, stacklevel=4)
+
+
+_default: Optional[Tuner] = None
+_default_lock = threading.Lock()
+
+
+def default_tuner() -> Tuner:
+    """The process's tuner, made at the first layer that needs one (environment read then)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Tuner()
+        return _default
