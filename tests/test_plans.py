@@ -51,20 +51,24 @@ def _close(ours, expected, rel=1e-4):
 
 
 def _fused_calls(model, x):
-    """How many fused convs a forward runs (plan calls)."""
+    """How many fused convs a forward runs (plan calls and joins)."""
     calls = []
-    real = ConvPlan.__call__
+    real_call, real_join = ConvPlan.__call__, ConvPlan.join
 
     def spy(plan, *args):
         calls.append(plan)
-        return real(plan, *args)
+        return real_call(plan, *args)
 
-    ConvPlan.__call__ = spy
+    def spy_join(plan, *args):
+        calls.append(plan)
+        return real_join(plan, *args)
+
+    ConvPlan.__call__, ConvPlan.join = spy, spy_join
     try:
         with torch.no_grad():
             model(x)
     finally:
-        ConvPlan.__call__ = real
+        ConvPlan.__call__, ConvPlan.join = real_call, real_join
     return len(calls)
 
 

@@ -287,7 +287,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
             out = x
             for plan in head:
                 out = plan(out)
-            x = last(out, identity)
+            x = last.join(out, identity)  # the program's own tensors: identity is dropped
         return x
 
     @torch.jit.unused
