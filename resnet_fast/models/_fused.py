@@ -158,8 +158,7 @@ class ConvPlan:
     device with two kernel backends (CUDA: cuda, triton) the op is chosen per input shape and
     layout at its first call, by measurement (``resnet_fast.autotune``), and kept. A 3-channel
     conv in half precision on cuda/triton keeps its weight zero-padded (``padded_in_channels``)
-    and stages its input to match (``pads``). ``join(x, residual)`` is the call for a residual
-    its caller drops afterwards: on the packed CPU path it writes the result over it.
+    and stages its input to match (``pads``).
     """
 
     __slots__ = ("weight", "bias", "geometry", "relu", "run", "dense_op", "packed_op", "pads",
@@ -229,24 +228,10 @@ class ConvPlan:
             name = autotune.default_tuner().choose(x.device, layer, runs, self._default)
         return _conv_op(name)
 
-    def join(self, x: Tensor, residual: Tensor) -> Tensor:
-        """``self(x, residual)`` for a residual the caller owns and drops after this call (a
-        block's join inside a model's program). On the packed CPU path the result is written
-        over the residual (``conv_bias_act_packed_``): no output buffer, no residual copy."""
-        if (self.packed_op is None or _needs_autograd(x, residual)
-                or not residual.is_contiguous(memory_format=layout_of(x))):
-            return self.run(x, residual)
-        torch.ops.resnet_fast.conv_bias_act_packed_.default(
-            residual, x, self._packed_weight(x), self.bias, *self.geometry, self.relu)
-        return residual
-
     def _onednn(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        if _needs_autograd(x, residual):
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None
+                                                              and residual.requires_grad)):
             return self._dense(x, residual)  # the packed op has no autograd
-        return self.packed_op(x, self._packed_weight(x), self.bias, *self.geometry, residual,
-                              self.relu)
-
-    def _packed_weight(self, x: Tensor) -> Tensor:
         packed = self._packed.get(x.shape)
         if packed is None:
             packed = torch.ops.resnet_fast.prepack_conv_weight.default(
@@ -257,12 +242,7 @@ class ConvPlan:
                 del sizes[next(iter(sizes))]  # the oldest
             sizes[x.shape] = packed
             self._packed = sizes
-        return packed
-
-
-def _needs_autograd(x: Tensor, residual: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or (residual is not None
-                                                            and residual.requires_grad))
+        return self.packed_op(x, packed, self.bias, *self.geometry, residual, self.relu)
 
 
 def group_plans(backend: Optional[str], pairs: list, own: int,

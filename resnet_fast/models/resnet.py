@@ -287,7 +287,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
             out = x
             for plan in head:
                 out = plan(out)
-            x = last.join(out, identity)  # the program's own tensors: identity is dropped
+            x = last(out, identity)
         return x
 
     @torch.jit.unused
