@@ -26,12 +26,6 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def("conv_bias_act_packed(Tensor x, Tensor packed_weight, Tensor? bias, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, Tensor? residual=None, bool relu=True) "
         "-> Tensor");
-  // conv_bias_act_packed with the result written over the residual, which the caller owns
-  // and no longer needs (the models' block joins): no output buffer, no residual copy. It
-  // returns nothing (torch.compile functionalizes no custom op returning an alias).
-  m.def("conv_bias_act_packed_(Tensor(a!) residual, Tensor x, Tensor packed_weight, "
-        "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-        "bool relu=True) -> ()");
   // Training BatchNorm (batch statistics) fused with (+ residual) and ReLU: returns
   // (out, mean, var) with the batch mean and biased variance per channel in float32 (float64
   // for float64 x). The running-stat update is left to the caller (resnet_fast.ops).

@@ -11,12 +11,7 @@
 // The ReLU is our own in-place pass, not oneDNN's post-op: that one maps NaN to 0 and +inf to
 // FLT_MAX, where torch.relu keeps both.
 //
-// conv_bias_act_packed_ writes the result over the residual instead (the caller owns it and
-// no longer needs it, as in a ResNet block's join): the sum post-op then accumulates into the
-// residual's own buffer, with neither a fill nor a fresh output.
-//
-// The ops are functions of their inputs (the in-place one of its residual too): nothing is
-// cached here. A oneDNN-blocked weight
+// Both ops are pure functions of their inputs: nothing is cached here. A oneDNN-blocked weight
 // pays at small batches (a reorder per call is what makes batch 1 lose); it is made once by
 // prepack_conv_weight, held by the caller (the models' per-layer plans) and passed to
 // conv_bias_act_packed, the way torch's own mkldnn/quantized ops separate prepack from compute.
@@ -185,52 +180,20 @@ at::Tensor prepack_conv_weight_cpu(const at::Tensor& w, at::IntArrayRef stride,
   return prepack(w, stride, padding, dilation, groups, input_size);
 }
 
-void check_packed(const at::Tensor& packed, const char* op) {
-  TORCH_CHECK_VALUE(packed.is_mkldnn() && packed.scalar_type() == at::kFloat, op,
-                    ": expected a weight from prepack_conv_weight (float32, mkldnn layout), got a ",
-                    DType{packed.scalar_type()}, " tensor of layout ", packed.layout());
-}
-
 at::Tensor conv_bias_act_packed_cpu(const at::Tensor& x_in, const at::Tensor& packed,
                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, const std::optional<at::Tensor>& residual,
                                     bool relu) {
-  check_packed(packed, "conv_bias_act_packed");
+  TORCH_CHECK_VALUE(packed.is_mkldnn() && packed.scalar_type() == at::kFloat,
+                    "conv_bias_act_packed: expected a weight from prepack_conv_weight (float32, "
+                    "mkldnn layout), got a ", DType{packed.scalar_type()}, " tensor of layout ",
+                    packed.layout());
   const Prepared p = prepare(x_in, packed, bias, stride, padding, dilation, groups, residual,
                              "conv_bias_act_packed");
   if (p.x.numel() == 0) return at::empty(p.out_shape, p.x.options().memory_format(p.fmt));
   return onednn_conv(p.x, packed, p.bias, stride, padding, dilation, groups, p.residual, relu,
                      p.out_shape, p.fmt);
-}
-
-void conv_bias_act_packed_inplace_cpu(const at::Tensor& residual, const at::Tensor& x_in,
-                                      const at::Tensor& packed,
-                                      const std::optional<at::Tensor>& bias,
-                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups, bool relu) {
-  const char* op = "conv_bias_act_packed_";
-  check_packed(packed, op);
-  const Prepared p = prepare(x_in, packed, bias, stride, padding, dilation, groups, residual, op);
-  TORCH_CHECK_VALUE(residual.is_contiguous(p.fmt), op, ": expected the residual (written in "
-                    "place) dense in x's memory format, got strides ", residual.strides());
-  TORCH_CHECK_VALUE(!residual.is_alias_of(x_in), op, ": the residual (written in place) shares "
-                    "memory with x");
-  if (p.x.numel() == 0) return;
-  c10::impl::GenericList no_scalars(c10::OptionalType::create(c10::NumberType::get()));
-  torch::jit::Stack stack{residual, p.x, packed,
-                          p.bias.defined() ? c10::IValue(p.bias) : c10::IValue(),
-                          padding.vec(), stride.vec(), dilation.vec(), groups, std::string("add"),
-                          c10::IValue(), c10::IValue(), no_scalars, c10::IValue()};
-  conv_sum_inplace_op().callBoxed(stack);
-  if (relu) {
-    at::Tensor out = residual;  // a handle to the same tensor: relu_ takes a mutable one
-    at::relu_(out);
-  }
-  // A schema-declared in-place op gets no version bump from the dispatcher (our kernel is
-  // registered for CPU only), and oneDNN wrote the data directly: bump it here, so autograd
-  // and anything watching versions sees the write.
-  if (!residual.is_inference()) residual.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace
@@ -239,13 +202,11 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("conv_bias_act", &conv_bias_act_cpu);
   m.impl("prepack_conv_weight", &prepack_conv_weight_cpu);
   m.impl("conv_bias_act_packed", &conv_bias_act_packed_cpu);
-  m.impl("conv_bias_act_packed_", &conv_bias_act_packed_inplace_cpu);
 }
 
 // The packed weight has the mkldnn layout: its dispatch key is MkldnnCPU, x's is CPU.
 TORCH_LIBRARY_IMPL(resnet_fast, MkldnnCPU, m) {
   m.impl("conv_bias_act_packed", &conv_bias_act_packed_cpu);
-  m.impl("conv_bias_act_packed_", &conv_bias_act_packed_inplace_cpu);
 }
 
 }  // namespace resnet_fast::cpu

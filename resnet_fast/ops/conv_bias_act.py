@@ -15,8 +15,6 @@ their per-layer plans): no op caches anything keyed by a tensor's identity, so e
 pure function of its inputs under torch.compile, export and concurrent threads. A packed
 weight is an mkldnn-layout tensor, which fake tensors can carry (``conv_bias_act_packed`` has
 a fake kernel) but not create: ``prepack_conv_weight`` runs eagerly, outside compiled graphs.
-``conv_bias_act_packed_(residual, x, packed_weight, ...)`` writes its result over the residual,
-for callers that own it and no longer need it (the models' block joins).
 """
 
 from __future__ import annotations
@@ -172,11 +170,6 @@ if _extension.has_kernel("conv_bias_act_packed", "CPU"):
     def _packed_fake(x, packed_weight, bias, stride, padding, dilation, groups, residual=None,
                      relu=True):
         return _fake(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu)
-
-    @torch.library.register_fake("resnet_fast::conv_bias_act_packed_")
-    def _packed_inplace_fake(residual, x, packed_weight, bias, stride, padding, dilation, groups,
-                             relu=True):
-        check_conv(x, packed_weight, bias, stride, padding, dilation, groups, residual)
 
 
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padding=0,
