@@ -29,7 +29,8 @@ from resnet_fast.bench.env import environment
 from resnet_fast.calibrate import calibrate_
 
 # Our ops by kind; anything else is "other".
-_OURS = {"mkldnn::_convolution_pointwise_": "conv", "aten::copy_": "residual copy",
+_OURS = {"mkldnn::_convolution_pointwise_": "conv", "mkldnn::_convolution_pointwise": "conv",
+         "aten::copy_": "residual copy",
          "aten::fill_": "zero fill", "aten::zero_": "zero fill", "aten::clamp_min_": "relu pass",
          "aten::relu_": "relu pass", "aten::max_pool2d_with_indices": "maxpool",
          "aten::max_pool2d": "maxpool", "aten::mean": "avgpool", "aten::sum": "avgpool",
