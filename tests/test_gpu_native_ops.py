@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _numerics import assert_within_reference_error
+from test_conv_bias_act import _case
 
 from resnet_fast.ops import batch_norm_act, conv_bias_act, reference
 
@@ -125,24 +126,10 @@ def test_conv_bias_act_opcheck(residual, relu, cudnn):
         torch.library.opcheck(torch.ops.resnet_fast.conv_bias_act, grads)
 
 
-def _conv_case(conv, dtype, residual=True, channels_last=True, batch=3):
-    c_in, c_out, k, stride, pad, dil, groups, h = conv
-    g = torch.Generator().manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(batch, c_in, h, h, generator=g, dtype=torch.float64)
-    w = (torch.randn(c_out, c_in // groups, k, k, generator=g, dtype=torch.float64)
-         / (c_in // groups * k * k) ** 0.5)
-    b = torch.randn(c_out, generator=g, dtype=torch.float64)
-    p = (h + 2 * pad - dil * (k - 1) - 1) // stride + 1
-    r = torch.randn(batch, c_out, p, p, generator=g, dtype=torch.float64) if residual else None
-
-    def cast(t):
-        if t is None:
-            return None
-        t = t.to("cuda", dtype)
-        return t.contiguous(memory_format=fmt) if t.dim() == 4 else t
-
-    return cast(x), cast(w), cast(b), cast(r)
+def _conv_case(conv, dtype, residual=True, channels_last=True):
+    """test_conv_bias_act's case (x, weight, bias, residual) at batch 3, on the GPU."""
+    x, w, b, _, r = _case(conv, dtype, batch=3, channels_last=channels_last, residual=residual)
+    return tuple(None if t is None else t.cuda() for t in (x, w, b, r))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -193,22 +193,18 @@ std::tuple<at::Tensor, at::Tensor> masked_grad_sums(const at::Tensor& x, const a
     const acc_t* mp = mean.const_data_ptr<acc_t>();
     acc_t* s1 = p1.mutable_data_ptr<acc_t>();
     acc_t* s2 = p2.mutable_data_ptr<acc_t>();
+    const auto launch = [&](auto layout_tag, auto index) {
+      using index_t = decltype(index);
+      masked_grad_sums_kernel<scalar_t, decltype(layout_tag)::value, index_t>
+          <<<grid, block, 0, stream>>>(xp, gp, op, mp, s1, s2, static_cast<index_t>(rows),
+                                       static_cast<index_t>(hw), static_cast<index_t>(c), relu);
+    };
+    using Nhwc = std::true_type;
+    using Nchw = std::false_type;
     if (fits_int32(x)) {
-      const auto r = static_cast<int32_t>(rows), h = static_cast<int32_t>(hw);
-      const auto ch = static_cast<int32_t>(c);
-      if (channels_last) {
-        masked_grad_sums_kernel<scalar_t, true, int32_t><<<grid, block, 0, stream>>>(
-            xp, gp, op, mp, s1, s2, r, h, ch, relu);
-      } else {
-        masked_grad_sums_kernel<scalar_t, false, int32_t><<<grid, block, 0, stream>>>(
-            xp, gp, op, mp, s1, s2, r, h, ch, relu);
-      }
-    } else if (channels_last) {
-      masked_grad_sums_kernel<scalar_t, true, int64_t><<<grid, block, 0, stream>>>(
-          xp, gp, op, mp, s1, s2, rows, hw, c, relu);
+      channels_last ? launch(Nhwc{}, int32_t{}) : launch(Nchw{}, int32_t{});
     } else {
-      masked_grad_sums_kernel<scalar_t, false, int64_t><<<grid, block, 0, stream>>>(
-          xp, gp, op, mp, s1, s2, rows, hw, c, relu);
+      channels_last ? launch(Nhwc{}, int64_t{}) : launch(Nchw{}, int64_t{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
