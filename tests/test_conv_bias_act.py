@@ -408,8 +408,10 @@ def table(monkeypatch, tmp_path):
     path = tmp_path / "conv_configs.json"
     monkeypatch.setattr(tconv, "TABLE_PATH", path)
     tconv.config_table.cache_clear()
+    tconv.shape_configs.cache_clear()
     yield path
     tconv.config_table.cache_clear()
+    tconv.shape_configs.cache_clear()
 
 
 TABLE_CONV = (16, 32, 3, 1, 1, 1, 1, 5)

@@ -304,14 +304,11 @@ def config_table() -> dict:
     return entries
 
 
-_bad_entries: set[tuple[str, str, str]] = set()
-
-
-def table_config(device: torch.device, key: str) -> dict | None:
-    """This device's and Triton version's table entry for ``key``, or None. An entry that is
-    not a complete config of positive ints, with power-of-two tiles of at least 16 and warps,
-    is ignored with one warning."""
-    versions = config_table().get(device_name(device))
+def table_config(name: str, key: str) -> dict | None:
+    """The table entry for ``key`` on the GPU called ``name`` with this Triton version, or
+    None. An entry that is not a complete config of positive ints, with power-of-two tiles of
+    at least 16 and warps, is ignored with a warning (one: shape_configs asks once per key)."""
+    versions = config_table().get(name)
     shapes = versions.get(f"triton {triton.__version__}") if isinstance(versions, dict) else None
     entry = shapes.get(key) if isinstance(shapes, dict) else None
     if entry is None:
@@ -322,13 +319,20 @@ def table_config(device: torch.device, key: str) -> dict | None:
             and all(entry[k] & (entry[k] - 1) == 0
                     for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"))):
         return entry
-    if (str(TABLE_PATH), device_name(device), key) not in _bad_entries:
-        _bad_entries.add((str(TABLE_PATH), device_name(device), key))
-        warnings.warn(f"ignoring the Triton conv config table's entry {key!r} for "
-                      f"{device_name(device)}: expected {{{', '.join(CONFIG_KEYS)}}} as "
-                      f"positive ints (tiles and warps powers of two, tiles >= 16), got "
-                      f"{entry!r}", TableWarning, stacklevel=2)
+    warnings.warn(f"ignoring the Triton conv config table's entry {key!r} for {name}: "
+                  f"expected {{{', '.join(CONFIG_KEYS)}}} as positive ints (tiles and warps "
+                  f"powers of two, tiles >= 16), got {entry!r}", TableWarning, stacklevel=2)
     return None
+
+
+@functools.cache
+def shape_configs(name: str, gemm_m: int, k_g: int, c_g: int, groups: int, r: int, s: int,
+                  stride: tuple[int, int], dtype: torch.dtype, sms: int
+                  ) -> tuple[dict | None, dict]:
+    """(the table's entry or None, the heuristic config) for one conv shape on the GPU called
+    ``name``: worked out at a shape's first launch, a dict lookup on every later one."""
+    key = shape_key(gemm_m, k_g, c_g, groups, r, s, stride, dtype)
+    return (table_config(name, key), heuristic_config(gemm_m, k_g, c_g, r, s, groups, sms))
 
 
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -359,12 +363,12 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     k_g = k // groups
     gemm_m = n * p * q
     gemm_1x1 = r == s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+    tuned = False
     if config is None:
-        config = table_config(x.device, shape_key(gemm_m, k_g, c_g, groups, r, s, stride,
-                                                  x.dtype))
-    tuned = config is None and AUTOTUNE
-    if config is None:
-        config = heuristic_config(gemm_m, k_g, c_g, r, s, groups, sm_count(x.device))
+        entry, heuristic = shape_configs(device_name(x.device), gemm_m, k_g, c_g, groups, r, s,
+                                         tuple(stride), x.dtype, sm_count(x.device))
+        tuned = entry is None and AUTOTUNE
+        config = entry or heuristic
     split = config["SPLIT_K"]
     ws = torch.empty((split, gemm_m, k), device=x.device, dtype=torch.float32) if split > 1 \
         else out
