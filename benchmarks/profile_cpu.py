@@ -9,6 +9,13 @@ Sources: ``torch.profiler`` (self CPU time per aten/mkldnn/resnet_fast op), ORT'
 ``enable_profiling`` trace (``Node`` events, kernel time per node) and OpenVINO's
 ``PERF_COUNT`` report (real time per executed node). Each profiler adds its own overhead, so
 compare kinds within a runtime and totals against ``resnet-fast bench``, not to the last 5%.
+
+Per layer, each runtime's convolution nodes are grouped by geometry ("C×H×W k R×S -> K": a
+ResNet has no two convolutions of one geometry and different strides) with the whole fused
+node's time: ours is the ``resnet_fast::conv_bias_act_packed`` call with everything under it
+(fill, copy, ReLU pass), ORT's the ``Conv``/``FusedConv`` kernel (add and ReLU fused in),
+OpenVINO's the ``Convolution`` node (post-ops fused in; separate ``Eltwise`` nodes are not
+counted there).
 """
 
 from __future__ import annotations
@@ -47,14 +54,17 @@ def ours(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float
     fast = resnet_fast.optimize(model, example_input=x)
     with torch.inference_mode():
         fast(x)
-        with torch.profiler.profile() as prof:
+        with torch.profiler.profile(record_shapes=True) as prof:
             for _ in range(iters):
                 fast(x)
     ops: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
+    layers: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages(group_by_input_shape=True):
         if not event.key.startswith("resnet_fast::"):  # our op's frame: its children count
             ops[event.key] += event.self_cpu_time_total / 1e3 / iters
-    return _by_kind(ops, _OURS)
+        elif event.key == "resnet_fast::conv_bias_act_packed":
+            layers[_layer(*event.input_shapes[:2])] += event.cpu_time_total / 1e3 / iters
+    return {**_by_kind(ops, _OURS), "layers": dict(layers)}
 
 
 def onnxruntime(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
@@ -83,10 +93,15 @@ def onnxruntime(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     first_end = runs[0]["ts"] + runs[0]["dur"]  # skip the first run of this session too
     ops: dict[str, float] = defaultdict(float)
+    layers: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > first_end:
-            ops[e["args"].get("op_name", "?")] += e["dur"] / 1e3 / iters
-    return _by_kind(ops, _ORT)
+            op = e["args"].get("op_name", "?")
+            ops[op] += e["dur"] / 1e3 / iters
+            if _ORT.get(op) == "conv":
+                x_shape, w_shape = (next(iter(t.values())) for t in e["args"]["input_type_shape"][:2])
+                layers[_layer(x_shape, w_shape)] += e["dur"] / 1e3 / iters
+    return {**_by_kind(ops, _ORT), "layers": dict(layers)}
 
 
 def openvino(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
@@ -99,13 +114,28 @@ def openvino(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, f
         "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
     request = compiled.create_infer_request()
     request.infer([x.numpy()])
+    conv_layers = {  # runtime node name -> geometry, from the executed graph's shapes
+        node.get_friendly_name(): _layer(*(node.input(i).get_partial_shape().to_shape()
+                                           for i in (0, 1)))
+        for node in compiled.get_runtime_model().get_ordered_ops()
+        if node.get_rt_info()["layerType"].astype(str) == "Convolution"}
     ops: dict[str, float] = defaultdict(float)
+    layers: dict[str, float] = defaultdict(float)
     for _ in range(iters):
         request.infer([x.numpy()])
         for info in request.get_profiling_info():
-            ops[f"{info.node_type} ({info.exec_type})"] += (
-                info.real_time.total_seconds() * 1e3 / iters)
-    return _by_kind({k: v for k, v in ops.items() if v > 0}, _OV, strip=" (")
+            ms = info.real_time.total_seconds() * 1e3 / iters
+            ops[f"{info.node_type} ({info.exec_type})"] += ms
+            if info.node_name in conv_layers:
+                layers[conv_layers[info.node_name]] += ms
+    return {**_by_kind({k: v for k, v in ops.items() if v > 0}, _OV, strip=" ("),
+            "layers": dict(layers)}
+
+
+def _layer(x_shape, w_shape) -> str:
+    """A convolution's geometry: input C×H×W, kernel R×S, output channels K."""
+    return (f"{x_shape[1]}x{x_shape[2]}x{x_shape[3]} k{w_shape[2]}x{w_shape[3]} "
+            f"-> {w_shape[0]}")
 
 
 def _by_kind(ops: dict[str, float], kinds: dict[str, str], strip: str = "") -> dict:
@@ -114,6 +144,15 @@ def _by_kind(ops: dict[str, float], kinds: dict[str, str], strip: str = "") -> d
     for name, ms in ops.items():
         grouped[kinds.get(name.split(strip)[0] if strip else name, "other")] += ms
     return {"kinds": dict(grouped), "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+
+
+def _print_layers(table: dict) -> None:
+    """Per convolution geometry, ms per forward in each runtime, slowest of ours first."""
+    ours_ms = table["optimize"]["layers"]
+    print(f"\n{'conv layer (all of this geometry)':<34}" + "".join(f"{n:>13}" for n in table))
+    for layer in sorted(ours_ms, key=lambda k: -ours_ms[k]):
+        print(f"{layer:<34}" + "".join(f"{t['layers'].get(layer, float('nan')):>13.2f}"
+                                       for t in table.values()))
 
 
 RUNTIMES = {"optimize": ours, "onnxruntime": onnxruntime, "openvino": openvino}
@@ -144,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 table[name] = profile(model, x, args.iters)
             except ImportError as exc:  # a peer not installed: said, not fatal
-                table[name] = {"kinds": {}, "ops": {}, "not_run": str(exc)}
+                table[name] = {"kinds": {}, "ops": {}, "layers": {}, "not_run": str(exc)}
                 print(f"{name} not run: {exc}")
                 continue
             print(f"profiled {name} at batch {batch} in {time.perf_counter() - start:.0f} s")
@@ -157,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
             cells = [sum(row.values()) if kind == "total" else row.get(kind, 0.0)
                      for row in rows]
             print(f"{kind:<14}" + "".join(f"{c:>13.2f}" for c in cells))
+        _print_layers(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

@@ -358,7 +358,8 @@ def test_the_deployment_cli_does_not_import_the_benchmark():
 
 def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
     """benchmarks/profile_cpu.py on a tiny model: each runtime's per-forward time lands in
-    kinds (conv first among them), the JSON is written, a missing peer is said, not fatal."""
+    kinds (conv first among them) and per conv geometry, the JSON is written, a missing peer is
+    said, not fatal."""
     profile = load_script(ROOT / "benchmarks" / "profile_cpu.py")
     out = tmp_path / "prof.json"
     result = profile.main(["--arch", "resnet18", "--batch", "1", "--image-size", "32",
@@ -372,3 +373,6 @@ def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
             continue
         assert row["kinds"]["conv"] == max(row["kinds"].values()) > 0, (name, row)
         assert sum(row["kinds"].values()) == pytest.approx(sum(row["ops"].values()))
+        # resnet18 at 32 px has 11 conv geometries; every runtime times each of them
+        assert len(row["layers"]) == 11 and min(row["layers"].values()) > 0, (name, row)
+        assert "3x32x32 k7x7 -> 64" in row["layers"]
