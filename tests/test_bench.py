@@ -85,11 +85,17 @@ def test_calibration_gives_sane_logits():
 
 
 def test_a_diverging_candidate_is_flagged_not_hidden():
-    broken = candidates.Candidate("broken", lambda x: torch.zeros(x.shape[0], 1000), False)
-    results = inference.run("resnet18", (1,), candidates=("eager",), repeats=1, warmup=0,
+    truth = reference_model("resnet18")  # what the bench judges against
+    # Every image's true class comes last: top-1 agreement 0.
+    broken = candidates.Candidate("broken", lambda x: -truth(x), False)
+    results = inference.run("resnet18", (4,), candidates=("eager",), repeats=1, warmup=0,
                         image_size=64, progress=False, extra_candidates=[broken])
     row = next(r for r in results["runs"] if r["candidate"] == "broken")
+    eager = next(r for r in results["runs"] if r["candidate"] == "eager")
     assert row["diverged"]
+    assert row["top1_agreement_vs_torchvision"] == 0.0
+    assert eager["top1_agreement_vs_torchvision"] == 1.0
+    assert "top-1 agree" in report.format_table(results)
     assert "broken" in report.format_table(results) and "DIVERGED" in report.format_table(results)
     assert "**DIVERGED**" in report.markdown_table(results)
 

@@ -20,6 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from resnet_fast._jsonfile import TableWarning
 from resnet_fast.bench.conv_shapes import distinct_convs
 from resnet_fast.ops import conv_bias_act, fold_bn, reference
+from resnet_fast.ops.conv_bias_act import onednn_dtypes
 
 CONVS = sorted({c for arch in ("resnet18", "resnet50", "resnext50_32x4d")
                 for c in distinct_convs(arch)})
@@ -569,6 +570,35 @@ def test_packed_weight_gives_the_dense_result(residual, relu):
     torch.testing.assert_close(torch.ops.resnet_fast.conv_bias_act_packed(x, other, b, *geo, r, relu), ours)
 
 
+NATIVE_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16: oneDNN refuses bf16")
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("conv", [(8, 16, 3, 2, 1, 1, 2, 7), (3, 24, 7, 2, 3, 1, 1, 13),
+                                  (40, 24, 1, 1, 0, 1, 1, 5)])
+def test_native_bf16_runs_onednn_with_a_packed_weight(conv, channels_last):
+    """Where oneDNN has bf16 kernels, bf16 takes the float32 path's route: a packed weight,
+    the same result as the dense op, within bf16's reference error of the fp64 truth."""
+    assert torch.bfloat16 in onednn_dtypes()
+    x, w, b, (stride, pad, dil, groups), r = _case(conv, torch.bfloat16,
+                                                  channels_last=channels_last)
+    geo = ([stride] * 2, [pad] * 2, [dil] * 2, groups)
+    packed = torch.ops.resnet_fast.prepack_conv_weight(w, *geo, list(x.shape))
+    assert packed.is_mkldnn and packed.dtype == torch.bfloat16
+    for residual, relu in ((r, True), (None, False)):
+        ours = torch.ops.resnet_fast.conv_bias_act_packed(x, packed, b, *geo, residual, relu)
+        assert ours.dtype == torch.bfloat16
+        assert torch.equal(ours, torch.ops.resnet_fast.conv_bias_act(x, w, b, *geo, residual,
+                                                                   relu))
+        _judge(ours, x, w, b, (stride, pad, dil, groups), residual, relu)
+
+
+def test_onednn_dtypes_follow_torchs_bf16_test():
+    assert onednn_dtypes() == ((torch.float32, torch.bfloat16) if NATIVE_BF16
+                               else (torch.float32,))
+
+
 def test_packed_fake_kernel():
     # opcheck cannot run this op: every one of its tests reads storages, which an mkldnn
     # (opaque) tensor has none of. The fake kernel is checked directly instead: fake tensors
@@ -586,8 +616,13 @@ def test_packed_fake_kernel():
 
 def test_packed_bad_arguments():
     x, w, b, geo, r, packed = _packed_case()
-    with pytest.raises(ValueError, match=r"expected a 4-D strided float32 CPU weight .*torch.float64"):
+    with pytest.raises(ValueError, match=r"expected a 4-D strided CPU weight .* in float32.*, "
+                                          r"got torch.float64"):
         torch.ops.resnet_fast.prepack_conv_weight(w.double(), *geo, list(x.shape))
+    if not NATIVE_BF16:
+        with pytest.raises(ValueError, match=r"bfloat16 needs a CPU with native bf16: "
+                                              r".*is False here\), got torch.bfloat16"):
+            torch.ops.resnet_fast.prepack_conv_weight(w.bfloat16(), *geo, list(x.shape))
     with pytest.raises(ValueError, match=r"expected input_size \(N, C, H, W\) with C = 8, got \(2, 4, 7, 7\)"):
         torch.ops.resnet_fast.prepack_conv_weight(w, *geo, [2, 4, 7, 7])
     with pytest.raises(ValueError, match=r"expected a weight from prepack_conv_weight"):

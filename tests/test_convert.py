@@ -1,5 +1,7 @@
 """fuse_bn (deployment folding) and convert (torchvision -> resnet_fast)."""
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -196,6 +198,22 @@ def test_optimize_a_torchvision_model():
     out = half(x)
     assert out.dtype == torch.bfloat16
     assert (out.float() - expected).abs().max().item() < 0.1 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype, native", [
+    (torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported()),
+    (torch.float32, True)])
+def test_optimize_says_when_this_cpu_emulates_the_dtype(dtype, native):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resnet_fast.optimize(resnet_fast.resnet18(), dtype=dtype)
+    said = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    if native:
+        assert said == []
+    else:
+        assert len(said) == 1
+        assert f"no native {dtype} convolution" in said[0] and "dtype=None" in said[0]
 
 
 def test_optimize_refusals():

@@ -1,7 +1,8 @@
 // conv_bias_act on CPU: act(conv2d(x, w) + bias (+ residual)), and its prepacked-weight form.
 //
-// float32 (the CPU inference dtype): oneDNN through the pointwise convolution ops PyTorch
-// ships. An output large enough for the buffer cache (buffer_pool.h) is filled with the
+// float32, and bfloat16 on a CPU with native bf16 (AVX512-BF16/AMX or AVX-NE-CONVERT, as
+// torch's mkldnn::_is_mkldnn_bf16_supported says): oneDNN through the pointwise convolution ops
+// PyTorch ships, accumulating in float32 and rounding the output once. An output large enough for the buffer cache (buffer_pool.h) is filled with the
 // residual (or zeros) and the convolution accumulates into it in place with the bias and a sum
 // post-op (mkldnn::_convolution_pointwise_.binary): a reused buffer plus one fill pass costs
 // half of what a fresh output's page faults do (ResNet-50 layer1 conv3, batch 16: 16.8 vs
@@ -16,8 +17,8 @@
 // prepack_conv_weight, held by the caller (the models' per-layer plans) and passed to
 // conv_bias_act_packed, the way torch's own mkldnn/quantized ops separate prepack from compute.
 //
-// Other dtypes (float64, float16, bfloat16): ATen's convolution, then our vectorized epilogue
-// in place on its output (two passes, not three).
+// Other dtypes (float64, float16, bfloat16 without native support): ATen's convolution, then
+// our vectorized epilogue in place on its output (two passes, not three).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -60,6 +61,23 @@ const c10::OperatorHandle& conv_op() {
   return op;
 }
 
+// torch's own test for oneDNN's bf16 kernels (a CPUID check), asked once.
+bool onednn_bf16() {
+  static const bool supported = [] {
+    torch::jit::Stack stack;
+    c10::Dispatcher::singleton()
+        .findSchemaOrThrow("mkldnn::_is_mkldnn_bf16_supported", "")
+        .callBoxed(stack);
+    return stack.at(0).toBool();
+  }();
+  return supported;
+}
+
+// The dtypes the oneDNN path (and prepack_conv_weight) takes on this CPU.
+bool onednn_dtype(at::ScalarType t) {
+  return t == at::kFloat || (t == at::kBFloat16 && onednn_bf16());
+}
+
 // act(out + bias (+ residual)) written over `out` (dense in fmt): our scale_shift_act kernel
 // with scale 1 (x * 1 + b is exactly x + b), reading and writing the same buffer.
 void bias_act_inplace(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& residual,
@@ -70,10 +88,10 @@ void bias_act_inplace(const at::Tensor& out, const at::Tensor& bias, const at::T
 }
 
 bool use_onednn(const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat && at::hasMKLDNN();
+  return at::hasMKLDNN() && onednn_dtype(x.scalar_type());
 }
 
-// The float32 oneDNN path; `w` is a dense weight or a prepacked (mkldnn-layout) one.
+// The oneDNN path (float32, or bfloat16 where native); `w` is a dense weight or a prepacked (mkldnn-layout) one.
 at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        int64_t groups, const at::Tensor& r, bool relu,
@@ -168,12 +186,14 @@ at::Tensor conv_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& w,
 at::Tensor prepack_conv_weight_cpu(const at::Tensor& w, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation,
                                    int64_t groups, at::IntArrayRef input_size) {
-  TORCH_CHECK_VALUE(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 4 &&
-                        w.layout() == at::kStrided,
-                    "prepack_conv_weight: expected a 4-D strided float32 CPU weight (K, C/groups, "
-                    "R, S), got ", DType{w.scalar_type()}, " ", Shape{w.sizes()}, " of layout ",
-                    w.layout(), " on ", w.device());
   TORCH_CHECK(at::hasMKLDNN(), "prepack_conv_weight: this PyTorch build has no oneDNN (mkldnn)");
+  TORCH_CHECK_VALUE(w.device().is_cpu() && onednn_dtype(w.scalar_type()) && w.dim() == 4 &&
+                        w.layout() == at::kStrided,
+                    "prepack_conv_weight: expected a 4-D strided CPU weight (K, C/groups, R, S) "
+                    "in float32", onednn_bf16() ? " or bfloat16" : " (bfloat16 needs a CPU with "
+                    "native bf16: torch.ops.mkldnn._is_mkldnn_bf16_supported() is False here)",
+                    ", got ", DType{w.scalar_type()}, " ", Shape{w.sizes()}, " of layout ",
+                    w.layout(), " on ", w.device());
   TORCH_CHECK_VALUE(input_size.size() == 4 && input_size[1] == w.size(1) * groups,
                     "prepack_conv_weight: expected input_size (N, C, H, W) with C = ",
                     w.size(1) * groups, ", got ", Shape{input_size});
@@ -185,10 +205,10 @@ at::Tensor conv_bias_act_packed_cpu(const at::Tensor& x_in, const at::Tensor& pa
                                     at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, const std::optional<at::Tensor>& residual,
                                     bool relu) {
-  TORCH_CHECK_VALUE(packed.is_mkldnn() && packed.scalar_type() == at::kFloat,
-                    "conv_bias_act_packed: expected a weight from prepack_conv_weight (float32, "
-                    "mkldnn layout), got a ", DType{packed.scalar_type()}, " tensor of layout ",
-                    packed.layout());
+  TORCH_CHECK_VALUE(packed.is_mkldnn() && onednn_dtype(packed.scalar_type()),
+                    "conv_bias_act_packed: expected a weight from prepack_conv_weight (float32 or "
+                    "native bfloat16, mkldnn layout), got a ", DType{packed.scalar_type()},
+                    " tensor of layout ", packed.layout());
   const Prepared p = prepare(x_in, packed, bias, stride, padding, dilation, groups, residual,
                              "conv_bias_act_packed");
   if (p.x.numel() == 0) return at::empty(p.out_shape, p.x.options().memory_format(p.fmt));

@@ -1,6 +1,8 @@
 """The inference benchmark (``resnet-fast bench``): the candidates of :mod:`.candidates` on the
 same weights and the same seeded input, each judged against fp32 NCHW torchvision (max abs
-error of the logits; divergent candidates flagged, never hidden)."""
+error of the logits, divergent candidates flagged, never hidden; and top-1 agreement, the
+fraction of images whose arg-max class is fp32 torchvision's, which is what a bf16 user
+trades)."""
 
 from __future__ import annotations
 
@@ -41,11 +43,15 @@ def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.
         inputs[True, False] = inputs[False, False].contiguous(memory_format=torch.channels_last)
         truth = truth_model(x32)
         scale = truth.abs().max().item()
+        classes = truth.argmax(1)
 
         def judge(outputs: dict) -> dict:
             errors = {n: (out.float() - truth).abs().max().item() for n, out in outputs.items()}
+            top1 = {n: (out.float().argmax(1) == classes).float().mean().item()
+                    for n, out in outputs.items()}
             return {c.name: {"precision": c.precision or str(dtype)[6:],
                              "max_abs_err_vs_torchvision": errors[c.name], "logit_scale": scale,
+                             "top1_agreement_vs_torchvision": top1[c.name],
                              "diverged": diverged(errors[c.name], errors["eager"], scale, dtype)}
                     for c in cands}
 

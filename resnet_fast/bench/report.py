@@ -68,6 +68,10 @@ def _columns(results: dict) -> list[tuple[str, int, Callable[[dict], str]]]:
                  ("step-2 diff", 12, lambda r: f"{r['loss_step2_abs_diff_vs_eager']:.1e}")]
     else:
         cols += [("max abs err", 12, lambda r: f"{r['max_abs_err_vs_torchvision']:.1e}")]
+        if any("top1_agreement_vs_torchvision" in r for r in results["runs"]):
+            # (result files older than the field have no column)
+            cols += [("top-1 agree", 12,
+                      lambda r: f"{r['top1_agreement_vs_torchvision']:.0%}")]
     return cols
 
 

@@ -45,10 +45,11 @@ from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
 
 from .. import autotune, ops
-from .._extension import has_kernel, tensor_states
+from .._extension import tensor_states
 from ..backends import requested_backend, resolve, tuned_backends
 from ..kernels.layout import layout_of
 from ..ops import reference
+from ..ops.conv_bias_act import onednn_dtypes
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
@@ -153,7 +154,8 @@ class ConvPlan:
 
     ``differentiable=True`` means ``weight``/``bias`` carry autograd and the plan runs the
     autograd-capable op (gradients into the parameters, torch.compile). ``dense_op`` is the
-    (autograd-capable) op it runs; on CPU float32, inference calls run ``packed_op``
+    (autograd-capable) op it runs; on CPU in float32 (and bfloat16 where oneDNN has native
+    bf16: ``onednn_dtypes``), inference calls run ``packed_op``
     (``conv_bias_act_packed``) on weights packed once per input size. Under ``auto`` on a
     device with two kernel backends (CUDA: cuda, triton) the op is chosen per input shape and
     layout at its first call, by measurement (``resnet_fast.autotune``), and kept. A 3-channel
@@ -188,8 +190,8 @@ class ConvPlan:
             self._tuned: dict[tuple, Callable[..., Tensor]] = {}
             self._candidates, self._default = tuned, chosen
             self.run = self._measured
-        elif (chosen == "cpu" and not differentiable and weight.dtype == torch.float32
-                and has_kernel("conv_bias_act_packed", "CPU") and torch.backends.mkldnn.enabled):
+        elif (chosen == "cpu" and not differentiable and weight.dtype in onednn_dtypes()
+                and torch.backends.mkldnn.enabled):
             self._packed: dict[torch.Size, Tensor] = {}
             self.run = self._onednn
             self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default

@@ -8,7 +8,8 @@ Variants: ``torch.ops.resnet_fast.conv_bias_act`` (C++: oneDNN on CPU, cuDNN on 
 its arguments once, where it runs: in C++ for the C++ op, in Python for the Triton op, the
 fake kernel and the reference path.
 
-On CPU, float32, a weight can be prepared once: ``prepack_conv_weight`` reorders it into
+On CPU, in float32 and, where oneDNN has native bf16 kernels (:func:`onednn_dtypes`), in
+bfloat16, a weight can be prepared once: ``prepack_conv_weight`` reorders it into
 oneDNN's blocked layout for one input size and ``conv_bias_act_packed`` takes that packed
 weight (inference only; no autograd). The caller holds the packed weight (the models keep it in
 their per-layer plans): no op caches anything keyed by a tensor's identity, so every op is a
@@ -19,6 +20,7 @@ a fake kernel) but not create: ``prepack_conv_weight`` runs eagerly, outside com
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -170,6 +172,18 @@ if _extension.has_kernel("conv_bias_act_packed", "CPU"):
     def _packed_fake(x, packed_weight, bias, stride, padding, dilation, groups, residual=None,
                      relu=True):
         return _fake(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu)
+
+
+@functools.cache
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes of the CPU oneDNN path (``prepack_conv_weight``, ``conv_bias_act_packed``)
+    on this machine: float32, and bfloat16 where torch's own CPUID test finds native bf16
+    (AVX512-BF16/AMX or AVX-NE-CONVERT; elsewhere oneDNN refuses bf16 and the op runs ATen's
+    emulated bf16 convolution)."""
+    if _extension.has_kernel("conv_bias_act_packed", "CPU") and \
+            torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return (torch.float32, torch.bfloat16)
+    return (torch.float32,)
 
 
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padding=0,
