@@ -9,6 +9,9 @@ Sources: ``torch.profiler`` (self CPU time per aten/mkldnn/resnet_fast op), ORT'
 ``enable_profiling`` trace (``Node`` events, kernel time per node) and OpenVINO's
 ``PERF_COUNT`` report (real time per executed node). Each profiler adds its own overhead, so
 compare kinds within a runtime and totals against ``resnet-fast bench``, not to the last 5%.
+The runtimes' profiled forwards are interleaved (one of each in turn, ``--iters`` rounds) and
+each reports its forward of median total time: run one after the other, a slow spell of a
+shared VM lands on one runtime and reads as its cost.
 
 Per layer, each runtime's convolution nodes are grouped by geometry ("C×H×W k R×S -> K": a
 ResNet has no two convolutions of one geometry and different strides) with the whole fused
@@ -50,28 +53,47 @@ _OV = {"Convolution": "conv", "MaxPool": "maxpool", "ReduceMean": "avgpool",
        "FullyConnected": "fc", "Reorder": "reorder", "Eltwise": "add"}
 
 
-def ours(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
-    fast = resnet_fast.optimize(model, example_input=x)
-    with torch.inference_mode():
-        fast(x)
-        with torch.profiler.profile(record_shapes=True) as prof:
-            for _ in range(iters):
-                fast(x)
-    ops: dict[str, float] = defaultdict(float)
-    layers: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages(group_by_input_shape=True):
-        if not event.key.startswith("resnet_fast::"):  # our op's frame: its children count
-            ops[event.key] += event.self_cpu_time_total / 1e3 / iters
-        elif event.key == "resnet_fast::conv_bias_act_packed":
-            layers[_layer(*event.input_shapes[:2])] += event.cpu_time_total / 1e3 / iters
-    return {**_by_kind(ops, _OURS), "layers": dict(layers)}
+# One forward's profile: (ms per op name, ms per conv geometry).
+Forward = tuple[dict[str, float], dict[str, float]]
 
 
-def onnxruntime(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
-    import onnxruntime as ort
+class Ours:
+    """resnet_fast.optimize; each forward under its own torch.profiler."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "model.onnx")
+    kinds = _OURS
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
+        self.fast, self.x = resnet_fast.optimize(model, example_input=x), x
+        self.forwards: list[Forward] = []
+        with torch.inference_mode():
+            self.fast(x)
+
+    def forward(self) -> None:
+        with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as prof:
+            self.fast(self.x)
+        ops: dict[str, float] = defaultdict(float)
+        layers: dict[str, float] = defaultdict(float)
+        for event in prof.key_averages(group_by_input_shape=True):
+            if not event.key.startswith("resnet_fast::"):  # our op's frame: its children count
+                ops[event.key] += event.self_cpu_time_total / 1e3
+            elif event.key == "resnet_fast::conv_bias_act_packed":
+                layers[_layer(*event.input_shapes[:2])] += event.cpu_time_total / 1e3
+        self.forwards.append((dict(ops), dict(layers)))
+
+    def results(self) -> list[Forward]:
+        return self.forwards
+
+
+class OnnxRuntime:
+    """ORT's CPU provider at ORT_ENABLE_ALL; one profiling trace, split per ``model_run``."""
+
+    kinds = _ORT
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
+        import onnxruntime as ort
+
+        self.tmp = tempfile.TemporaryDirectory()
+        path = str(Path(self.tmp.name) / "model.onnx")
         with torch.no_grad():
             torch.onnx.export(model, (x,), path, dynamo=True, input_names=["input"],
                               verbose=False)
@@ -80,56 +102,71 @@ def onnxruntime(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        feed = {"input": x.numpy()}
-        session.run(None, feed)
-        trace = session.end_profiling()  # the warm-up call, dropped below
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        for _ in range(iters + 1):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-        del trace
-    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-    first_end = runs[0]["ts"] + runs[0]["dur"]  # skip the first run of this session too
-    ops: dict[str, float] = defaultdict(float)
-    layers: dict[str, float] = defaultdict(float)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > first_end:
-            op = e["args"].get("op_name", "?")
-            ops[op] += e["dur"] / 1e3 / iters
-            if _ORT.get(op) == "conv":
-                x_shape, w_shape = (next(iter(t.values())) for t in e["args"]["input_type_shape"][:2])
-                layers[_layer(x_shape, w_shape)] += e["dur"] / 1e3 / iters
-    return {**_by_kind(ops, _ORT), "layers": dict(layers)}
+        opts.profile_file_prefix = str(Path(self.tmp.name) / "ort")
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.feed = {"input": x.numpy()}
+        self.session.run(None, self.feed)  # warm-up: its run is dropped from the trace below
+
+    def forward(self) -> None:
+        self.session.run(None, self.feed)
+
+    def results(self) -> list[Forward]:
+        events = json.loads(Path(self.session.end_profiling()).read_text())
+        self.tmp.cleanup()
+        runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+        forwards = []
+        for run in runs[1:]:
+            ops: dict[str, float] = defaultdict(float)
+            layers: dict[str, float] = defaultdict(float)
+            for e in events:
+                if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                        and run["ts"] <= e["ts"] <= run["ts"] + run["dur"]):
+                    op = e["args"].get("op_name", "?")
+                    ops[op] += e["dur"] / 1e3
+                    if _ORT.get(op) == "conv":
+                        x_shape, w_shape = (next(iter(t.values()))
+                                            for t in e["args"]["input_type_shape"][:2])
+                        layers[_layer(x_shape, w_shape)] += e["dur"] / 1e3
+            forwards.append((dict(ops), dict(layers)))
+        return forwards
 
 
-def openvino(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
-    import openvino as ov
+class OpenVino:
+    """OpenVINO's CPU plugin at f32 with PERF_COUNT: the report of each inference."""
 
-    with torch.no_grad():
-        converted = ov.convert_model(model, example_input=x)
-    compiled = ov.Core().compile_model(converted, "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-        "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
-    request = compiled.create_infer_request()
-    request.infer([x.numpy()])
-    conv_layers = {  # runtime node name -> geometry, from the executed graph's shapes
-        node.get_friendly_name(): _layer(*(node.input(i).get_partial_shape().to_shape()
-                                           for i in (0, 1)))
-        for node in compiled.get_runtime_model().get_ordered_ops()
-        if node.get_rt_info()["layerType"].astype(str) == "Convolution"}
-    ops: dict[str, float] = defaultdict(float)
-    layers: dict[str, float] = defaultdict(float)
-    for _ in range(iters):
-        request.infer([x.numpy()])
-        for info in request.get_profiling_info():
-            ms = info.real_time.total_seconds() * 1e3 / iters
-            ops[f"{info.node_type} ({info.exec_type})"] += ms
-            if info.node_name in conv_layers:
-                layers[conv_layers[info.node_name]] += ms
-    return {**_by_kind({k: v for k, v in ops.items() if v > 0}, _OV, strip=" ("),
-            "layers": dict(layers)}
+    kinds = _OV
+
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
+        import openvino as ov
+
+        with torch.no_grad():
+            converted = ov.convert_model(model, example_input=x)
+        compiled = ov.Core().compile_model(converted, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+        self.request, self.x = compiled.create_infer_request(), x.numpy()
+        self.request.infer([self.x])
+        self.conv_layers = {  # runtime node name -> geometry, from the executed graph's shapes
+            node.get_friendly_name(): _layer(*(node.input(i).get_partial_shape().to_shape()
+                                               for i in (0, 1)))
+            for node in compiled.get_runtime_model().get_ordered_ops()
+            if node.get_rt_info()["layerType"].astype(str) == "Convolution"}
+        self.forwards: list[Forward] = []
+
+    def forward(self) -> None:
+        self.request.infer([self.x])
+        ops: dict[str, float] = defaultdict(float)
+        layers: dict[str, float] = defaultdict(float)
+        for info in self.request.get_profiling_info():
+            ms = info.real_time.total_seconds() * 1e3
+            if ms > 0:
+                ops[f"{info.node_type} ({info.exec_type})"] += ms
+            if info.node_name in self.conv_layers:
+                layers[self.conv_layers[info.node_name]] += ms
+        self.forwards.append((dict(ops), dict(layers)))
+
+    def results(self) -> list[Forward]:
+        return self.forwards
 
 
 def _layer(x_shape, w_shape) -> str:
@@ -138,12 +175,17 @@ def _layer(x_shape, w_shape) -> str:
             f"-> {w_shape[0]}")
 
 
-def _by_kind(ops: dict[str, float], kinds: dict[str, str], strip: str = "") -> dict:
-    """{"kinds": ms per kind, "ops": ms per op name as the profiler names it}."""
+def _median_forward(forwards: list[Forward], kinds: dict[str, str]) -> dict:
+    """The profiled forward of median total time (a stall that hits one forward does not move
+    it): {"kinds": ms per kind, "ops": ms per op name as the profiler names it, "layers": ms
+    per conv geometry, "forwards_ms": every forward's total}."""
+    totals = [sum(ops.values()) for ops, _ in forwards]
+    ops, layers = forwards[sorted(range(len(forwards)), key=totals.__getitem__)[len(totals) // 2]]
     grouped: dict[str, float] = defaultdict(float)
     for name, ms in ops.items():
-        grouped[kinds.get(name.split(strip)[0] if strip else name, "other")] += ms
-    return {"kinds": dict(grouped), "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+        grouped[kinds.get(name.split(" (")[0], "other")] += ms
+    return {"kinds": dict(grouped), "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+            "layers": layers, "forwards_ms": totals}
 
 
 def _print_layers(table: dict) -> None:
@@ -155,7 +197,7 @@ def _print_layers(table: dict) -> None:
                                        for t in table.values()))
 
 
-RUNTIMES = {"optimize": ours, "onnxruntime": onnxruntime, "openvino": openvino}
+RUNTIMES = {"optimize": Ours, "onnxruntime": OnnxRuntime, "openvino": OpenVino}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -177,16 +219,22 @@ def main(argv: list[str] | None = None) -> dict:
               "environment": environment(torch.device("cpu")), "batches": {}}
     for batch in (int(b) for b in args.batch.split(",")):
         x = torch.randn(batch, 3, args.image_size, args.image_size)
-        table = {}
-        for name, profile in RUNTIMES.items():
+        profilers, table = {}, {}
+        for name, runtime in RUNTIMES.items():
             start = time.perf_counter()
             try:
-                table[name] = profile(model, x, args.iters)
+                profilers[name] = runtime(model, x)
             except ImportError as exc:  # a peer not installed: said, not fatal
                 table[name] = {"kinds": {}, "ops": {}, "layers": {}, "not_run": str(exc)}
                 print(f"{name} not run: {exc}")
                 continue
-            print(f"profiled {name} at batch {batch} in {time.perf_counter() - start:.0f} s")
+            print(f"set up {name} at batch {batch} in {time.perf_counter() - start:.0f} s")
+        for _ in range(args.iters):  # interleaved: a slow spell of the machine hits all alike
+            for profiler in profilers.values():
+                profiler.forward()
+        for name, profiler in profilers.items():
+            table[name] = _median_forward(profiler.results(), profiler.kinds)
+        table = {name: table[name] for name in RUNTIMES}
         result["batches"][batch] = table
         rows = [t["kinds"] for t in table.values()]
         kinds = sorted({k for row in rows for k in row})

@@ -382,3 +382,4 @@ def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
         # resnet18 at 32 px has 11 conv geometries; every runtime times each of them
         assert len(row["layers"]) == 11 and min(row["layers"].values()) > 0, (name, row)
         assert "3x32x32 k7x7 -> 64" in row["layers"]
+        assert row["forwards_ms"] == [pytest.approx(sum(row["ops"].values()))]  # --iters 1
