@@ -179,9 +179,10 @@ def onednn_dtypes() -> tuple[torch.dtype, ...]:
     """The dtypes of the CPU oneDNN path (``prepack_conv_weight``, ``conv_bias_act_packed``)
     on this machine: float32, and bfloat16 where torch's own CPUID test finds native bf16
     (AVX512-BF16/AMX or AVX-NE-CONVERT; elsewhere oneDNN refuses bf16 and the op runs ATen's
-    emulated bf16 convolution)."""
-    if _extension.has_kernel("conv_bias_act_packed", "CPU") and \
-            torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    emulated bf16 convolution); none without the C++ extension's CPU kernels."""
+    if not _extension.has_kernel("conv_bias_act_packed", "CPU"):
+        return ()
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return (torch.float32, torch.bfloat16)
     return (torch.float32,)
 
