@@ -229,9 +229,11 @@ class OptimizedModel(nn.Module):
         return graph, static_in, static_out
 
 
-# torch's own CPUID tests for oneDNN's half-precision kernels.
-_CPU_NATIVE = {torch.bfloat16: lambda: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-               torch.float16: lambda: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
+# torch's own CPUID tests for oneDNN's half-precision convolutions.
+_CPU_NATIVE = {torch.bfloat16: lambda: torch.backends.mkldnn.is_available()
+               and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+               torch.float16: lambda: torch.backends.mkldnn.is_available()
+               and torch.ops.mkldnn._is_mkldnn_fp16_supported()}
 
 
 def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Optional[torch.dtype] = None,
@@ -260,10 +262,11 @@ def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Option
     ours.eval()
     device = next(ours.parameters()).device
     if device.type == "cpu" and dtype in _CPU_NATIVE and not _CPU_NATIVE[dtype]():
-        warnings.warn(f"optimize: this CPU has no native {dtype} convolution (oneDNN needs "
-                      f"AVX512-BF16/AMX, AVX512-FP16 or AVX-NE-CONVERT), so {dtype} runs "
-                      f"emulated and slower than float32 (ResNet-50 bf16 on an AVX2 host: 6-8x "
-                      f"slower); pass dtype=None for float32", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"optimize: oneDNN has no {dtype} convolution for this CPU (bfloat16 "
+                      f"needs AVX-512 or AVX-NE-CONVERT, float16 AVX512-FP16, AMX-FP16 or "
+                      f"AVX-NE-CONVERT), so {dtype} runs emulated and slower than float32 "
+                      f"(ResNet-50 bf16 on an AVX2 host: 8-9x slower); pass dtype=None for "
+                      f"float32", RuntimeWarning, stacklevel=2)
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
     elif cuda_graphs and device.type != "cuda":

@@ -1,23 +1,24 @@
 // conv_bias_act on CPU: act(conv2d(x, w) + bias (+ residual)), and its prepacked-weight form.
 //
-// float32, and bfloat16 on a CPU with native bf16 (AVX512-BF16/AMX or AVX-NE-CONVERT, as
-// torch's mkldnn::_is_mkldnn_bf16_supported says): oneDNN through the pointwise convolution ops
-// PyTorch ships, accumulating in float32 and rounding the output once. An output large enough for the buffer cache (buffer_pool.h) is filled with the
+// float32, and bfloat16 where oneDNN runs bf16 (torch's mkldnn::_is_mkldnn_bf16_supported:
+// AVX-512 BW/VL/DQ or AVX-NE-CONVERT; native bf16 arithmetic with AVX512-BF16/AMX): oneDNN
+// through the pointwise convolution ops PyTorch ships, accumulating in float32 and rounding the
+// output once. An output large enough for the buffer cache (buffer_pool.h) is filled with the
 // residual (or zeros) and the convolution accumulates into it in place with the bias and a sum
 // post-op (mkldnn::_convolution_pointwise_.binary): a reused buffer plus one fill pass costs
 // half of what a fresh output's page faults do (ResNet-50 layer1 conv3, batch 16: 16.8 vs
 // 36.5 ms). A smaller output comes from the default allocator either way, so oneDNN writes it
 // directly, without the fill: the plain convolution (mkldnn::_convolution_pointwise), or with
 // the residual read as a binary-add post-op (mkldnn::_convolution_pointwise.binary).
-// The ReLU is our own in-place pass, not oneDNN's post-op: that one maps NaN to 0 and +inf to
-// FLT_MAX, where torch.relu keeps both.
+// The ReLU is our own in-place pass, not oneDNN's post-op: that one maps NaN to 0, where
+// torch.relu keeps it (as do leaky_relu(0) and hardtanh(0, inf); checked on torch 2.14).
 //
 // Both ops are pure functions of their inputs: nothing is cached here. A oneDNN-blocked weight
 // pays at small batches (a reorder per call is what makes batch 1 lose); it is made once by
 // prepack_conv_weight, held by the caller (the models' per-layer plans) and passed to
 // conv_bias_act_packed, the way torch's own mkldnn/quantized ops separate prepack from compute.
 //
-// Other dtypes (float64, float16, bfloat16 without native support): ATen's convolution, then
+// Other dtypes (float64, float16, bfloat16 where oneDNN has none): ATen's convolution, then
 // our vectorized epilogue in place on its output (two passes, not three).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -61,7 +62,7 @@ const c10::OperatorHandle& conv_op() {
   return op;
 }
 
-// torch's own test for oneDNN's bf16 kernels (a CPUID check), asked once.
+// torch's own test for oneDNN's bf16 convolutions (a CPUID check), asked once.
 bool onednn_bf16() {
   static const bool supported = [] {
     torch::jit::Stack stack;
@@ -190,8 +191,9 @@ at::Tensor prepack_conv_weight_cpu(const at::Tensor& w, at::IntArrayRef stride,
   TORCH_CHECK_VALUE(w.device().is_cpu() && onednn_dtype(w.scalar_type()) && w.dim() == 4 &&
                         w.layout() == at::kStrided,
                     "prepack_conv_weight: expected a 4-D strided CPU weight (K, C/groups, R, S) "
-                    "in float32", onednn_bf16() ? " or bfloat16" : " (bfloat16 needs a CPU with "
-                    "native bf16: torch.ops.mkldnn._is_mkldnn_bf16_supported() is False here)",
+                    "in float32", onednn_bf16() ? " or bfloat16" : " (oneDNN runs no bfloat16 on "
+                    "this CPU: it needs AVX-512 or AVX-NE-CONVERT, and "
+                    "torch.ops.mkldnn._is_mkldnn_bf16_supported() is False here)",
                     ", got ", DType{w.scalar_type()}, " ", Shape{w.sizes()}, " of layout ",
                     w.layout(), " on ", w.device());
   TORCH_CHECK_VALUE(input_size.size() == 4 && input_size[1] == w.size(1) * groups,
@@ -206,8 +208,8 @@ at::Tensor conv_bias_act_packed_cpu(const at::Tensor& x_in, const at::Tensor& pa
                                     int64_t groups, const std::optional<at::Tensor>& residual,
                                     bool relu) {
   TORCH_CHECK_VALUE(packed.is_mkldnn() && onednn_dtype(packed.scalar_type()),
-                    "conv_bias_act_packed: expected a weight from prepack_conv_weight (float32 or "
-                    "native bfloat16, mkldnn layout), got a ", DType{packed.scalar_type()},
+                    "conv_bias_act_packed: expected a weight from prepack_conv_weight (float32, or "
+                    "bfloat16 where oneDNN runs it; mkldnn layout), got a ", DType{packed.scalar_type()},
                     " tensor of layout ", packed.layout());
   const Prepared p = prepare(x_in, packed, bias, stride, padding, dilation, groups, residual,
                              "conv_bias_act_packed");

@@ -2,8 +2,9 @@
 fused conv on BN-folded weights, run from per-layer plans the model owns.
 
 A plan (:class:`ConvPlan`) is made once per conv -> BN pair: the folded weight and bias (the
-layout the kernel wants; on CPU float32 also oneDNN-packed per input size), the backend and the
-exact op resolved, the geometry as the op takes it. A forward then only calls the op. A whole
+layout the kernel wants; on CPU float32, and bfloat16 where oneDNN runs it, also
+oneDNN-packed per input size), the backend and the exact op resolved, the geometry as the op
+takes it. A forward then only calls the op. A whole
 ResNet keeps one flat program of its plans (``_Backbone._fused_program``) and checks it once
 per forward; a block called on its own keeps and checks its own plans.
 
@@ -154,8 +155,8 @@ class ConvPlan:
 
     ``differentiable=True`` means ``weight``/``bias`` carry autograd and the plan runs the
     autograd-capable op (gradients into the parameters, torch.compile). ``dense_op`` is the
-    (autograd-capable) op it runs; on CPU in float32 (and bfloat16 where oneDNN has native
-    bf16: ``onednn_dtypes``), inference calls run ``packed_op``
+    (autograd-capable) op it runs; on CPU in float32 (and bfloat16 where oneDNN runs it:
+    ``onednn_dtypes``), inference calls run ``packed_op``
     (``conv_bias_act_packed``) on weights packed once per input size. Under ``auto`` on a
     device with two kernel backends (CUDA: cuda, triton) the op is chosen per input shape and
     layout at its first call, by measurement (``resnet_fast.autotune``), and kept. A 3-channel

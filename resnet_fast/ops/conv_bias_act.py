@@ -8,8 +8,8 @@ Variants: ``torch.ops.resnet_fast.conv_bias_act`` (C++: oneDNN on CPU, cuDNN on 
 its arguments once, where it runs: in C++ for the C++ op, in Python for the Triton op, the
 fake kernel and the reference path.
 
-On CPU, in float32 and, where oneDNN has native bf16 kernels (:func:`onednn_dtypes`), in
-bfloat16, a weight can be prepared once: ``prepack_conv_weight`` reorders it into
+On CPU, in float32 and, where oneDNN runs bf16 (:func:`onednn_dtypes`), in bfloat16, a
+weight can be prepared once: ``prepack_conv_weight`` reorders it into
 oneDNN's blocked layout for one input size and ``conv_bias_act_packed`` takes that packed
 weight (inference only; no autograd). The caller holds the packed weight (the models keep it in
 their per-layer plans): no op caches anything keyed by a tensor's identity, so every op is a
@@ -177,10 +177,12 @@ if _extension.has_kernel("conv_bias_act_packed", "CPU"):
 @functools.cache
 def onednn_dtypes() -> tuple[torch.dtype, ...]:
     """The dtypes of the CPU oneDNN path (``prepack_conv_weight``, ``conv_bias_act_packed``)
-    on this machine: float32, and bfloat16 where torch's own CPUID test finds native bf16
-    (AVX512-BF16/AMX or AVX-NE-CONVERT; elsewhere oneDNN refuses bf16 and the op runs ATen's
-    emulated bf16 convolution); none without the C++ extension's CPU kernels."""
-    if not _extension.has_kernel("conv_bias_act_packed", "CPU"):
+    on this machine: float32, and bfloat16 where torch's own CPUID test says oneDNN runs it
+    (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; native bf16 arithmetic with AVX512-BF16/AMX;
+    elsewhere oneDNN refuses bf16 and the op runs ATen's emulated bf16 convolution); none
+    without oneDNN or the C++ extension's CPU kernels."""
+    if not (torch.backends.mkldnn.is_available()
+            and _extension.has_kernel("conv_bias_act_packed", "CPU")):
         return ()
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return (torch.float32, torch.bfloat16)
