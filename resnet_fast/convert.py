@@ -230,7 +230,7 @@ class OptimizedModel(nn.Module):
 
 
 # torch's own CPUID tests for oneDNN's half-precision convolutions.
-_CPU_NATIVE = {torch.bfloat16: lambda: torch.backends.mkldnn.is_available()
+_ONEDNN_HALF = {torch.bfloat16: lambda: torch.backends.mkldnn.is_available()
                and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                torch.float16: lambda: torch.backends.mkldnn.is_available()
                and torch.ops.mkldnn._is_mkldnn_fp16_supported()}
@@ -247,8 +247,8 @@ def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Option
     pays no folding or weight reordering. On CUDA, ``cuda_graphs`` (default: on) replays one
     captured graph per input shape (re-captured for a new shape). On CPU, outputs come from
     the reused buffers of the conv kernels (see ``resnet_fast.ops.cpu_cache_bytes``). A
-    half-precision ``dtype`` on a CPU without native kernels for it is a RuntimeWarning: it
-    runs emulated, slower than float32.
+    half-precision ``dtype`` on a CPU where oneDNN has no convolution for it is a
+    RuntimeWarning: it runs emulated, slower than float32.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
@@ -261,7 +261,7 @@ def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Option
         ours.to(dtype)
     ours.eval()
     device = next(ours.parameters()).device
-    if device.type == "cpu" and dtype in _CPU_NATIVE and not _CPU_NATIVE[dtype]():
+    if device.type == "cpu" and dtype in _ONEDNN_HALF and not _ONEDNN_HALF[dtype]():
         warnings.warn(f"optimize: oneDNN has no {dtype} convolution for this CPU (bfloat16 "
                       f"needs AVX-512 or AVX-NE-CONVERT, float16 AVX512-FP16, AMX-FP16 or "
                       f"AVX-NE-CONVERT), so {dtype} runs emulated and slower than float32 "

@@ -92,7 +92,8 @@ bool use_onednn(const at::Tensor& x) {
   return at::hasMKLDNN() && onednn_dtype(x.scalar_type());
 }
 
-// The oneDNN path (float32, or bfloat16 where native); `w` is a dense weight or a prepacked (mkldnn-layout) one.
+// The oneDNN path (float32, or bfloat16 where oneDNN runs it); `w` is a dense weight or a
+// prepacked (mkldnn-layout) one.
 at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        int64_t groups, const at::Tensor& r, bool relu,
@@ -209,8 +210,8 @@ at::Tensor conv_bias_act_packed_cpu(const at::Tensor& x_in, const at::Tensor& pa
                                     bool relu) {
   TORCH_CHECK_VALUE(packed.is_mkldnn() && onednn_dtype(packed.scalar_type()),
                     "conv_bias_act_packed: expected a weight from prepack_conv_weight (float32, or "
-                    "bfloat16 where oneDNN runs it; mkldnn layout), got a ", DType{packed.scalar_type()},
-                    " tensor of layout ", packed.layout());
+                    "bfloat16 where oneDNN runs it; mkldnn layout), got a ",
+                    DType{packed.scalar_type()}, " tensor of layout ", packed.layout());
   const Prepared p = prepare(x_in, packed, bias, stride, padding, dilation, groups, residual,
                              "conv_bias_act_packed");
   if (p.x.numel() == 0) return at::empty(p.out_shape, p.x.options().memory_format(p.fmt));
