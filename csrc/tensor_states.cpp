@@ -1,7 +1,9 @@
-// tensor_states(tensors) -> bytes: (version counter, data pointer) of every tensor, packed as
-// int64 pairs. The models compare it once per forward to know their prepared plans are still
-// those of the current weights (resnet_fast/models/_fused.py); here it costs ~20 ns a tensor
-// where reading both from Python costs ~0.3 us.
+// tensor_states(tensors) -> bytes: for every tensor, its version counter, data pointer, dtype
+// and device, and its sizes and strides, packed as int64s. The models compare it once per
+// forward to know their prepared plans are still those of the current weights
+// (resnet_fast/models/_fused.py). Sizes and strides are part of it because `t.data =
+// t.data[:32]` or `w.data = w.data.transpose(2, 3)` keeps both the pointer and the version.
+// Here it costs ~20 ns a tensor where reading it all from Python costs ~1 us.
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
@@ -12,7 +14,8 @@ extern "C" PyObject* resnet_fast_tensor_states(PyObject* /*module*/, PyObject* a
   if (seq == nullptr) return nullptr;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   PyObject** items = PySequence_Fast_ITEMS(seq);
-  std::vector<int64_t> out(2 * static_cast<size_t>(n));
+  std::vector<int64_t> out;
+  out.reserve(12 * static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (!THPVariable_Check(items[i])) {
       PyErr_Format(PyExc_TypeError,
@@ -28,8 +31,14 @@ extern "C" PyObject* resnet_fast_tensor_states(PyObject* /*module*/, PyObject* a
       Py_DECREF(seq);
       return nullptr;
     }
-    out[2 * i] = static_cast<int64_t>(t._version());
-    out[2 * i + 1] = t.has_storage() ? reinterpret_cast<int64_t>(t.const_data_ptr()) : 0;
+    out.push_back(static_cast<int64_t>(t._version()));
+    out.push_back(t.has_storage() ? reinterpret_cast<int64_t>(t.const_data_ptr()) : 0);
+    out.push_back(static_cast<int64_t>(t.scalar_type()) |
+                  (static_cast<int64_t>(t.device().type()) << 16) |
+                  (static_cast<int64_t>(t.device().index() + 1) << 32));
+    out.push_back(t.dim());
+    for (const int64_t s : t.sizes()) out.push_back(s);
+    for (const int64_t s : t.strides()) out.push_back(s);
   }
   Py_DECREF(seq);
   return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(out.data()),

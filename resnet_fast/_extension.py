@@ -52,12 +52,16 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fast::{op}", dispatch_key)
 
 
-def _tensor_states_py(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-    return [(t._version, t.data_ptr()) for t in tensors]
+def _tensor_states_py(tensors: list[torch.Tensor]) -> list[tuple]:
+    if any(t.is_inference() for t in tensors):
+        raise RuntimeError("tensor_states: inference tensors do not track version counters")
+    return [(t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride()) for t in tensors]
 
 
-# (version counter, data pointer) of each tensor, as one comparable value: what the models'
-# plans are keyed on. From the extension when it has it (~20 ns a tensor instead of ~0.3 us);
-# both raise RuntimeError for inference tensors, which have no version counter.
+# (version counter, data pointer, dtype, device, sizes, strides) of each tensor, as one
+# comparable value: what the models' plans are keyed on (sizes and strides too, since
+# ``t.data = t.data[:32]`` keeps the pointer and the version). From the extension when it has
+# it (~20 ns a tensor instead of ~1 us); both raise RuntimeError for inference tensors, which
+# have no version counter.
 tensor_states: Callable[[list[torch.Tensor]], object] = getattr(_C, "tensor_states",
                                                                 _tensor_states_py)

@@ -49,7 +49,8 @@ def read(path: str | os.PathLike, what: str) -> dict[str, Any]:
             data = json.load(f)
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: valid JSON nested deeper than the parser's recursion limit.
         _warn_once(path, what, f"{type(exc).__name__}: {exc}")
         return {}
     if not isinstance(data, dict):

@@ -129,7 +129,7 @@ class Tuner:
         entry = _entries(_jsonfile.read(self.path, _WHAT)).get(key)
         if entry is not None:
             chosen = entry.get("backend") if isinstance(entry, dict) else None
-            if chosen in candidates:
+            if isinstance(chosen, str) and chosen in candidates:  # a list is unhashable
                 return chosen
             self._warn("entry", f"ignoring an entry of {self.path} that names none of "
                                 f"{sorted(candidates)}: {entry!r}")

@@ -41,6 +41,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def positive_finite(text: str) -> float:
+    """An argparse type: a finite number > 0 (a NaN tolerance would pass nothing, silently)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def batch_sizes(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated integers >= 1."""
     try:
@@ -152,7 +163,8 @@ def fuse_main(args: argparse.Namespace) -> int:
     errors = ", ".join(f"batch {c['batch']} {c['max_abs_err']:.3e} ({c['relative_err']:.1e})"
                        for c in result["checks"])
     print(f"{args.arch}: BN folded, exported as {args.format} to {args.out} "
-          f"({result['size_mib']:.1f} MiB); reloaded in a fresh process, max abs error vs the "
+          f"({result['size_mib']:.1f} MiB in {len(result['files'])} file"
+          f"{'s' if len(result['files']) > 1 else ''}); reloaded in a fresh process, max abs error vs the "
           f"fp32 original (of its logit scale): {errors}")
     if not result["ok"]:
         print(f"resnet-fast fuse: error: reload check failed: an error is not finite or above "
@@ -201,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--batch", type=at_least(1), default=2)
     check.add_argument("--device", type=torch_device, default=None,
                        help="cpu or cuda[:N] (default: cuda if visible)")
-    check.add_argument("--tolerance", type=float, default=1e-4,
+    check.add_argument("--tolerance", type=positive_finite, default=1e-4,
                        help="max abs error / logit scale counted as a pass (default 1e-4)")
     check.add_argument("--json", action="store_true", help="print the results as JSON")
     check.set_defaults(run=check_main)
@@ -228,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the artefact runs: cpu or cuda[:N] (default: cpu)")
     fuse.add_argument("--opset", type=at_least(7), default=None,
                       help="ONNX opset version (default: torch.onnx's)")
-    fuse.add_argument("--tolerance", type=float, default=None,
+    fuse.add_argument("--tolerance", type=positive_finite, default=None,
                       help="max abs error / logit scale counted as a pass (default: 1e-4 "
                            "float32, 1e-2 float16, 5e-2 bfloat16)")
     fuse.set_defaults(run=fuse_main)

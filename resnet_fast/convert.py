@@ -135,37 +135,79 @@ def fuse_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     return _fuse_fx(target)
 
 
+# torchvision's classes and ours that stand for them; any other module is copied as it is.
+_COUNTERPARTS = {tv_resnet.ResNet: rf_resnet.ResNet, tv_resnet.BasicBlock: rf_resnet.BasicBlock,
+                 tv_resnet.Bottleneck: rf_resnet.Bottleneck}
+
+
 def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.ResNet:
     """A torchvision ResNet (any of the family, with its weights) -> the equivalent
     resnet_fast model with a copy of its weights, on the same device/dtype, in the same mode.
-    A replaced ``fc`` head (an ``nn.Sequential``, ``nn.Identity``, ...) is copied as it is."""
+
+    Model surgery is kept: every module that is not what torchvision builds at its place (a
+    replaced head, an ``nn.Identity`` maxpool or stage, an ``nn.AdaptiveMaxPool2d``, an
+    ``nn.SiLU`` in a block, a conv with another stride, a block subclass, an added module) is
+    copied as it is; ours run it as torchvision does, unfused where the fused kernels would
+    compute something else. A ResNet subclass with its own forward is refused: its forward is
+    not ours to replace."""
     if isinstance(model, rf_resnet.ResNet):
         return model
     if not isinstance(model, tv_resnet.ResNet):
         raise TypeError(f"convert: expected a torchvision ResNet, got {type(model).__name__}")
-    if model.conv1.kernel_size != (7, 7) or model.conv1.in_channels == 1:
+    kind = type(model)
+    if kind.forward is not tv_resnet.ResNet.forward or (
+            kind._forward_impl is not tv_resnet.ResNet._forward_impl):
+        raise TypeError(f"convert: {kind.__name__} overrides torchvision's ResNet forward; "
+                        "expected torchvision's ResNet (convert can keep replaced modules, not "
+                        "a forward of your own)")
+    if not (isinstance(model.conv1, nn.Conv2d) and model.conv1.kernel_size == (7, 7)
+            and model.conv1.in_channels > 1):
         raise ValueError(f"convert: expected torchvision's 7x7 stem with 2+ input channels, got "
                          f"{model.conv1}; resnet_fast's in_channels=1 stem is a 3x3 conv")
-    first = model.layer1[0]
-    block = rf_resnet.Bottleneck if isinstance(first, tv_resnet.Bottleneck) else rf_resnet.BasicBlock
-    layers = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+    stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
+    blocks = [b for stage in stages if isinstance(stage, nn.Sequential) for b in stage
+              if isinstance(b, (tv_resnet.BasicBlock, tv_resnet.Bottleneck))]
+    block = (rf_resnet.Bottleneck if blocks and isinstance(blocks[0], tv_resnet.Bottleneck)
+             else rf_resnet.BasicBlock)
+    # A stage that is not a Sequential (replaced) gets one block; it is replaced again below.
+    layers = [len(stage) if isinstance(stage, nn.Sequential) else 1 for stage in stages]
     dilations, previous = [], 1
-    for i in (2, 3, 4):
-        d = getattr(model, f"layer{i}")[-1].conv2.dilation[0]
+    for stage in stages[1:]:
+        last = stage[-1] if isinstance(stage, nn.Sequential) and len(stage) else None
+        conv2 = getattr(last, "conv2", None)
+        d = conv2.dilation[0] if isinstance(conv2, nn.Conv2d) else previous
         dilations.append(d > previous)
         previous = d
-    norm = type(model.bn1)
+    norm = type(model.bn1) if isinstance(model.bn1, _BN) else nn.BatchNorm2d
     # num_classes only sizes the Linear that the copy of the model's own head replaces.
     ours = rf_resnet.ResNet(block, layers, num_classes=1, groups=model.groups,
                             width_per_group=model.base_width,
                             replace_stride_with_dilation=dilations,
                             norm_layer=None if norm is nn.BatchNorm2d else norm,
                             in_channels=model.conv1.in_channels, backend=backend)
-    ours.fc = copy.deepcopy(model.fc)
+    _adopt(model, ours)
     ref = next(model.parameters())
     ours.load_state_dict(model.state_dict(), strict=True)
     ours.to(device=ref.device, dtype=ref.dtype)
     _copy_modes(model, ours)
+    return ours
+
+
+def _adopt(theirs: nn.Module, ours: nn.Module) -> nn.Module:
+    """``ours`` (built as torchvision builds ``theirs``) with each submodule that differs from
+    what is at the same place in ``theirs`` replaced by a copy of that one: another class (not
+    our counterpart of it), or a leaf configured otherwise (``extra_repr``: stride, padding,
+    eps, ...). Children follow ``theirs``'s names and order, added and removed ones included."""
+    if _COUNTERPARTS.get(type(theirs), type(theirs)) is not type(ours):
+        return copy.deepcopy(theirs)
+    if not theirs._modules and not ours._modules:
+        return ours if theirs.extra_repr() == ours.extra_repr() else copy.deepcopy(theirs)
+    children = {}
+    for name, child in theirs._modules.items():
+        mine = ours._modules.get(name)
+        children[name] = (copy.deepcopy(child) if child is None or mine is None
+                          else _adopt(child, mine))
+    ours._modules = children
     return ours
 
 

@@ -127,6 +127,23 @@ def _passes(relative: float, tolerance: float) -> bool:
     return math.isfinite(relative) and relative <= tolerance
 
 
+def artefact_files(fmt: str, out: Path) -> list[Path]:
+    """``out`` and every file it refers to: for ONNX, the external data files its initializers
+    name (torch's exporter writes the weights beside the model, as ``<name>.data``)."""
+    files = [out]
+    if fmt == "onnx":
+        import onnx
+
+        model = onnx.load(os.fspath(out), load_external_data=False)
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                location = {e.key: e.value for e in tensor.external_data}["location"]
+                path = out.parent / location
+                if path not in files:
+                    files.append(path)
+    return files
+
+
 def fuse(arch: str, out: str | os.PathLike, *, fmt: str = "export",
          checkpoint: Optional[str] = None, num_classes: Optional[int] = None,
          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -136,8 +153,9 @@ def fuse(arch: str, out: str | os.PathLike, *, fmt: str = "export",
     random ones), cast to ``dtype`` on ``device``, :func:`export` as ``fmt`` to ``out``, then
     run the artefact in a fresh process at batch sizes 1 and 3 on seeded images.
 
-    Returns {"arch", "format", "out", "size_mib", "tolerance", "checks": [{"batch",
-    "max_abs_err", "relative_err", "ok"}], "ok"}; a check passes when its error, as a fraction
+    Returns {"arch", "format", "out", "files", "size_mib", "tolerance", "checks": [{"batch",
+    "max_abs_err", "relative_err", "ok"}], "ok"}: ``files`` is every file the artefact needs
+    (an ONNX model's external weight data too) and ``size_mib`` their total; a check passes when its error, as a fraction
     of the fp32 original's largest logit, is finite and <= ``tolerance`` (default by dtype:
     1e-4 float32, 1e-2 float16, 5e-2 bfloat16)."""
     _check_target(fmt, os.fspath(out))
@@ -160,8 +178,9 @@ def fuse(arch: str, out: str | os.PathLike, *, fmt: str = "export",
             err, relative = _relative_error(got, original(x))
             checks.append({"batch": x.shape[0], "max_abs_err": err, "relative_err": relative,
                            "ok": _passes(relative, tolerance)})
-    return {"arch": arch, "format": fmt, "out": str(out), "size_mib": out.stat().st_size / 2**20,
-            "tolerance": tolerance, "checks": checks, "ok": all(c["ok"] for c in checks)}
+    files = artefact_files(fmt, out)
+    return {"arch": arch, "format": fmt, "out": str(out), "files": [str(f) for f in files],
+            "size_mib": sum(f.stat().st_size for f in files) / 2**20, "tolerance": tolerance, "checks": checks, "ok": all(c["ok"] for c in checks)}
 
 
 def check(arch: str, *, checkpoint: Optional[str] = None, num_classes: Optional[int] = None,

@@ -87,6 +87,10 @@ def test_backends_report(capsys, monkeypatch, tmp_path):
     (["bench", "--batch", "1,0"], "argument --batch: expected comma-separated integers >= 1"),
     (["bench", "--warmup", "-1"], "argument --warmup: expected an integer >= 0, got '-1'"),
     (["bench", "--device", NO_SUCH_CUDA], "argument --device: expected a visible CUDA device"),
+    (["check", "--arch", "resnet18", "--tolerance", "nan"],
+     "argument --tolerance: expected a finite number > 0, got 'nan'"),
+    (["fuse", "--arch", "resnet18", "--out", "x.pt2", "--tolerance", "-1"],
+     "argument --tolerance: expected a finite number > 0, got '-1'"),
     (["backends", "--verbose"], "unrecognized arguments: --verbose"),
     (["deploy"], "invalid choice: 'deploy'"),
     ([], "the following arguments are required: command"),
@@ -118,6 +122,7 @@ def test_errors_print_one_line_and_exit_1(tmp_path, capsys):
             (["fuse", *base, *out, "--weights", str(text)],
              "notes.pth is not a PyTorch checkpoint"),
             (["check", *base, "--weights", str(tmp_path / "nope.pth")], "(no such file)"),
+            (["check", *base, "--weights", str(tmp_path)], "got a directory"),
             (["check", *base, "--weights", str(fine_tuned), "--num-classes", "10"],
              "expected num_classes to match the checkpoint's fc.weight (3 classes), got 10"),
             (["fuse", *base, "--out", str(text / "r18.pt2")], f"cannot write {text}/r18.pt2"),
@@ -136,3 +141,23 @@ def test_bench_out_must_be_a_writable_folder(tmp_path, capsys):
         main(["bench", "--out", str(afile / "results")])
     assert exit_.value.code == 2
     assert f"--out: expected a folder it can write, got {afile}/results" in capsys.readouterr().err
+
+
+def test_an_onnx_artefact_counts_its_external_data_file(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from resnet_fast.deploy import artefact_files
+
+    weight = numpy_helper.from_array(torch.randn(64, 64).numpy(), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    out = tmp_path / "m.onnx"
+    onnx.save_model(helper.make_model(graph), out, save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0)
+    files = artefact_files("onnx", out)
+    assert files == [out, tmp_path / "m.onnx.data"]
+    assert files[1].stat().st_size >= 64 * 64 * 4 > out.stat().st_size
+    assert artefact_files("export", tmp_path / "m.pt2") == [tmp_path / "m.pt2"]

@@ -114,3 +114,51 @@ def test_conv_both_sides_of_the_cache_threshold():
             assert torch.isnan(out).any() == (residual is not None)
             del out
             assert (cpu_cache_bytes() > 0) == (batch == 4)
+
+
+def _sized(mib: float, seed=0):
+    """(x, r) for an add_relu output of about ``mib`` MiB."""
+    n = int(mib * 2**20 / 4 / (64 * 32 * 32))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 64, 32, 32, generator=g), torch.randn(n, 64, 32, 32, generator=g)
+
+
+def test_a_smaller_output_reuses_a_slightly_larger_free_buffer():
+    empty_cpu_cache()
+    x, r = _sized(16)
+    out = add_relu(x, r, backend="cpu")
+    ptr = out.data_ptr()
+    del out
+    x2, r2 = _sized(13, seed=1)  # 14 MiB rounded, and 16 is within a quarter more of it
+    again = add_relu(x2, r2, backend="cpu")
+    assert again.data_ptr() == ptr
+    assert torch.equal(again, torch.relu(x2 + r2))
+    del again
+    x3, r3 = _sized(2, seed=2)  # far smaller: a buffer of its own, the 16 MiB one stays cached
+    small = add_relu(x3, r3, backend="cpu")
+    assert small.data_ptr() != ptr and cpu_cache_bytes() >= 16 * 2**20
+    del small
+    empty_cpu_cache()
+
+
+def test_at_the_cap_the_least_recently_freed_buffers_go_first():
+    # A cap of 16 MiB; buffers of 4, 6 and 8 MiB freed in that order, then 8 MiB more: the 4
+    # and 6 MiB ones (freed first) are evicted, and the newest stay.
+    code = """
+import torch, resnet_fast.ops as o
+def out(mib, seed):
+    n = int(mib * 2**20 / 4 / (64 * 32 * 32))
+    x = torch.randn(n, 64, 32, 32)
+    return o.add_relu(x, x, backend='cpu')
+a, b, c = out(4, 0), out(6, 1), out(8, 2)
+del a, b, c
+print(o.cpu_cache_bytes() >> 20)
+d = out(10, 3)
+del d
+print(o.cpu_cache_bytes() >> 20)
+"""
+    got = _run(code, RESNET_FAST_CPU_CACHE_MB="16")
+    assert got.returncode == 0, got.stderr
+    # 4 + 6 fit; 8 more would pass 16, so the 4 goes (LRU): 6 + 8 = 14. Then 10: 6 goes too,
+    # and 8 (freed after it) must also go to fit 10 under 16: 10 alone.
+    assert got.stdout.split() == ["14", "10"]

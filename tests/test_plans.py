@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.parametrize
 import torch.nn.utils.prune
-import torchvision
 from _numerics import assert_within_reference_error
+from _pairs import assert_close_logits as _close
+from _pairs import model_pair as _pair
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -35,19 +36,6 @@ from resnet_fast.models._fused import (
 
 CPU = resnet_fast.available_backends()["cpu"].available
 needs_cpu = pytest.mark.skipif(not CPU, reason="C++ extension not built")
-
-
-def _pair(arch="resnet18", size=32, seed=0):
-    """(resnet_fast model, torchvision model) with the same calibrated weights, eval mode."""
-    torch.manual_seed(seed)
-    tv = calibrate_(getattr(torchvision.models, arch)(), batch_size=4, image_size=size, seed=seed)
-    return resnet_fast.convert(tv).eval(), tv
-
-
-def _close(ours, expected, rel=1e-4):
-    err = (ours - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= rel * scale, f"max error {err:.3g} at logit scale {scale:.3g}"
 
 
 def _fused_calls(model, x):
@@ -265,20 +253,31 @@ def test_a_swapped_shortcut_module_is_called():
     _close(fused, unfused)
 
 
-@needs_cpu
-def test_tensor_states_of_the_extension_match_python():
-    from resnet_fast._extension import _tensor_states_py, tensor_states
-    ts = [torch.randn(3), torch.randn(2, 2)[:, 1], nn.Parameter(torch.randn(4)), torch.empty(0)]
-    ts[0].add_(1)
-    expected = b"".join(v.to_bytes(8, "little", signed=True) + p.to_bytes(8, "little", signed=True)
-                        for v, p in _tensor_states_py(ts))
-    assert tensor_states(ts) == expected
+@pytest.mark.parametrize("impl", ["extension", "python"])
+def test_tensor_states_see_version_pointer_dtype_sizes_and_strides(impl):
+    from resnet_fast import _extension
+    if impl == "extension" and not hasattr(_extension._C, "tensor_states"):
+        pytest.skip("C++ extension not built")
+    states = (_extension.tensor_states if impl == "extension"
+              else _extension._tensor_states_py)
+    w = torch.randn(8, 4, 3, 3)
+    before = states([w])
+    assert states([w]) == before
+    for view in (w.data[:4], w.data.transpose(2, 3), w.data.view(torch.int32)):
+        # the same pointer and version (0), other sizes, strides or dtype
+        assert view.data_ptr() == w.data_ptr() and view._version == w._version == 0
+        assert states([view]) != before
+    w.add_(0)  # in place: the version moves
+    assert states([w]) != before
+    assert states([w.clone()]) != states([w])  # another pointer
+    assert states([w, w[0, 0, 0]]) != states([w, w[0, 0, 1]])  # per tensor, in order
     with torch.inference_mode():
         frozen = torch.randn(2)
     with pytest.raises(RuntimeError, match="inference tensors"):
-        tensor_states([frozen])
-    with pytest.raises(TypeError, match="expected a list of tensors, got int at index 1"):
-        tensor_states([ts[0], 3])
+        states([frozen])
+    if impl == "extension":
+        with pytest.raises(TypeError, match="expected a list of tensors, got int at index 1"):
+            states([w, 3])
 
 
 def test_two_models_never_see_each_others_weights():

@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -40,11 +41,23 @@ size_t cap_bytes() {
   return cap;
 }
 
+// A free buffer and when it was handed back (for evicting the least recently used).
+struct FreeBlock {
+  void* ptr;
+  uint64_t stamp;
+};
+
 struct Pool {
   std::mutex mu;
-  std::multimap<size_t, void*> free_blocks;  // rounded size -> buffer
+  std::multimap<size_t, FreeBlock> free_blocks;  // rounded size -> buffer
   size_t cached = 0;
+  uint64_t clock = 0;
 };
+
+// A free buffer up to this much larger than asked for is reused (the rest of it idles while
+// the tensor lives): inputs of varying sizes (batch 1-4, 64-256 px) then share buffers instead
+// of each size keeping its own until the cap.
+constexpr size_t kSlackDiv = 4;  // up to 1/4 larger
 
 // Never destroyed: tensors may outlive static destruction at interpreter exit.
 Pool& pool() {
@@ -57,31 +70,47 @@ struct Block {
   size_t bytes;
 };
 
+// Keeps the freed buffer, evicting the least recently freed ones while the cache would pass
+// its cap: the buffers of the sizes in use now stay, those of sizes gone by are freed.
 void release(void* ctx) {
   auto* block = static_cast<Block*>(ctx);
+  std::vector<void*> evicted;
+  bool kept = false;
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mu);
-    if (p.cached + block->bytes <= cap_bytes()) {
-      p.free_blocks.emplace(block->bytes, block->ptr);
+    if (block->bytes <= cap_bytes()) {
+      while (p.cached + block->bytes > cap_bytes()) {
+        auto oldest = p.free_blocks.begin();
+        for (auto it = p.free_blocks.begin(); it != p.free_blocks.end(); ++it) {
+          if (it->second.stamp < oldest->second.stamp) oldest = it;
+        }
+        evicted.push_back(oldest->second.ptr);
+        p.cached -= oldest->first;
+        p.free_blocks.erase(oldest);
+      }
+      p.free_blocks.emplace(block->bytes, FreeBlock{block->ptr, ++p.clock});
       p.cached += block->bytes;
-      delete block;
-      return;
+      kept = true;
     }
   }
-  std::free(block->ptr);
+  for (void* ptr : evicted) std::free(ptr);  // outside the lock
+  if (!kept) std::free(block->ptr);
   delete block;
 }
 
-void* acquire(size_t bytes) {
+// The smallest free buffer of at least `bytes` (and at most 1/kSlackDiv more), else a new one.
+// `bytes` is updated to the size of the buffer returned.
+void* acquire(size_t& bytes) {
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mu);
-    auto it = p.free_blocks.find(bytes);
-    if (it != p.free_blocks.end()) {
-      void* ptr = it->second;
-      p.free_blocks.erase(it);
+    auto it = p.free_blocks.lower_bound(bytes);
+    if (it != p.free_blocks.end() && it->first <= bytes + bytes / kSlackDiv) {
+      void* ptr = it->second.ptr;
+      bytes = it->first;
       p.cached -= bytes;
+      p.free_blocks.erase(it);
       return ptr;
     }
   }
@@ -100,7 +129,7 @@ void* acquire(size_t bytes) {
 struct PoolAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
     if (!pooled(nbytes)) return c10::GetCPUAllocator()->allocate(nbytes);
-    const size_t rounded = (nbytes + kAlign - 1) / kAlign * kAlign;
+    size_t rounded = (nbytes + kAlign - 1) / kAlign * kAlign;
     void* ptr = acquire(rounded);
     return {ptr, new Block{ptr, rounded}, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -129,7 +158,7 @@ int64_t buffer_cache_clear() {
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.mu);
   const auto freed = static_cast<int64_t>(p.cached);
-  for (auto& kv : p.free_blocks) std::free(kv.second);
+  for (auto& kv : p.free_blocks) std::free(kv.second.ptr);
   p.free_blocks.clear();
   p.cached = 0;
   return freed;

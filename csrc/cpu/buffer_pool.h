@@ -1,11 +1,13 @@
 // A cache of large CPU output buffers. On CPU a fresh 100 MB tensor costs more than the
 // arithmetic done on it: the allocator hands back new pages and each is faulted in on first
 // touch (measured here: a 103 MB clone 30 ms, of which ~2/3 page faults). Like the CUDA
-// caching allocator, buffers of freed outputs are kept and handed to the next output of the
-// same rounded size; new buffers are 2 MiB aligned and advised for transparent huge pages.
+// caching allocator, buffers of freed outputs are kept and handed to the next output that fits
+// (the smallest free buffer at least its size and at most 1/4 larger); new buffers are 2 MiB
+// aligned and advised for transparent huge pages.
 //
 // RESNET_FAST_CPU_CACHE_MB caps the bytes kept (default 1024; 0 disables the cache; outputs
-// under 1 MiB always use the default allocator).
+// under 1 MiB always use the default allocator); past it the least recently freed buffers are
+// freed first, so a stream of changing input sizes keeps the buffers of the sizes in use.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/core/MemoryFormat.h>

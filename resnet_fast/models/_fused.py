@@ -42,6 +42,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _forward_ad
 from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
 
@@ -73,9 +74,23 @@ def no_global_hooks() -> bool:
 
 
 def in_functorch() -> bool:
-    """Inside a torch.func transform (vmap, grad, ...), where the models run torchvision's
-    plain math: our ops have no batching rules and the plans no meaning for wrapped tensors."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Inside a torch.func transform (vmap, grad, ...) or a ``torch.autograd.forward_ad``
+    dual level, where the models run torchvision's plain math: our ops have no batching or
+    forward-derivative rules, and the plans no meaning for wrapped tensors."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or _forward_ad._current_level >= 0)
+
+
+def faking() -> bool:
+    """Whether a FakeTensorMode is active (shape or memory estimation): plans built from fake
+    tensors must never be kept for a later real forward."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def exact_relu(m: Optional[nn.Module]) -> bool:
+    """``m`` is exactly ``nn.ReLU`` without hooks: what the fused kernels compute in its place
+    (a swapped ``nn.SiLU``/``nn.Identity`` or a subclass runs as itself)."""
+    return type(m) is nn.ReLU and no_hooks(m)
 
 
 def recorded() -> bool:
@@ -153,6 +168,9 @@ class ConvPlan:
     """One conv (-> BN folded into ``weight``, ``bias``) (-> add) -> ReLU, prepared:
     ``plan(x, residual)`` runs it.
 
+    ``casts=True`` (plans made under autocast, their weights in the autocast dtype) casts x
+    and the residual to the weights' dtype first, as autocast casts a convolution's inputs.
+
     ``differentiable=True`` means ``weight``/``bias`` carry autograd and the plan runs the
     autograd-capable op (gradients into the parameters, torch.compile). ``dense_op`` is the
     (autograd-capable) op it runs; on CPU in float32 (and bfloat16 where oneDNN runs it:
@@ -165,10 +183,10 @@ class ConvPlan:
     """
 
     __slots__ = ("weight", "bias", "geometry", "relu", "run", "dense_op", "packed_op", "pads",
-                 "_packed", "_inner", "_tuned", "_candidates", "_default")
+                 "casts", "_packed", "_inner", "_tuned", "_candidates", "_default")
 
     def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor], relu: bool,
-                 backend: Optional[str], differentiable: bool) -> None:
+                 backend: Optional[str], differentiable: bool, casts: bool = False) -> None:
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         self.relu = relu
         chosen = resolve("conv_bias_act", weight.device, backend)
@@ -176,7 +194,10 @@ class ConvPlan:
             "conv_bias_act", weight.device.type)
         if len(tuned) < 2:
             tuned = ()  # one candidate: nothing to measure
-        self.run: Callable[[Tensor, Optional[Tensor]], Tensor]
+        # run and _inner hold plain functions, called with the plan: a bound method stored on
+        # its own object is a reference cycle, which kept every dropped plan (its folded and
+        # packed weights) alive until the cyclic GC ran (+2 GB over 20 rebuilds of ResNet-50).
+        self.run: Callable[[ConvPlan, Tensor, Optional[Tensor]], Tensor]
         self.dense_op: Callable[..., Tensor] = _conv_op(chosen)
         channels = padded_in_channels(chosen, weight.dtype, weight.shape[1], conv.groups)
         self.pads = channels != weight.shape[1] and not differentiable
@@ -186,27 +207,35 @@ class ConvPlan:
             # The layout both kernels read; laid out once here instead of on every call.
             weight = weight.contiguous(memory_format=torch.channels_last)
         self.weight, self.bias = weight, bias
-        self.run, self.packed_op = self._dense, None
+        self.run, self.packed_op = ConvPlan._dense, None
         if tuned:
             self._tuned: dict[tuple, Callable[..., Tensor]] = {}
             self._candidates, self._default = tuned, chosen
-            self.run = self._measured
+            self.run = ConvPlan._measured
         elif (chosen == "cpu" and not differentiable and weight.dtype in onednn_dtypes()
                 and torch.backends.mkldnn.enabled):
             self._packed: dict[torch.Size, Tensor] = {}
-            self.run = self._onednn
+            self.run = ConvPlan._onednn
             self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default
-        if self.pads:
-            self._inner, self.run = self.run, self._staged
+        self.casts = casts
+        if self.pads or casts:
+            self._inner, self.run = self.run, ConvPlan._adapted
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return self.run(x, residual)
+        return self.run(self, x, residual)
 
     def _dense(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         return self.dense_op(x, self.weight, self.bias, *self.geometry, residual, self.relu)
 
-    def _staged(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-        return self._inner(stage_padded(x, self.weight.shape[1]), residual)
+    def _adapted(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """x (and the residual) cast to the weights' dtype under autocast; x staged into the
+        padded channels of a padded stem."""
+        if self.casts:
+            x = x.to(self.weight.dtype)
+            residual = None if residual is None else residual.to(self.weight.dtype)
+        if self.pads:
+            x = stage_padded(x, self.weight.shape[1])
+        return self._inner(self, x, residual)
 
     def _measured(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         shape = (x.shape, x.stride())
@@ -248,8 +277,8 @@ class ConvPlan:
         return self.packed_op(x, packed, self.bias, *self.geometry, residual, self.relu)
 
 
-def group_plans(backend: Optional[str], pairs: list, own: int,
-                differentiable: bool) -> list[ConvPlan]:
+def group_plans(backend: Optional[str], pairs: list, own: int, differentiable: bool,
+                cast: Optional[torch.dtype] = None) -> list[ConvPlan]:
     """The plans of one group of pairs: a block's ``own`` pairs, then (if present) its
     downsample pair, or the stem alone.
 
@@ -257,43 +286,56 @@ def group_plans(backend: Optional[str], pairs: list, own: int,
     downsample's output as its residual: relu(conv(y, W3) + (b3 + b_ds) + conv(x, W_ds)).
     The downsample then runs as a plain conv (no bias pass, no epilogue). The two folded
     biases are added in float32 (float64 for float64), and the sum is rounded to the weights'
-    dtype."""
+    dtype. ``cast`` (the autocast dtype): the folded weights and biases are then rounded to
+    it and the plans cast their inputs to it."""
     if differentiable:
-        return _group_plans(backend, pairs, own, differentiable)
+        return _group_plans(backend, pairs, own, differentiable, cast)
     # Normal (not inference) tensors even under inference_mode, so a later call with autograd
     # on (input gradients) may save the prepared weights for backward.
     with torch.inference_mode(False), torch.no_grad():
-        return _group_plans(backend, pairs, own, differentiable)
+        return _group_plans(backend, pairs, own, differentiable, cast)
 
 
-def _group_plans(backend: Optional[str], pairs: list, own: int,
-                 differentiable: bool) -> list[ConvPlan]:
+def _group_plans(backend: Optional[str], pairs: list, own: int, differentiable: bool,
+                 cast: Optional[torch.dtype]) -> list[ConvPlan]:
     folded = [ops.fold_bn(conv, bn) for conv, bn, _ in pairs]
     if len(pairs) > own:
         (w_last, b_last), (w_ds, b_ds) = folded[own - 1], folded[own]
         acc = torch.promote_types(b_last.dtype, torch.float32)
         folded[own - 1] = (w_last, (b_last.to(acc) + b_ds.to(acc)).to(b_last.dtype))
         folded[own] = (w_ds, None)
-    return [ConvPlan(conv, w, b, relu, backend, differentiable)
+    if cast is not None:
+        folded = [(w.to(cast), None if b is None else b.to(cast)) for w, b in folded]
+    return [ConvPlan(conv, w, b, relu, backend, differentiable, casts=cast is not None)
             for (conv, _, relu), (w, b) in zip(pairs, folded)]
+
+
+def autocast_dtype(weight: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs a convolution with ``weight`` in, where that is not the
+    weight's own (autocast on for its device; float64 is never cast); else None."""
+    device = weight.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return None if weight.dtype in (dtype, torch.float64) else dtype
 
 
 class FusedEvalMixin:
     """Per-layer plans for a module's conv -> BN pairs (a plain attribute, not a parameter or
     buffer: state_dicts are unchanged; dropped when pickled or deep-copied).
 
-    A subclass lists its pairs as ``_fold_spec`` ((conv name, bn name, relu), ...) and the
-    modules the fused forward skips besides them as ``_skipped`` (e.g. its ReLU); a
-    ``downsample`` Sequential(conv, bn) is a further pair without ReLU.
+    A subclass lists its pairs as ``_fold_spec`` ((conv name, bn name, relu), ...); its
+    ``relu`` module is what the fused forward skips besides them, and a ``downsample``
+    Sequential(conv, bn) is a further pair without ReLU.
     """
 
     backend: Optional[str]
     _fold_spec: tuple[tuple[str, str, bool], ...]
-    _skipped: tuple[str, ...] = ("relu",)
 
     def _fold_pairs(self) -> Optional[list[tuple[nn.Module, nn.Module, bool]]]:
         """(conv, bn, relu) of every pair, in ``_fold_spec`` order then the downsample; None
-        where a module the fused forward skips has hooks."""
+        where a module the fused forward skips (its ReLU) is not exactly ``nn.ReLU`` or has
+        hooks."""
         mods = self._modules
         pairs = [(mods[c], mods[b], relu) for c, b, relu in self._fold_spec]
         ds = mods.get("downsample")
@@ -301,10 +343,7 @@ class FusedEvalMixin:
             if len(ds) != 2 or not no_hooks(ds):
                 return None
             pairs.append((ds._modules["0"], ds._modules["1"], False))
-        for name in self._skipped:
-            if not no_hooks(mods[name]):
-                return None
-        return pairs
+        return pairs if exact_relu(mods.get("relu")) else None
 
     def _may_fuse(self) -> bool:
         """Not training, not inside a torch.func transform, no global module hooks."""
@@ -353,9 +392,11 @@ def cached_plans(holder: nn.Module, slot: str, groups: list, extra_key: list,
     foldable.
 
     The key: ``extra_key`` (modules the assembled program calls, compared by identity), each
-    group's backend, each BN's eps, each conv's geometry and (version, data pointer) of every
-    source tensor. One pass with dicts read directly: it runs on every forward, and the key
-    is what keeps the plans from ever being stale."""
+    group's backend, each BN's eps, each conv's geometry, the autocast dtype and (version,
+    data pointer, dtype, device, sizes, strides) of every source tensor. One pass with dicts
+    read directly: it runs on every forward, and the key is what keeps the plans from ever
+    being stale. Nothing is kept under torch.compile, while gradients flow into a source, or
+    under a FakeTensorMode (plans of fake tensors would poison every later real forward)."""
     key = list(extra_key)
     sources: list[Tensor] = []
     for backend, pairs, _ in groups:
@@ -363,13 +404,15 @@ def cached_plans(holder: nn.Module, slot: str, groups: list, extra_key: list,
         for conv, bn, _ in pairs:
             if not add_pair(conv, bn, key, sources):
                 return None
+    cast = autocast_dtype(sources[0])
+    key.append(cast)
 
     def build(differentiable: bool) -> list[list[ConvPlan]]:
-        return [group_plans(backend, pairs, own, differentiable)
+        return [group_plans(backend, pairs, own, differentiable, cast)
                 for backend, pairs, own in groups]
 
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
-                                         and any(t.requires_grad for t in sources)):
+    if torch.compiler.is_compiling() or faking() or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
         return assemble(build(True))  # the fold inside the graph / differentiable: nothing kept
     try:
         key.append(tensor_states(sources))

@@ -10,12 +10,14 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .. import ops
+from ._fused import no_hooks
 
 
 def fusable_bn(bn: nn.Module) -> bool:
     """Whether ``bn`` is exactly ``nn.BatchNorm2d`` (not SyncBatchNorm, which must reduce its
-    statistics across processes, nor a subclass, whose forward may differ)."""
-    return type(bn) is nn.BatchNorm2d
+    statistics across processes, nor a subclass, whose forward may differ) without hooks
+    (which its fused replacement would skip)."""
+    return type(bn) is nn.BatchNorm2d and no_hooks(bn)
 
 
 def bn_act(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True,

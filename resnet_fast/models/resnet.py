@@ -24,7 +24,16 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import requested_backend
 from ..kernels.layout import layout_of
-from ._fused import ConvPlan, FusedEvalMixin, cached_plans, in_functorch, no_hooks, recorded
+from ._fused import (
+    ConvPlan,
+    FusedEvalMixin,
+    cached_plans,
+    exact_relu,
+    in_functorch,
+    no_global_hooks,
+    no_hooks,
+    recorded,
+)
 from .norm import bn_act, fusable_bn
 from .regularizers import DropBlock2d, DropPath
 
@@ -79,8 +88,9 @@ class _Block(FusedEvalMixin, nn.Module):
     @torch.jit.unused
     def _forward_eager(self, x: Tensor) -> Tensor:
         """Fused where it computes what torchvision computes and no tool records the model;
-        torchvision's code otherwise."""
-        if not recorded():
+        torchvision's code otherwise (and for an mkldnn or sparse x, which torchvision's own
+        code takes or refuses)."""
+        if not recorded() and x.layout == torch.strided:
             plans = self._fused_plans()
             if plans is not None:
                 n = len(self._fold_spec)
@@ -101,10 +111,10 @@ class _Block(FusedEvalMixin, nn.Module):
         return [(getattr(self, c), getattr(self, b)) for c, b, _ in self._fold_spec]
 
     def _fused_train(self) -> bool:
-        """Training with plain ``nn.BatchNorm2d`` everywhere: every BN -> (add ->) ReLU is one
-        fused batch_norm_act (another norm layer keeps torchvision's unfused math)."""
-        return (self.training and not in_functorch()
-                and all(fusable_bn(bn) for _, bn in self._pairs()))
+        """Training with plain ``nn.BatchNorm2d`` everywhere and the exact ``nn.ReLU``, none
+        with hooks: every BN -> (add ->) ReLU is one fused batch_norm_act (another norm layer
+        or activation keeps torchvision's unfused math)."""
+        return (fused_train_ok(self) and all(fusable_bn(bn) for _, bn in self._pairs()))
 
     def _tail_train(self, out: Tensor, bn: nn.BatchNorm2d, identity: Tensor) -> Tensor:
         """relu(bn(out) + identity) in training. With DropBlock/DropPath on, they act on the
@@ -205,6 +215,13 @@ class Bottleneck(_Block):
         return self._tail_train(self.conv3(out), self.bn3, self._identity(x))
 
 
+def fused_train_ok(m: nn.Module) -> bool:
+    """Training, outside torch.func transforms and forward-mode AD, without global module
+    hooks, with ``m.relu`` exactly ``nn.ReLU``: where bn_act may stand for m's BN and ReLU."""
+    return (m.training and not in_functorch() and no_global_hooks()
+            and exact_relu(m._modules.get("relu")))
+
+
 # The stem's plan, then per block: its plans but the last, its last plan (which takes the
 # residual) and its shortcut (None: the identity; a plan: the fused downsample pair; else the
 # downsample module).
@@ -244,7 +261,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
         """relu(bn1(conv1(x))): one fused conv in eval mode."""
         if plans is not None:
             return plans[0](x)
-        if self.training and not in_functorch() and fusable_bn(self.bn1):
+        if fused_train_ok(self) and fusable_bn(self.bn1):
             return bn_act(self.bn1, self.conv1(x), backend=self.backend)
         return self.relu(self.bn1(self.conv1(x)))
 
@@ -296,11 +313,13 @@ class _Backbone(FusedEvalMixin, nn.Module):
         oneDNN, cuDNN and our Triton kernel are fast at; measured on CPU: NCHW activations
         made the fused model slower than eager) and hands the features back in the input's
         layout, or in channels_last without ``keep_layout`` (forward pools them as they are:
-        a layout copy of the last features would be wasted). Recorded by a tracer:
-        torchvision's code."""
+        a layout copy of the last features would be wasted). Recorded by a tracer, or x mkldnn or
+        sparse: torchvision's code (which takes an mkldnn x and refuses a sparse one)."""
         if recorded():
             return self._forward_plain_features(x)
         self._check_input(x)
+        if x.layout != torch.strided:
+            return self._forward_plain_features(x)
         fmt = layout_of(x) if keep_layout else torch.channels_last
         stages = self._stages()
         program = self._fused_program(stages)

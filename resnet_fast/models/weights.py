@@ -87,6 +87,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     holds objects ``weights_only=True`` refuses to build, and ValueError for a file that is no
     PyTorch checkpoint or holds no state_dict."""
     text = os.fspath(path)
+    if os.path.isdir(text):
+        raise IsADirectoryError(f"expected a checkpoint file, got a directory: {text!r}")
     if not os.path.isfile(text):
         raise FileNotFoundError(f"expected a checkpoint file, got {text!r} (no such file)")
     if os.path.getsize(text) == 0:

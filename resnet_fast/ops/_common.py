@@ -72,9 +72,15 @@ def check_triton_device(x: torch.Tensor, op: str) -> None:
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_tensor(t: object, op: str, name: str) -> None:
+def check_tensor(t: object, op: str, name: str, strided: bool = True) -> None:
+    """A float tensor; ``strided`` (all but a prepacked, mkldnn-layout weight): an mkldnn or
+    sparse tensor would otherwise fail deep in a kernel, with a message about memory formats
+    or a missing dispatch key."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    if strided and t.layout != torch.strided:
+        raise ValueError(f"{op}: expected a strided (dense) tensor for {name}, got layout "
+                         f"{t.layout} (convert it with .to_dense())")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: expected a float32, float64, float16 or bfloat16 tensor for "
                         f"{name}, got {t.dtype}")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _extension
-from ..backends import resolve
+from ..backends import interpreting_triton, resolve
 from ..kernels.layout import layout_of
 from . import reference
 from ._common import check_tensor, check_triton_device, register_common, relu_grad
@@ -49,7 +49,7 @@ def check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, 
     check_tensor(x, op, "x")
     if x.dim() != 4:
         raise ValueError(f"{op}: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
-    check_tensor(weight, op, "weight")
+    check_tensor(weight, op, "weight", strided=False)  # the packed op's weight is mkldnn
     if weight.dim() != 4:
         raise ValueError(f"{op}: expected weight of shape (K, C/groups, R, S), got "
                          f"{tuple(weight.shape)}")
@@ -109,6 +109,12 @@ def _conv_bias_act_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], str
                           residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     check_conv(x, weight, bias, stride, padding, dilation, groups, residual)
     check_triton_device(x, "conv_bias_act")
+    if x.dtype == torch.bfloat16 and interpreting_triton():
+        # Triton 3.8's interpreter computes bfloat16 tl.dot wrong (errors of ~3e10 measured):
+        # a result from it would be silently wrong.
+        raise RuntimeError("conv_bias_act (triton): the Triton interpreter (TRITON_INTERPRET=1) "
+                           "computes bfloat16 tl.dot wrong; expected float32 or float16 there, "
+                           "got bfloat16 (bfloat16 runs on a GPU)")
     from ..kernels.triton import conv
     return conv.conv_bias_act(x, weight, bias, stride, padding, dilation, groups, residual, relu)
 
