@@ -40,7 +40,7 @@ build: $(STAMPS)/build
 test: build
 	$(PY) -m ruff check .
 	RESNET_FAST_REQUIRE_CUDA_BUILD=$(REQUIRE_CUDA) $(PY) -m pytest
-	@echo "kernel suites, one call each (so they cannot rot):"
+	@echo "kernel suites, smoke run (one cold call each: not a measurement; so they cannot rot):"
 	RESNET_FAST_BENCH_BATCHES=1 $(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
 bench: build

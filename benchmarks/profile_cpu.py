@@ -4,14 +4,18 @@ OpenVINO on the same calibrated model and input, per forward, grouped into compa
 
     python benchmarks/profile_cpu.py                    # ResNet-50, batch 1 and 16, fp32
     python benchmarks/profile_cpu.py --batch 16 --threads 1 --json prof.json
+    python benchmarks/profile_cpu.py --iters 9 --block 3  # 3 rounds of 3 profiled forwards
 
 Sources: ``torch.profiler`` (self CPU time per aten/mkldnn/resnet_fast op), ORT's
 ``enable_profiling`` trace (``Node`` events, kernel time per node) and OpenVINO's
 ``PERF_COUNT`` report (real time per executed node). Each profiler adds its own overhead, so
 compare kinds within a runtime and totals against ``resnet-fast bench``, not to the last 5%.
-The runtimes' profiled forwards are interleaved (one of each in turn, ``--iters`` rounds) and
-each reports its forward of median total time: run one after the other, a slow spell of a
-shared VM lands on one runtime and reads as its cost.
+The runtimes are profiled as ``resnet-fast bench`` times them, in rotated warm blocks: per
+round each runtime makes one unprofiled warm-up forward, then up to ``--block`` profiled ones
+back to back, the order starting one runtime later every round (``--iters`` profiled forwards
+each in all). Each reports its forward of median total time. Run one after the other, a slow
+spell of a shared VM would land on one runtime; single forwards taken in turn would each pay
+for the runtime before (ONNX Runtime's spinning workers, an idle thread pool waking up).
 
 Per layer, each runtime's convolution nodes are grouped by geometry ("C×H×W k R×S -> K": a
 ResNet has no two convolutions of one geometry and different strides) with the whole fused
@@ -36,6 +40,8 @@ import torchvision
 
 import resnet_fast
 from resnet_fast.bench.env import environment
+from resnet_fast.bench.peers import ORT_SESSION_CONFIG, signal_stack_kept
+from resnet_fast.bench.timing import block_sizes, rotation
 from resnet_fast.calibrate import calibrate_
 
 # Our ops by kind; anything else is "other".
@@ -58,15 +64,19 @@ Forward = tuple[dict[str, float], dict[str, float]]
 
 
 class Ours:
-    """resnet_fast.optimize; each forward under its own torch.profiler."""
+    """resnet_fast.optimize; each profiled forward under its own torch.profiler."""
 
     kinds = _OURS
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
         self.fast, self.x = resnet_fast.optimize(model, example_input=x), x
         self.forwards: list[Forward] = []
+        self.warm()
+
+    def warm(self) -> None:
+        """One forward, not profiled."""
         with torch.inference_mode():
-            self.fast(x)
+            self.fast(self.x)
 
     def forward(self) -> None:
         with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as prof:
@@ -85,7 +95,9 @@ class Ours:
 
 
 class OnnxRuntime:
-    """ORT's CPU provider at ORT_ENABLE_ALL; one profiling trace, split per ``model_run``."""
+    """ORT's CPU provider at ORT_ENABLE_ALL, its workers not spinning between runs (as the
+    bench runs it: ``ORT_SESSION_CONFIG``); one profiling trace of every run, split per
+    ``model_run``, of which the profiled forwards' are kept."""
 
     kinds = _ORT
 
@@ -101,21 +113,34 @@ class OnnxRuntime:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
+        for key, value in ORT_SESSION_CONFIG.items():
+            opts.add_session_config_entry(key, value)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(self.tmp.name) / "ort")
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.feed = {"input": x.numpy()}
-        self.session.run(None, self.feed)  # warm-up: its run is dropped from the trace below
+        self.runs, self.profiled = 0, []  # runs so far; the indices of the profiled ones
+        self.warm()
+
+    def warm(self) -> None:
+        """One run, left out of the results (the session traces every run)."""
+        self.session.run(None, self.feed)
+        self.runs += 1
 
     def forward(self) -> None:
-        self.session.run(None, self.feed)
+        self.profiled.append(self.runs)
+        self.warm()
 
     def results(self) -> list[Forward]:
         events = json.loads(Path(self.session.end_profiling()).read_text())
         self.tmp.cleanup()
-        runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+        runs = sorted((e for e in events if e.get("cat") == "Session"
+                       and e["name"] == "model_run"), key=lambda e: e["ts"])
+        if len(runs) != self.runs:
+            raise RuntimeError(f"expected {self.runs} model_run events in ORT's trace, got "
+                               f"{len(runs)}")
         forwards = []
-        for run in runs[1:]:
+        for run in (runs[i] for i in self.profiled):
             ops: dict[str, float] = defaultdict(float)
             layers: dict[str, float] = defaultdict(float)
             for e in events:
@@ -141,11 +166,12 @@ class OpenVino:
 
         with torch.no_grad():
             converted = ov.convert_model(model, example_input=x)
-        compiled = ov.Core().compile_model(converted, "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+        with signal_stack_kept():  # else Ctrl-C crashes the process
+            compiled = ov.Core().compile_model(converted, "CPU", {
+                "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
         self.request, self.x = compiled.create_infer_request(), x.numpy()
-        self.request.infer([self.x])
+        self.warm()
         self.conv_layers = {  # runtime node name -> geometry, from the executed graph's shapes
             node.get_friendly_name(): _layer(*(node.input(i).get_partial_shape().to_shape()
                                                for i in (0, 1)))
@@ -153,8 +179,12 @@ class OpenVino:
             if node.get_rt_info()["layerType"].astype(str) == "Convolution"}
         self.forwards: list[Forward] = []
 
-    def forward(self) -> None:
+    def warm(self) -> None:
+        """One inference, its report not read."""
         self.request.infer([self.x])
+
+    def forward(self) -> None:
+        self.warm()
         ops: dict[str, float] = defaultdict(float)
         layers: dict[str, float] = defaultdict(float)
         for info in self.request.get_profiling_info():
@@ -205,7 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--batch", default="1,16", help="comma-separated (default 1,16)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--iters", type=int, default=5, help="profiled forwards (default 5)")
+    parser.add_argument("--iters", type=int, default=6,
+                        help="profiled forwards per runtime (default 6)")
+    parser.add_argument("--block", type=int, default=2,
+                        help="profiled forwards back to back per runtime and round, after one "
+                             "warm-up forward (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="default: torch's")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
@@ -214,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     model = calibrate_(getattr(torchvision.models, args.arch)(), image_size=args.image_size)
     result = {"arch": args.arch, "threads": torch.get_num_threads(), "unit": "ms per forward",
-              "iters": args.iters, "image_size": args.image_size,
+              "iters": args.iters, "block": args.block, "image_size": args.image_size,
+              "protocol": "rotated warm blocks: per round, each runtime's warm-up forward, then "
+                          "up to block profiled forwards; the order starts one runtime later "
+                          "every round",
               "command": "python benchmarks/profile_cpu.py " + " ".join(argv or sys.argv[1:]),
               "environment": environment(torch.device("cpu")), "batches": {}}
     for batch in (int(b) for b in args.batch.split(",")):
@@ -229,9 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name} not run: {exc}")
                 continue
             print(f"set up {name} at batch {batch} in {time.perf_counter() - start:.0f} s")
-        for _ in range(args.iters):  # interleaved: a slow spell of the machine hits all alike
-            for profiler in profilers.values():
-                profiler.forward()
+        for r, calls in enumerate(block_sizes(args.iters, args.block)):
+            for name in rotation(list(profilers), r):
+                profilers[name].warm()  # pays for whoever ran before
+                for _ in range(calls):
+                    profilers[name].forward()
         for name, profiler in profilers.items():
             table[name] = _median_forward(profiler.results(), profiler.kinds)
         table = {name: table[name] for name in RUNTIMES}

@@ -10,9 +10,9 @@ import statistics
 
 import pytest
 import torch
-from conftest import batch_sizes, devices_and_backends
+from conftest import batch_sizes, devices_and_backends, timed
 
-from resnet_fast.bench.timing import interleaved, median_ratio, synchronized
+from resnet_fast.bench.timing import flat, round_ratio, synchronized
 from resnet_fast.ops import batch_norm_act
 
 STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
@@ -62,13 +62,12 @@ def test_bn_add_relu_train(benchmark, record, device, backend, dtype, shape):
         def ours():  # noqa: F811
             with torch.autocast("cuda", dtype):
                 ours_fn()
-    times = interleaved({"ours": ours, "eager": eager}, dev, repeats,
-                        warmup=0 if benchmark.disabled else 2)
+    times = timed(benchmark, {"ours": ours, "eager": eager}, dev, repeats)
     benchmark.pedantic(synchronized(ours, dev), rounds=repeats, warmup_rounds=1)
-    ours_s, eager_s = statistics.median(times["ours"]), statistics.median(times["eager"])
+    ours_s, eager_s = (statistics.median(flat(times[k])) for k in ("ours", "eager"))
     row = dict(op="bn_act train fwd+bwd", device=device, backend=backend, dtype=str(dtype)[6:],
                shape=list(shape), ours_gbps=nbytes / ours_s / 1e9, eager_gbps=nbytes / eager_s / 1e9,
                ours_ms=1e3 * ours_s, eager_ms=1e3 * eager_s,
-               ratio=median_ratio(times["eager"], times["ours"]), repeats=repeats)
+               ratio=round_ratio(times["eager"], times["ours"]), repeats=repeats)
     benchmark.extra_info.update(row)
     record(row)

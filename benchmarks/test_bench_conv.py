@@ -1,7 +1,12 @@
-"""Every conv layer of ResNet-50 (224px, channels_last): the fused conv_bias_act per backend
-vs eager conv -> BN(eval) -> ReLU (-> add -> ReLU for a block's last conv; no ReLU for a
-downsample conv), layer by layer, interleaved per repeat, plus the sum over the network.
-On GPU also vs torch.cudnn_convolution_relu / cudnn_convolution_add_relu."""
+"""Every conv layer of ResNet-50 (224px, channels_last): the fused conv per backend vs eager
+conv -> BN(eval) -> ReLU (-> add -> ReLU for a block's last conv; no ReLU for a downsample
+conv), layer by layer in rotated warm blocks, plus the sum over the network. On GPU also vs
+torch.cudnn_convolution_relu / cudnn_convolution_add_relu.
+
+Two variants of ours, separate benchmark ids in one group: ``plain``, the op
+``conv_bias_act`` (on CPU it reorders the weight into oneDNN's layout on every call), and, on
+CPU where oneDNN runs the dtype, ``packed``: the weight packed once (``prepack_conv_weight``)
+and ``conv_bias_act_packed`` per call, which is what the models run (``ConvPlan._onednn``)."""
 
 import os
 import statistics
@@ -9,11 +14,12 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import devices_and_backends
+from conftest import devices_and_backends, timed
 
 import resnet_fast
-from resnet_fast.bench.timing import interleaved, synchronized
+from resnet_fast.bench.timing import flat, round_ratio, synchronized
 from resnet_fast.ops import conv_bias_act, fold_bn
+from resnet_fast.ops.conv_bias_act import onednn_dtypes
 
 BATCHES = {"cpu": [1, 16], "cuda": [1, 32, 256]}
 
@@ -62,13 +68,27 @@ def _cases():
     for device, backend in devices_and_backends():
         dtypes = [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
         for dtype in dtypes:
+            packed = device == "cpu" and dtype in onednn_dtypes()
             for batch in _batches(device):
-                yield pytest.param(device, backend, dtype, batch,
-                                   id=f"{device}-{backend}-{str(dtype)[6:]}-b{batch}")
+                for variant in ("plain", "packed") if packed else ("plain",):
+                    yield pytest.param(
+                        device, backend, dtype, batch, variant,
+                        id=f"{device}-{backend}-{str(dtype)[6:]}-b{batch}-{variant}")
 
 
-@pytest.mark.parametrize("device, backend, dtype, batch", list(_cases()))
-def test_resnet50_conv_layers(benchmark, record, device, backend, dtype, batch):
+def _packed_conv(x, w, b, geo, r, relu):
+    """The models' CPU inference call: the weight packed once for x's size, outside the timing."""
+    stride, padding, dilation = (list(g) for g in geo[:3])  # the op's schema takes int[]
+    groups = geo[3]
+    packed = torch.ops.resnet_fast.prepack_conv_weight.default(w, stride, padding, dilation,
+                                                                 groups, list(x.shape))
+    op = torch.ops.resnet_fast.conv_bias_act_packed.default
+    return lambda: op(x, packed, b, stride, padding, dilation, groups, r, relu)
+
+
+@pytest.mark.parametrize("device, backend, dtype, batch, variant", list(_cases()))
+def test_resnet50_conv_layers(benchmark, record, device, backend, dtype, batch, variant):
+    benchmark.group = f"resnet50 convs {device}-{backend}-{str(dtype)[6:]}-b{batch}"
     dev = torch.device(device)
     torch.backends.cudnn.benchmark = True
     rows, ours_all = [], []
@@ -92,8 +112,11 @@ def test_resnet50_conv_layers(benchmark, record, device, backend, dtype, batch):
                 return torch.relu(y + r)
             return torch.relu(y) if role == "relu" else y
 
-        def ours(x=x, w=w, b=b, geo=geo, r=r, relu=relu):
-            return conv_bias_act(x, w, b, *geo, r, relu, backend=backend)
+        if variant == "packed":
+            ours = _packed_conv(x, w, b, geo, r, relu)
+        else:
+            def ours(x=x, w=w, b=b, geo=geo, r=r, relu=relu):
+                return conv_bias_act(x, w, b, *geo, r, relu, backend=backend)
 
         candidates = {"ours": ours, "eager": eager}
         if device == "cuda" and relu:
@@ -104,16 +127,13 @@ def test_resnet50_conv_layers(benchmark, record, device, backend, dtype, batch):
 
             candidates["cudnn_fused"] = cudnn_fused
         with torch.inference_mode():
-            if benchmark.disabled:  # make test's smoke run: one call each
-                times = interleaved(candidates, dev, repeats=1, warmup=0)
-            else:
-                times = interleaved(candidates, dev, repeats=5 if batch >= 16 else 15, warmup=2)
+            times = timed(benchmark, candidates, dev, repeats=5 if batch >= 16 else 15)
         flops = 2 * batch * out_shape.numel() * conv.weight[0].numel()
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: statistics.median(flat(v)) for k, v in times.items()}
         rows.append(dict(layer=name, role=role, input=list(chw), flops=flops,
                          **{f"{k}_ms": 1e3 * v for k, v in med.items()},
                          ours_tflops=flops / med["ours"] / 1e12,
-                         ratio_vs_eager=med["eager"] / med["ours"]))
+                         ratio_vs_eager=round_ratio(times["eager"], times["ours"])))
         ours_all.append(ours)
 
     def network():
@@ -123,7 +143,8 @@ def test_resnet50_conv_layers(benchmark, record, device, backend, dtype, batch):
     with torch.inference_mode():
         benchmark.pedantic(synchronized(network, dev), rounds=3, warmup_rounds=1)
     total = {k: sum(r[f"{k}_ms"] for r in rows) for k in ("ours", "eager")}
-    summary = dict(op="conv_bias_act (ResNet-50 sum)", device=device, backend=backend,
+    op = "conv_bias_act_packed" if variant == "packed" else "conv_bias_act"
+    summary = dict(op=f"{op} (ResNet-50 sum)", variant=variant, device=device, backend=backend,
                    dtype=str(dtype)[6:], shape=[batch, 3, 224, 224],
                    ours_ms=total["ours"], eager_ms=total["eager"],
                    ratio=total["eager"] / total["ours"], layers=rows)

@@ -9,9 +9,9 @@ import statistics
 
 import pytest
 import torch
-from conftest import batch_sizes, devices_and_backends
+from conftest import batch_sizes, devices_and_backends, timed
 
-from resnet_fast.bench.timing import interleaved, median_ratio, synchronized
+from resnet_fast.bench.timing import flat, round_ratio, synchronized
 from resnet_fast.ops import add_relu, scale_shift_act
 
 # (channels, spatial) of the ResNet-50 stage outputs, where every block joins its residual.
@@ -44,16 +44,15 @@ def _run(benchmark, record, op, device, backend, dtype, shape, ours, eager):
     small = nbytes < 64 << 20
     # --benchmark-disable (make test's smoke run): one call each, so the suite cannot rot.
     repeats = 1 if benchmark.disabled else (30 if small else 10)
-    inner = 20 if (device == "cuda" and small and not benchmark.disabled) else 1
+    inner = 20 if (device == "cuda" and small) else 1
     with torch.inference_mode():
-        times = interleaved({"ours": ours, "eager": eager}, dev, repeats,
-                            warmup=0 if benchmark.disabled else 2, inner=inner)
+        times = timed(benchmark, {"ours": ours, "eager": eager}, dev, repeats, inner)
         benchmark.pedantic(synchronized(ours, dev), rounds=repeats, warmup_rounds=1)
-    ours_s, eager_s = statistics.median(times["ours"]), statistics.median(times["eager"])
+    ours_s, eager_s = (statistics.median(flat(times[k])) for k in ("ours", "eager"))
     row = dict(op=op, device=device, backend=backend, dtype=str(dtype)[6:], shape=list(shape),
                ours_gbps=nbytes / ours_s / 1e9, eager_gbps=nbytes / eager_s / 1e9,
                ours_ms=1e3 * ours_s, eager_ms=1e3 * eager_s,
-               ratio=median_ratio(times["eager"], times["ours"]), repeats=repeats)
+               ratio=round_ratio(times["eager"], times["ours"]), repeats=repeats)
     benchmark.extra_info.update(row)
     record(row)
 

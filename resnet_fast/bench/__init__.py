@@ -1,12 +1,13 @@
 """Model benchmark: ``resnet-fast bench`` (also ``python -m resnet_fast.bench``, ``make bench``).
 
 Models x batch sizes x candidates on this machine's device: calibrated seeded weights (or
-``--weights``), warm-up, candidates interleaved in every repeat with the garbage collector off,
-median and p10/p90 latency with outliers counted, per-repeat speedup ratios vs eager, vs
-channels_last eager and vs the best peer (torch.compile variants, ONNX Runtime, OpenVINO),
+``--weights``), each candidate timed in warm blocks rotated across rounds with the garbage
+collector off, median and p10/p90 latency with outliers counted, per-round speedup ratios vs
+eager, vs channels_last eager and vs the best peer (torch.compile variants, ONNX Runtime, OpenVINO),
 first-call (compile, export) time reported separately, peak memory (GPU), max abs error vs fp32
 torchvision with divergent candidates flagged. Writes a JSON file (the source of truth), a
-Markdown table and a PNG plot made from it.
+Markdown table and a PNG plot made from it, after every batch size; a candidate that fails
+is a row saying why, and an interrupted run keeps the batch sizes it finished.
 
 Where to read on: :mod:`.candidates` (what runs) and :mod:`.peers` (ONNX Runtime, OpenVINO),
 :mod:`.runner` (the run loop both modes share), :mod:`.inference` and :mod:`.training` (the

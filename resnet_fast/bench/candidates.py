@@ -50,6 +50,11 @@ class Candidate:
         the run's dtype."""
         return getattr(self.fn, "precision", None)
 
+    @property
+    def settings(self) -> Optional[dict]:
+        """The runtime options a peer runs with (recorded in the result), else None."""
+        return getattr(self.fn, "settings", None)
+
 
 def compiled(model: torch.nn.Module, mode: Optional[str], freezing: bool):
     """torch.compile with inductor options passed explicitly (not by patching the global

@@ -1,6 +1,8 @@
 """``resnet-fast bench`` (also ``python -m resnet_fast.bench``, ``make bench``): arguments,
 then the inference or training run, then the outputs: a JSON file (the source of truth), a
-Markdown table and a PNG plot made from it."""
+Markdown table and a PNG plot made from it, written after every batch size. Interrupted
+(Ctrl-C, SIGTERM), it writes what it finished, marked ``interrupted``, and exits 128 + the
+signal's number."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +26,7 @@ from .training import TRAIN_CANDIDATES
 
 def write_outputs(results: dict, out_dir: Path, plot: bool = True) -> list[Path]:
     """JSON (atomically), Markdown table and PNG plot, named <arch>_<dtype>.* (inference) or
-    <arch>_<dtype>_train.* (training step)."""
+    <arch>_<dtype>_train.* (training step); returns the paths written."""
     from . import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -38,11 +42,29 @@ def write_outputs(results: dict, out_dir: Path, plot: bool = True) -> list[Path]
     md = out_dir / f"{stem}.md"
     md.write_text(report.markdown_table(results) + "\n")
     written.append(md)
-    if plot:
+    if plot and report.measured_rows(results):  # (nothing to draw when every candidate failed)
         png = out_dir / f"{stem}.png"
         report.plot(results, png)
         written.append(png)
     return written
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, as Ctrl-C's KeyboardInterrupt is."""
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises :class:`Terminated` in the main thread while inside (a batch job's
+    time limit, ``kill``): the run then unwinds and writes what it finished, as on Ctrl-C."""
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="resnet-fast bench",
         description="Benchmark ResNets: eager, torch.compile, ONNX Runtime, OpenVINO and "
-                    "resnet_fast, interleaved on the same weights and input.")
+                    "resnet_fast, on the same weights and input, each timed in warm blocks "
+                    "rotated across rounds.")
     parser.add_argument("--arch", default="resnet50", choices=TORCHVISION_ARCHS)
     parser.add_argument("--train", action="store_true",
                         help="time a training step (forward, loss, backward, SGD) instead of "
@@ -68,8 +91,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, from {', '.join(CANDIDATES)} (default: all); with "
                              f"--train from {', '.join(TRAIN_CANDIDATES)} (default: all)")
     parser.add_argument("--repeats", type=at_least(1), default=None,
-                        help="default: 10 on CPU, 30 on GPU")
-    parser.add_argument("--warmup", type=at_least(0), default=2)
+                        help="timed calls per candidate and batch size, in rounds of --block "
+                             "(default: 9 on CPU, 30 on GPU)")
+    parser.add_argument("--block", type=at_least(1), default=None,
+                        help="at most this many timed calls back to back per candidate and "
+                             "round; the repeats are split evenly over the fewest rounds "
+                             "(default: 3 on CPU, 6 on GPU)")
+    parser.add_argument("--warmup", type=at_least(0), default=1,
+                        help="untimed calls before each block (default: 1); the first call "
+                             "(compilation, export) is timed on its own and never counted")
     parser.add_argument("--device", type=torch_device, default=None,
                         help="cpu or cuda[:N] (default: cuda if visible)")
     parser.add_argument("--image-size", type=at_least(1), default=224)
@@ -98,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"with --train; expected some of {', '.join(allowed)}")
     if "eager" not in names:
         parser.error("--candidates must include eager (the baseline of every ratio)")
-    repeats = (30 if gpu else 10) if args.repeats is None else args.repeats
+    repeats = (30 if gpu else 9) if args.repeats is None else args.repeats
+    block = (6 if gpu else 3) if args.block is None else args.block
     if args.out is not None:
         try:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -114,10 +145,33 @@ def main(argv: list[str] | None = None) -> int:
     command = "resnet-fast bench " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     bench = run_train if args.train else run
-    results = bench(args.arch, batches, dtype, names, repeats, args.warmup, device,
-                    args.image_size, args.weights, progress=not args.no_progress, command=command)
-    print(report.format_table(results))
-    out_dir = args.out or Path("bench-results") / device_slug(results["environment"])
-    for path in write_outputs(results, out_dir, plot=not args.no_plot):
+    written: dict = {}
+
+    def save(results: dict) -> None:
+        out_dir = args.out or Path("bench-results") / device_slug(results["environment"])
+        written["results"] = results
+        written["paths"] = write_outputs(results, out_dir, plot=not args.no_plot)
+
+    status = 0
+    try:
+        with sigterm_raises():
+            bench(args.arch, batches, dtype, names, repeats=repeats, block=block,
+                  warmup=args.warmup, device=device, image_size=args.image_size,
+                  weights=args.weights, progress=not args.no_progress, command=command,
+                  on_batch=save)
+    except KeyboardInterrupt as exc:
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        status = 128 + signum
+        if "results" not in written:
+            print(f"interrupted ({signum.name}) before the first batch size finished: "
+                  "nothing written", file=sys.stderr)
+            return status
+        results = written["results"]
+        done = sorted({r["batch_size"] for r in results["runs"]})
+        results["interrupted"] = (f"{signum.name} after batch size(s) "
+                                  f"{', '.join(map(str, done))} of {', '.join(map(str, batches))}")
+        save(results)
+    print(report.format_table(written["results"]))
+    for path in written["paths"]:
         print(f"wrote {path}")
-    return 0
+    return status

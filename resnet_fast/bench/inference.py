@@ -6,13 +6,13 @@ trades)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..calibrate import reference_model
 from .candidates import CANDIDATES, Candidate, build_candidates
-from .runner import Batch, header, pick_device, progress_bar, run_batches
+from .runner import Batch, Schedule, header, pick_device, run_batches
 
 # A candidate is flagged as diverged when its logits differ from fp32 torchvision by more than
 # twice what eager torchvision in the same dtype does, and by more than this fraction of the
@@ -26,10 +26,13 @@ def diverged(err: float, eager_err: float, scale: float, dtype: torch.dtype) -> 
 
 
 def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.float32,
-        candidates=CANDIDATES, repeats: int = 10, warmup: int = 2, device: Optional[str] = None,
-        image_size: int = 224, weights: Optional[str] = None, progress: bool = True,
-        extra_candidates: Optional[list[Candidate]] = None, command: Optional[str] = None) -> dict:
-    """Runs the benchmark and returns the results dict (the JSON's content)."""
+        candidates=CANDIDATES, repeats: int = 9, block: int = 3, warmup: int = 1,
+        device: Optional[str] = None, image_size: int = 224, weights: Optional[str] = None,
+        progress: bool = True, extra_candidates: Optional[list[Candidate]] = None,
+        command: Optional[str] = None, on_batch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Runs the benchmark and returns the results dict (the JSON's content); ``on_batch`` gets
+    the results so far after every batch size (see :class:`.runner.Schedule` for ``repeats``,
+    ``block`` and ``warmup``)."""
     dev = pick_device(device)
     reference = reference_model(arch, weights)
     truth_model = reference.to(dev).eval()  # fp32, NCHW: the yardstick (candidates copy it)
@@ -46,22 +49,24 @@ def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.
         classes = truth.argmax(1)
 
         def judge(outputs: dict) -> dict:
-            errors = {n: (out.float() - truth).abs().max().item() for n, out in outputs.items()}
+            errors = {n: (out.float() - truth).abs().max().item()
+                      for n, (out,) in outputs.items()}
             top1 = {n: (out.float().argmax(1) == classes).float().mean().item()
-                    for n, out in outputs.items()}
+                    for n, (out,) in outputs.items()}
             return {c.name: {"precision": c.precision or str(dtype)[6:],
                              "max_abs_err_vs_torchvision": errors[c.name], "logit_scale": scale,
                              "top1_agreement_vs_torchvision": top1[c.name],
                              "diverged": diverged(errors[c.name], errors["eager"], scale, dtype)}
-                    for c in cands}
+                    for c in cands if c.name in outputs}
 
         calls = {c.name: (lambda fn=c.fn, x=inputs[c.channels_last_input, c.float32_input]: fn(x))
                  for c in cands}
         return Batch(calls, judge)
 
-    results = {**header(arch, image_size, dtype, repeats, warmup, weights, dev, command),
-               "skipped_candidates": skipped}
-    bar = progress_bar(len(batch_sizes) * len(cands) * (repeats + 2), f"{arch} bench", progress)
+    schedule = Schedule(repeats, block, warmup)
+    results = {**header(arch, image_size, dtype, schedule, weights, dev, command),
+               "skipped_candidates": skipped,
+               "peer_settings": {c.name: c.settings for c in cands if c.settings}}
     with torch.inference_mode():
-        results["runs"] = run_batches(setup, batch_sizes, dev, repeats, warmup, bar)
-    return results
+        return run_batches(setup, batch_sizes, dev, schedule, results, on_batch, progress,
+                           f"{arch} bench")

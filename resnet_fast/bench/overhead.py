@@ -2,7 +2,8 @@
 
 At a tiny input (batch 1, 32x32) the kernels do little work, so what separates a model's
 forward from the same kernels called back to back from a flat list is the per-layer Python
-and C++ bookkeeping. Four candidates, interleaved per repeat on the same calibrated weights:
+and C++ bookkeeping. Four candidates, timed in rotated warm blocks (``bench.timing``) on the
+same calibrated weights:
 
   torchvision         torchvision's resnet50 eval forward (161 modules)
   torchvision_direct  the same aten calls (conv2d, batch_norm, relu, add) from a flat list
@@ -12,7 +13,7 @@ and C++ bookkeeping. Four candidates, interleaved per repeat on the same calibra
 Two measurements:
 
   with kernels    the real forward; overhead per conv = (model - direct) / 53, median over
-                  repeats. ResNet-50 reads ~100 MB of weights per forward even at 32x32, so
+                  rounds of the rounds' medians. ResNet-50 reads ~100 MB of weights per forward even at 32x32, so
                   the kernels take ~10 ms and their run-to-run noise (~1 ms) is as large as
                   the overhead measured: read it next to the host-only one.
   host only       every conv, BN and ReLU call answers with the output it recorded in one
@@ -43,9 +44,10 @@ from .. import convert
 from ..calibrate import calibrate_
 from ..models._fused import ConvPlan
 from .env import environment
-from .timing import interleaved, quantile
+from .timing import Blocks, flat, quantile, warm_blocks
 
 N_CONVS = 53
+BLOCK = 5  # timed samples per candidate and round
 
 
 def _torchvision_direct(tv: torchvision.models.ResNet):
@@ -143,21 +145,23 @@ def _candidates(tv, ours, x) -> dict:
             "resnet_fast_direct": functools.partial(_plans_direct(ours), x)}
 
 
-def _summary(times: dict[str, list[float]]) -> dict:
-    result = {name: {"median_us": statistics.median(t) * 1e6, "p10_us": quantile(t, 0.1) * 1e6,
-                     "p90_us": quantile(t, 0.9) * 1e6} for name, t in times.items()}
+def _summary(times: dict[str, Blocks]) -> dict:
+    result = {name: {"median_us": statistics.median(flat(t)) * 1e6,
+                     "p10_us": quantile(flat(t), 0.1) * 1e6,
+                     "p90_us": quantile(flat(t), 0.9) * 1e6} for name, t in times.items()}
     for model, direct in (("torchvision", "torchvision_direct"),
                           ("resnet_fast", "resnet_fast_direct")):
-        per_repeat = [(m - d) * 1e6 / N_CONVS for m, d in zip(times[model], times[direct])]
-        result[model]["overhead_us_per_conv"] = statistics.median(per_repeat)
+        per_round = [(statistics.median(m) - statistics.median(d)) * 1e6 / N_CONVS
+                     for m, d in zip(times[model], times[direct], strict=True)]
+        result[model]["overhead_us_per_conv"] = statistics.median(per_round)
     for r in result.values():
         r["us_per_conv"] = r["median_us"] / N_CONVS
     return result
 
 
-def _timed(candidates: dict, repeats: int, inner: int) -> dict[str, list[float]]:
-    """Interleaved CPU timings (the collector is off while they run: ``interleaved``)."""
-    return interleaved(candidates, torch.device("cpu"), repeats, warmup=3, inner=inner)
+def _timed(candidates: dict, repeats: int, inner: int) -> dict[str, Blocks]:
+    """CPU timings in rotated warm blocks (the collector is off while they run)."""
+    return warm_blocks(candidates, torch.device("cpu"), repeats, BLOCK, warmup=1, inner=inner)
 
 
 def measure(image_size: int = 32, batch: int = 1, repeats: int = 30, inner: int = 5) -> dict:
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
     finally:
         torch.set_flush_denormal(False)
     print(f"ResNet-50 eval, batch {args.batch}, {args.image_size}x{args.image_size}, CPU, "
-          f"{out['threads']} threads (median of {args.repeats} interleaved repeats)")
+          f"{out['threads']} threads (median of {args.repeats} samples in rotated warm blocks of {BLOCK})")
     for title, section in (("with kernels", out["results"]),
                            ("host only (kernels answer from a recording)", out["host_only"])):
         print(f" {title}:")

@@ -11,15 +11,24 @@ which one it runs in, as the runtime reports it.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
+import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
+# ONNX Runtime's worker threads spin after a run by default (waiting for the next one), and
+# that spinning slowed whichever candidate ran next 1.5-1.9x at batch 1 on 2 cores. A deployer
+# serving one model keeps the default; a benchmark sharing the cores with other candidates
+# turns it off, and records that it did (``OnnxRuntime.settings``).
+ORT_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 _OV_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _OV_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
@@ -62,7 +71,8 @@ def openvino_unsupported(device: torch.device) -> Optional[str]:
 class OnnxRuntime:
     """ONNX Runtime on ``model`` exported by ``torch.onnx.export`` (the dynamo exporter) with a
     dynamic batch dimension: all graph optimizations, sequential execution, intra-op threads =
-    torch's. On a GPU the TensorRT provider is preferred (fp16 enabled for a 16-bit dtype),
+    torch's, no spinning workers (``ORT_SESSION_CONFIG``; ``settings`` says all of it). On a
+    GPU the TensorRT provider is preferred (fp16 enabled for a 16-bit dtype),
     else the CUDA provider on the model cast to ``dtype``; inputs and outputs stay on the GPU
     (I/O binding)."""
 
@@ -71,6 +81,10 @@ class OnnxRuntime:
         self.session = None
         self.precision = str(dtype)[6:] if device.type == "cuda" else "float32"
         self._dir: Optional[tempfile.TemporaryDirectory] = None
+        self.settings = {"graph_optimization_level": "ORT_ENABLE_ALL",
+                         "execution_mode": "ORT_SEQUENTIAL",
+                         "intra_op_num_threads": torch.get_num_threads(),
+                         "inter_op_num_threads": 1, **ORT_SESSION_CONFIG}
 
     def _build(self, x: torch.Tensor) -> None:
         import onnxruntime as ort
@@ -84,10 +98,13 @@ class OnnxRuntime:
                               output_names=["logits"], verbose=False,
                               dynamic_shapes=({0: torch.export.Dim("batch")},))
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                                self.settings["graph_optimization_level"])
+        opts.execution_mode = getattr(ort.ExecutionMode, self.settings["execution_mode"])
+        opts.intra_op_num_threads = self.settings["intra_op_num_threads"]
+        opts.inter_op_num_threads = self.settings["inter_op_num_threads"]
+        for key, value in ORT_SESSION_CONFIG.items():
+            opts.add_session_config_entry(key, value)
         providers: list = ["CPUExecutionProvider"]
         if gpu:
             index = {"device_id": self.device.index or 0}
@@ -120,6 +137,35 @@ class OnnxRuntime:
         return out
 
 
+class _SignalStack(ctypes.Structure):
+    """Linux's ``stack_t``."""
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int),
+                ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def signal_stack_kept():
+    """Inside, the calling thread's alternate signal stack may change; on exit it is put back
+    (Linux; elsewhere nothing is done). OpenVINO's ``compile_model`` leaves the thread a small
+    stack of its own (seen with 2026.4: 11.5 KiB), and Python runs its signal handlers on
+    the alternate stack: Ctrl-C or SIGTERM then crashed the process (SIGSEGV) instead of
+    interrupting it."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        raise OSError(ctypes.get_errno(), "sigaltstack: could not read the signal stack")
+    try:
+        yield
+    finally:
+        if libc.sigaltstack(ctypes.byref(saved), None) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"sigaltstack: could not restore the signal stack "
+                                 f"({os.strerror(errno)})")
+
+
 class OpenVino:
     """OpenVINO on ``model`` converted by ``openvino.convert_model`` (its PyTorch front end),
     compiled for each input shape (static shapes, as a deployer with a fixed batch runs it):
@@ -130,6 +176,9 @@ class OpenVino:
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         self.model = model.float()
         self.hint = _OV_PRECISION[dtype]
+        self.settings = {"PERFORMANCE_HINT": "LATENCY",
+                         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                         "INFERENCE_PRECISION_HINT": self.hint}
         self.precision: Optional[str] = None
         self._converted = None
         self._requests: dict[tuple[int, ...], object] = {}
@@ -145,10 +194,8 @@ class OpenVino:
                 self._converted = ov.convert_model(self.model, example_input=x,
                                                    input=[-1, *x.shape[1:]])
         self._converted.reshape(list(x.shape))
-        compiled = ov.Core().compile_model(self._converted, "CPU", {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "INFERENCE_PRECISION_HINT": self.hint})
+        with signal_stack_kept():
+            compiled = ov.Core().compile_model(self._converted, "CPU", self.settings)
         runs = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.precision = _OV_NAMES.get(runs, runs)
         request = self._requests[tuple(x.shape)] = compiled.create_infer_request()

@@ -75,6 +75,31 @@ def _columns(results: dict) -> list[tuple[str, int, Callable[[dict], str]]]:
     return cols
 
 
+def _timed_calls(r: dict) -> int:
+    """How many timed calls a row's ``times_s`` holds: one list per round, or (result files
+    from before rotated warm blocks) one flat list of interleaved repeats."""
+    return sum(len(t) if isinstance(t, list) else 1 for t in r["times_s"])
+
+
+def _protocol(results: dict) -> str:
+    """How the candidates were timed, for captions."""
+    if "rounds" not in results:  # result files from before rotated warm blocks
+        return f"{results['repeats']} interleaved repeats"
+    return (f"{results['repeats']} timed calls per candidate in {results['rounds']} rotated "
+            f"warm blocks, each after {results['warmup']} untimed call(s)")
+
+
+def _failure(r: dict) -> str:
+    """A failed row's reason on one line (the JSON has all of it)."""
+    text = " ".join(r["failed"].split())
+    return "failed: " + (text if len(text) <= 100 else text[:99] + "…")
+
+
+def measured_rows(results: dict) -> list[dict]:
+    """The rows that were measured (not failed)."""
+    return [r for r in results["runs"] if "failed" not in r]
+
+
 def _name(results: dict, r: dict) -> str:
     """The candidate, with the precision it ran in where that is not the run's dtype."""
     precision = r.get("precision", results["dtype"])
@@ -84,16 +109,19 @@ def _name(results: dict, r: dict) -> str:
 def _notes(results: dict) -> list[str]:
     """The lines under a table: the best peer at each batch, outliers, skipped candidates."""
     lines = []
-    best = {r["batch_size"]: r["best_peer"] for r in results["runs"]}
-    by = {(r["candidate"], r["batch_size"]): r for r in results["runs"]}
+    if "interrupted" in results:
+        lines.append(f"interrupted ({results['interrupted']}): the rows are what finished")
+    best = {r["batch_size"]: r["best_peer"] for r in measured_rows(results)}
+    by = {(r["candidate"], r["batch_size"]): r for r in measured_rows(results)}
     for bs, peer in best.items():
         lines.append(f"best peer at batch {bs}: " + (
             f"{peer} ({by[peer, bs]['img_per_s']:.1f} img/s)" if peer
             else "none ran (torch.compile variants, onnxruntime, openvino)"))
-    for r in results["runs"]:
+    calls = "timed calls" if "rounds" in results else "repeats"
+    for r in measured_rows(results):
         if r["outliers"]:
             lines.append(f"{r['candidate']} at batch {r['batch_size']}: {r['outliers']} of "
-                         f"{len(r['times_s'])} repeats over 1.5x its median (slowest "
+                         f"{_timed_calls(r)} {calls} over 1.5x its median (slowest "
                          f"{r['latency_ms']['max']:.1f} ms)")
     if _train(results):
         lines.append("step-1 loss: the loss of step 1; step-1/2 diff: |loss - eager's| at step "
@@ -110,12 +138,15 @@ def format_table(results: dict) -> str:
     """The terminal table."""
     lines = [f"{results['arch']}  {results['dtype']}  {results['image_size']}px  "
              f"{results['weights']} weights  on {_where(results)}  (torch "
-             f"{results['environment']['torch']}, {results['repeats']} interleaved repeats)"]
+             f"{results['environment']['torch']}, {_protocol(results)})"]
     lines += [_step(results), ""] if _train(results) else [""]
     cols = _columns(results)
     header = f"{'candidate':<28}" + "".join(f"{title:>{width}}" for title, width, _ in cols)
     lines += [header, "-" * len(header)]
     for r in results["runs"]:
+        if "failed" in r:
+            lines.append(f"{_name(results, r):<28}{r['batch_size']:>6}  {_failure(r)}")
+            continue
         lines.append(f"{_name(results, r):<28}"
                      + "".join(f"{cell(r):>{width}}" for _, width, cell in cols)
                      + ("  DIVERGED" if r["diverged"] else ""))
@@ -129,11 +160,16 @@ def markdown_table(results: dict) -> str:
     cols = _columns(results)
     lines = [f"**{results['arch']}**{what}, {results['dtype']}, {results['image_size']}px, "
              f"{results['weights']} weights, on {_where(results)}; torch {env['torch']}, "
-             f"commit {env['git_commit']}, {results['repeats']} interleaved repeats. "
+             f"commit {env['git_commit']}, {_protocol(results)}. "
              f"Command: `{results['command']}`", "",
              "| candidate | " + " | ".join(title for title, _, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for r in results["runs"]:
+        if "failed" in r:  # the reason in the first measured column, the rest empty
+            failed = _failure(r).replace("|", "\\|")
+            lines.append(f"| {_name(results, r)} **FAILED** | {r['batch_size']} | {failed} | "
+                         + " | ".join(["-"] * (len(cols) - 2)) + " |")
+            continue
         flag = " **DIVERGED**" if r["diverged"] else ""
         lines.append(f"| {_name(results, r)}{flag} | "
                      + " | ".join(cell(r) for _, _, cell in cols) + " |")
@@ -147,9 +183,9 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batches = sorted({r["batch_size"] for r in results["runs"]})
-    names = list(dict.fromkeys(r["candidate"] for r in results["runs"]))
-    by = {(r["candidate"], r["batch_size"]): r for r in results["runs"]}
+    batches = sorted({r["batch_size"] for r in measured_rows(results)})
+    names = list(dict.fromkeys(r["candidate"] for r in measured_rows(results)))
+    by = {(r["candidate"], r["batch_size"]): r for r in measured_rows(results)}
     fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
     for ax, bs in zip(axes[0], batches):
         vals = [by[(n, bs)]["img_per_s"] if (n, bs) in by else 0 for n in names]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from .. import create_model
 from ..backends import requested_backend
 from ..calibrate import reference_model
 from .candidates import compiled
-from .runner import Batch, header, pick_device, progress_bar, run_batches
+from .runner import Batch, Schedule, header, pick_device, run_batches
 
 TRAIN_CANDIDATES = ("eager", "eager_cl", "compile", "resnet_fast")
 TORCH_TRAIN = ("eager", "eager_cl", "compile")  # torch's own: they define the step-2 noise
@@ -104,17 +104,19 @@ def build_train_steps(names, arch: str, reference: nn.Module, dtype: torch.dtype
 
 
 def run_train(arch: str = "resnet50", batch_sizes=(16,), dtype: torch.dtype = torch.float32,
-              candidates=TRAIN_CANDIDATES, repeats: int = 10, warmup: int = 2,
+              candidates=TRAIN_CANDIDATES, repeats: int = 9, block: int = 3, warmup: int = 1,
               device: Optional[str] = None, image_size: int = 224, weights: Optional[str] = None,
-              progress: bool = True, command: Optional[str] = None) -> dict:
-    """Runs the training-step benchmark and returns the results dict (the JSON's content).
+              progress: bool = True, command: Optional[str] = None,
+              on_batch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Runs the training-step benchmark and returns the results dict (the JSON's content);
+    ``on_batch`` gets the results so far after every batch size.
 
     Per batch size, every candidate restarts from the reference weights with a fresh optimizer
     (steps on one fixed batch memorize it within a dozen steps: weights trained further at an
     earlier batch size drift apart in the ReLUs they flip, and losses no longer compare) and
     trains on one seeded batch with random labels: a first step (timed on its own:
-    compilation, cuDNN autotuning), a second, ``warmup`` steps, then ``repeats`` interleaved
-    timed steps. Step 1's loss checks the forward against eager's; step 2's, after one update,
+    compilation, cuDNN autotuning), a second, then ``repeats`` timed steps in rotated warm
+    blocks (``warmup`` untimed steps before each block of up to ``block``). Step 1's loss checks the forward against eager's; step 2's, after one update,
     catches a backward or update gone wrong wholesale (none, wrong sign, NaN) but not a
     gradient a few percent off in one layer: tests/test_bench.py compares the gradients."""
     dev = pick_device(device)
@@ -135,7 +137,7 @@ def run_train(arch: str = "resnet50", batch_sizes=(16,), dtype: torch.dtype = to
                              step(inp, labels))
 
         def judge(first: dict) -> dict:
-            losses = {n: (loss.item(), calls[n]().item()) for n, loss in first.items()}
+            losses = {n: (step1.item(), step2.item()) for n, (step1, step2) in first.items()}
             eager = losses["eager"]
             # Step 2 (after one update) amplifies summation-order differences: torch's own
             # candidates disagree with eager there (seen on CPU: eager_cl 9.7e-3, compile
@@ -152,9 +154,10 @@ def run_train(arch: str = "resnet50", batch_sizes=(16,), dtype: torch.dtype = to
                                  and abs(loss[1] - eager[1]) > 3 * noise
                                  and train_diverged(loss[1], eager[1], dtype)))}
                 for name, loss in losses.items()}
-        return Batch(calls, judge)
+        return Batch(calls, judge, judged_calls=2)
 
-    head = header(arch, image_size, dtype, repeats, warmup, weights, dev, command)
+    schedule = Schedule(repeats, block, warmup)
+    head = header(arch, image_size, dtype, schedule, weights, dev, command)
     results = {"mode": "train", **head,
                "step": {"loss": "cross_entropy vs fixed random labels", "optimizer": "SGD",
                         "lr": SGD_LR, "momentum": SGD_MOMENTUM,
@@ -162,7 +165,5 @@ def run_train(arch: str = "resnet50", batch_sizes=(16,), dtype: torch.dtype = to
                         "grad_scaler": dtype == torch.float16,
                         "resnet_fast_backend": requested_backend(None)},
                "skipped_candidates": {}}
-    bar = progress_bar(len(batch_sizes) * len(steps) * (repeats + 2), f"{arch} train bench",
-                       progress)
-    results["runs"] = run_batches(setup, batch_sizes, dev, repeats, warmup, bar)
-    return results
+    return run_batches(setup, batch_sizes, dev, schedule, results, on_batch, progress,
+                       f"{arch} train bench")
