@@ -4,10 +4,12 @@ On a GPU: for every distinct conv of ResNet-18, ResNet-50 and ResNeXt-50 (32x4d)
 batch 32 and 256, bfloat16 and float16, times the candidate configs (the autotune list with
 GROUP_M 8, with split-K variants where the output has fewer tiles than the SMs, and the
 heuristic config) with ``triton.testing.do_bench``, and cuDNN's fused conv + bias + ReLU
-(``torch.cudnn_convolution_relu``, ``cudnn.benchmark`` on) as the baseline. The fastest config
-per shape is merged into the config table (``resnet_fast._jsonfile.update``, keyed by device
-name, Triton version and ``conv.shape_key``), and a per-layer JSON records every shape's times
-and ratios with the environment.
+(``torch.cudnn_convolution_relu``, ``cudnn.benchmark`` on) as the baseline. Each config's
+output is held to the project's tolerance rule against a float64 truth (:func:`error_limit`);
+one past it is rejected, whatever its speed. The fastest config within the rule per shape is
+merged into the config table (``resnet_fast._jsonfile.update``, keyed by device name, Triton
+version and ``conv.shape_key``), and a per-layer JSON records every shape's times, errors,
+rejections and ratios with the environment.
 
     python benchmarks/tune_triton_conv.py [--archs resnet50] [--batches 256] [--dtypes bfloat16]
 
@@ -38,11 +40,11 @@ DTYPES = ("bfloat16", "float16")
 SMOKE = ((16, 32, 3, 1, 1, 1, 1, 5), torch.float32, 2)
 
 
-def _candidates(conv, gemm_m: int, sms: int) -> list[dict]:
+def _candidates(conv, gemm_m: int, sms: int, dtype: torch.dtype) -> list[dict]:
     from resnet_fast.kernels.triton import conv as tconv
     c_in, c_out, k, stride, _, _, groups, _ = conv
     out = []
-    for bm, bn, bk, warps, stages in tconv.SEARCH:
+    for bm, bn, bk, warps, stages in tconv.search_tiles(dtype):
         base = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=1, num_warps=warps,
                     num_stages=stages)
         out.append(base)
@@ -52,8 +54,25 @@ def _candidates(conv, gemm_m: int, sms: int) -> list[dict]:
         if split > 1:
             out.append(dict(base, SPLIT_K=split))
     heuristic = tconv.heuristic_config(gemm_m, c_out // groups, c_in // groups, k, k, groups,
-                                       sms)
+                                       sms, dtype)
     return out if heuristic in out else [*out, heuristic]
+
+
+def error_limit(reference_err: float, magnitude: float, dtype: torch.dtype) -> float:
+    """The tolerance rule the tests hold every kernel to (docs/design.md, Tolerances;
+    tests/_numerics.py): the max abs error against a float64 truth may be at most 2x the
+    same-dtype PyTorch conv's error against that truth, plus two units of the dtype's
+    precision at ``magnitude``, the largest term summed."""
+    return 2 * reference_err + 2 * torch.finfo(dtype).eps * max(1.0, magnitude)
+
+
+def select(measured: list[tuple[float, dict, float]], limit: float
+           ) -> tuple[tuple[float, dict, float] | None, list[tuple[float, dict, float]]]:
+    """(the fastest (ms, config, error) of ``measured`` whose error is within ``limit`` or
+    None, the ones rejected for their error): a fast wrong config must not reach the table."""
+    rejected = [m for m in measured if not m[2] <= limit]  # NaN errors are rejected too
+    kept = [m for m in measured if m[2] <= limit]
+    return (min(kept, key=lambda m: m[0]) if kept else None), rejected
 
 
 def _timer(device: torch.device):
@@ -90,8 +109,9 @@ def _conv_relu(x, w, b, stride, pad, dil, groups):
 
 
 def tune_one(conv, dtype, batch, device: torch.device, configs_for, timer) -> dict:
-    """Times each config of ``configs_for(conv, gemm_m)`` and the baseline (before and after
-    them) on one conv; the row of the per-layer JSON, with the fastest config as ``best``."""
+    """Times each config of ``configs_for(conv, gemm_m, dtype)`` and the baseline (before and
+    after them) on one conv; the row of the per-layer JSON, with the fastest config within the
+    tolerance rule as ``best`` (None when none is)."""
     from resnet_fast.kernels.triton import conv as tconv
     x, w, b = _tensors(conv, dtype, batch, device)
     c_in, c_out, k, stride, pad, dil, groups, h = conv
@@ -102,33 +122,52 @@ def tune_one(conv, dtype, batch, device: torch.device, configs_for, timer) -> di
         baseline = functools.partial(torch.cudnn_convolution_relu, x, w, b, *geo, groups)
     else:
         baseline = functools.partial(_conv_relu, x, w, b, stride, pad, dil, groups)
-    expected = baseline().float()
+    xd, wd, bd = x.double(), w.double(), b.double()
+    truth = F.conv2d(xd, wd, bd, stride, pad, dil, groups).relu_()
+    magnitude = (F.conv2d(xd.abs(), wd.abs(), bd.abs(), stride, pad, dil, groups)
+                 .max().item())
+    del xd, wd, bd
+
+    def error(out):
+        return (out.double() - truth).abs().max().item()
+
+    reference_err = error(baseline())
+    limit = error_limit(reference_err, magnitude, dtype)
     base_ms = [timer(baseline)]
     times = []
-    for config in configs_for(conv, gemm_m):
+    for config in configs_for(conv, gemm_m, dtype):
         ours = functools.partial(tconv.conv_bias_act, x, w, b, *geo, groups, None, True,
                                  config=config)
         try:
-            err = (ours().float() - expected).abs().max().item()
-            times.append((timer(ours), config, err))
+            times.append((timer(ours), config, error(ours())))
         except Exception as exc:  # out of shared memory or registers on this GPU
             print(f"  {conv} {config}: {type(exc).__name__}: {exc}", file=sys.stderr)
     base_ms.append(timer(baseline))
     baseline_ms = statistics.mean(base_ms)
-    best_ms, best, err = min(times, key=lambda t: t[0])
+    best, rejected = select(times, limit)
+    for _, config, err in rejected:
+        print(f"  {conv} {config}: rejected, error {err:.3g} vs the float64 truth exceeds "
+              f"{limit:.3g} (2x the baseline's {reference_err:.3g} + floor)", file=sys.stderr)
+    best_ms, best_config, best_err = best or (None, None, None)
     heuristic = tconv.heuristic_config(gemm_m, c_out // groups, c_in // groups, k, k, groups,
-                                       tconv.sm_count(device))
+                                       tconv.sm_count(device), dtype)
     heuristic_ms = next((t for t, c, _ in times if c == heuristic), None)
     return dict(key=tconv.shape_key(gemm_m, c_out // groups, c_in // groups, groups, k, k,
                                     (stride, stride), dtype),
                 conv=list(conv), batch=batch, dtype=str(dtype).removeprefix("torch."),
-                best=best, best_ms=best_ms, baseline_ms=base_ms, heuristic=heuristic,
-                heuristic_ms=heuristic_ms, best_over_baseline=baseline_ms / best_ms,
+                best=best_config, best_ms=best_ms, baseline_ms=base_ms, heuristic=heuristic,
+                heuristic_ms=heuristic_ms,
+                best_over_baseline=best_ms and baseline_ms / best_ms,
                 heuristic_over_baseline=heuristic_ms and baseline_ms / heuristic_ms,
-                max_abs_err_vs_baseline=err, configs_timed=len(times))
+                max_abs_err_vs_truth=best_err, baseline_err_vs_truth=reference_err,
+                error_limit=limit,
+                rejected=[dict(config=c, ms=ms, err=err) for ms, c, err in rejected],
+                configs_timed=len(times))
 
 
 def _store_best(device: str, version: str, row: dict, table: dict) -> None:
+    if row["best"] is None:
+        return
     shapes = table.setdefault("entries", {}).setdefault(device, {}).setdefault(version, {})
     shapes[row["key"]] = row["best"]
 
@@ -163,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
         cases = [SMOKE]
 
-        def configs_for(conv, gemm_m):
+        def configs_for(conv, gemm_m, dtype):
             return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, SPLIT_K=1, num_warps=4,
                          num_stages=1)]
     else:
@@ -175,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(c, getattr(torch, d), int(n)) for d in args.dtypes.split(",")
                  for n in args.batches.split(",") for c in shapes]
 
-        def configs_for(conv, gemm_m):
-            return _candidates(conv, gemm_m, tconv.sm_count(device))
+        def configs_for(conv, gemm_m, dtype):
+            return _candidates(conv, gemm_m, tconv.sm_count(device), dtype)
     env = environment(device)
     name = tconv.device_name(device)
     version = f"triton {triton.__version__}"
@@ -190,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     # runs over different subsets merge.
     for conv, dtype, batch in cases:
         row = tune_one(conv, dtype, batch, device, configs_for, timer)
-        print(f"{row['key']}: best {row['best_ms']:.4f} ms, {row['best_over_baseline']:.2f}x "
-              f"the baseline", flush=True)
+        if row["best"] is None:
+            print(f"{row['key']}: no config within the tolerance rule; no table entry",
+                  flush=True)
+        else:
+            print(f"{row['key']}: best {row['best_ms']:.4f} ms, "
+                  f"{row['best_over_baseline']:.2f}x the baseline", flush=True)
         update(table, "Triton conv config table", functools.partial(_store_best, name, version,
                                                                     row))
         update(out, "Triton conv tuning results",

@@ -369,10 +369,14 @@ def test_triton_int64_indexing_path(spy, monkeypatch):
 @triton_only
 def test_triton_autotuned_launch(monkeypatch):
     # The search itself times configs on a GPU; here one config runs through the same
-    # autotune + heuristics wrapper, and every key names a kernel argument (the autotuner
-    # skips unknown names silently).
+    # autotune + heuristics wrapper. The key is every argument but the pointers, the tiles the
+    # search picks, the heuristics' outputs and SPLIT_STRIDE (GEMM_M * K): a config tuned
+    # without a residual, in another precision or padding is not reused (the autotuner skips
+    # unknown names silently, so each must be an argument).
     tconv = _tconv()
-    assert set(tconv._conv_tuned.keys) <= set(tconv._conv_tuned.arg_names)
+    names = tconv._conv_tuned.arg_names
+    searched = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_STRIDE", *tconv._HEURISTICS}
+    assert set(tconv._conv_tuned.keys) == {n for n in names if not n.endswith("_ptr")} - searched
     monkeypatch.setattr(tconv, "AUTOTUNE", True)
     monkeypatch.setattr(tconv._conv_tuned, "configs", tconv._conv_tuned.configs[-1:])
     x, w, b, geo, r = _case((24, 40, 3, 2, 1, 1, 1, 9))
@@ -432,7 +436,8 @@ def _run_table_conv(spy, times=2):
 def _heuristic():
     tconv = _tconv()
     c_in, c_out, k, *_ = TABLE_CONV
-    return dict(tconv.heuristic_config(2 * 5 * 5, c_out, c_in, k, k, 1, 1), SPLIT_K=1)
+    return dict(tconv.heuristic_config(2 * 5 * 5, c_out, c_in, k, k, 1, 1, torch.float32),
+                SPLIT_K=1)
 
 
 @triton_only
@@ -491,7 +496,8 @@ def test_tune_triton_conv_smoke(table, spy, tmp_path):
         k: v for k, v in config.items() if k != "SPLIT_K"}
     # The GPU run's candidates (not run here): whole configs, with split-K variants where a
     # batch-1 late layer has few tiles for 132 SMs.
-    candidates = tune._candidates((512, 512, 3, 1, 1, 1, 1, 7), 49, sms=132)
+    candidates = tune._candidates((512, 512, 3, 1, 1, 1, 1, 7), 49, sms=132,
+                                  dtype=torch.bfloat16)
     assert all(set(c) == set(_tconv().CONFIG_KEYS) for c in candidates)
     assert max(c["SPLIT_K"] for c in candidates) > 1
 
@@ -522,16 +528,20 @@ def test_gpu_triton_kernel_paths(dtype, spy):
 
 
 @pytest.mark.gpu
-def test_gpu_triton_every_search_config():
-    """Each config of the autotune list computes the same conv (the search only times them),
-    on an odd-sized conv with partial tiles, a grouped one and a 1x1 GEMM."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_triton_every_search_config(dtype, monkeypatch):
+    """Each config of the autotune list for the dtype launches (float32 with TF32 on, as a user
+    runs it: its tiles must fit in shared memory) and computes the same conv (the search only
+    times them), on an odd-sized conv with partial tiles, a grouped one and a 1x1 GEMM. The
+    rule's same-dtype reference runs with TF32 on too."""
     tconv = _tconv()
-    for m, n, k, warps, stages in tconv.SEARCH:
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    for m, n, k, warps, stages in tconv.search_tiles(dtype):
         config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, SPLIT_K=1, num_warps=warps,
                       num_stages=stages)
         for conv in [(64, 96, 3, 2, 1, 1, 1, 17), (128, 128, 3, 1, 1, 1, 32, 14),
                      (256, 64, 1, 1, 0, 1, 1, 15)]:
-            x, w, b, (stride, pad, dil, groups), r = _case(conv, torch.float16, batch=3)
+            x, w, b, (stride, pad, dil, groups), r = _case(conv, dtype, batch=3)
             x, w, b, r = x.cuda(), w.cuda(), b.cuda(), r.cuda()
             out = tconv.conv_bias_act(x, w, b, (stride,) * 2, (pad,) * 2, (dil,) * 2, groups,
                                       r, True, config=config)

@@ -23,6 +23,9 @@ BN_SHAPES = [
     ((2, 2048, 7, 7), True),  # many channel blocks, few rows
     ((8, 2048, 7, 7), False),
     ((32, 256, 28, 28), True),  # many row slices
+    ((3, 12, 5, 7), True),  # C % 4 == 0 only: float32 packs, half precision single elements
+    ((2, 8, 9, 11), True),  # one half-precision pack per row: a block of 1 x 256 rows
+    ((3, 5, 6, 2), False),  # H*W % 4 == 0 only
 ]
 
 
@@ -49,6 +52,62 @@ def test_bn_act_opcheck(suffix, shape, channels_last, residual, relu):
     out, mean, var = fwd(x.detach(), w.detach(), b, res, relu, 1e-5)
     torch.library.opcheck(bwd, (grad, x.detach(), out, w.detach(), mean, var, 1e-5, relu,
                                 residual))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_act_bwd_with_unaligned_statistics(dtype):
+    """NHWC packs load their per-channel parameters as vectors, which needs them aligned: a mean
+    that is a view at an odd offset takes the single-element path, with the same result."""
+    x, _, grad, w, b = _bn_inputs((4, 64, 6, 5), dtype, True)
+    out, mean, var = torch.ops.resnet_fast.bn_act_fwd(x, w, b, None, True, 1e-5)
+    shifted = torch.empty(mean.numel() + 1, device="cuda", dtype=mean.dtype)[1:].copy_(mean)
+    aligned = torch.ops.resnet_fast.bn_act_bwd(grad, x, out, w, mean, var, 1e-5, True, True)
+    unaligned = torch.ops.resnet_fast.bn_act_bwd(grad, x, out, w, shifted, var, 1e-5, True, True)
+    for ours, expected in zip(unaligned, aligned):
+        assert torch.equal(ours, expected)
+
+
+def _rows(t):
+    """A channels_last (N, C, H, W) tensor as its (N*H*W, C) rows, without a copy."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [2**19 - 1, 2**19 + 1], ids=["2^31-2^12", "2^31+2^12"])
+def test_bn_act_indexes_past_int32(batch):
+    """Both passes' grid-stride loops index in int64 where their index can pass 2^31 - 1: just
+    under 2^31 elements (where an int32 index past the last pack wrapped negative) and past it.
+    bfloat16 NHWC, 64 channels (8-element packs); about 30 GB of GPU memory. The first and last
+    rows against the formulas in float64 from our statistics, the per-channel sums against a
+    chunked float64 reduction."""
+    c, eps = 64, 1e-5
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x, grad = (torch.randn((batch, 8, 8, c), device="cuda", dtype=torch.bfloat16, generator=gen)
+               .permute(0, 3, 1, 2) for _ in range(2))
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.numel() == batch * 2**12
+    w = torch.rand(c, device="cuda", generator=gen) + 0.5
+    b = torch.randn(c, device="cuda", generator=gen)
+    out, mean, var = torch.ops.resnet_fast.bn_act_fwd(x, w, b, None, True, eps)
+    dx, dw, db, _ = torch.ops.resnet_fast.bn_act_bwd(grad, x, out, w, mean, var, eps, True, False)
+    mean, invstd = mean.double(), (var.double() + eps).rsqrt()
+    sg, sgx, size = (torch.zeros(c, device="cuda", dtype=torch.float64) for _ in range(3))
+    for xs, gs, os in zip(*(_rows(t).split(2**20) for t in (x, grad, out))):
+        gm = torch.where(os > 0, gs.double(), 0.0)
+        sg += gm.sum(0)
+        sgx += (gm * (xs.double() - mean)).sum(0)
+        size += gm.abs().sum(0) * (1 + (xs.double() - mean).abs().max())
+    torch.testing.assert_close(db.double(), sg, rtol=0, atol=(5e-5 * size).max().item())
+    torch.testing.assert_close(dw.double(), sgx * invstd, rtol=0,
+                               atol=(5e-5 * size * invstd).max().item())
+    a = w.double() * invstd
+    coef_x, shift = -a * invstd**2 * sgx / (x.numel() // c), -a * sg / (x.numel() // c)
+    for rows in (slice(0, 4096), slice(-4096, None)):
+        xr, gr, orow = (_rows(t)[rows].double() for t in (x, grad, out))
+        expect_out = ((xr - mean) * invstd * w.double() + b.double()).relu()
+        torch.testing.assert_close(orow, expect_out, rtol=2**-7, atol=1e-5)
+        gm = torch.where(orow > 0, gr, 0.0)
+        expect_dx = a * gm + coef_x * (xr - mean) + shift
+        torch.testing.assert_close(_rows(dx)[rows].double(), expect_dx, rtol=2**-7, atol=1e-5)
 
 
 def test_bn_act_whole_op_opcheck():

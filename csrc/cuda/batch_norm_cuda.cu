@@ -13,6 +13,9 @@
 //      same pass.
 // x is viewed as rows (n, spatial) x channels: NHWC rows are contiguous runs of C channels,
 // NCHW channels contiguous runs of H*W per image.
+// Both passes move x, grad and out in 128-bit packs where the layout allows it (NHWC: C % VEC
+// == 0, NCHW: H*W % VEC == 0; 16-byte aligned), and index in int32 only where no loop index can
+// pass 2^31 - 1.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,8 +24,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -34,8 +37,7 @@
 namespace resnet_fast::cuda {
 namespace {
 
-constexpr int kLanes = 32;         // NHWC: channels per block (one warp-wide row of a tile)
-constexpr int kRowsPerBlock = 8;   // NHWC: rows per block step; kLanes * kRowsPerBlock threads
+constexpr int kLanes = 32;          // NHWC: threads across channels in a block, at most
 constexpr int kMaxRowSlices = 512;  // the partial-sum arrays' first dimension, at most
 
 template <typename acc_t>
@@ -43,10 +45,31 @@ __device__ __forceinline__ acc_t masked(acc_t g, acc_t o, bool relu) {
   return (!relu || o > acc_t(0)) ? g : acc_t(0);
 }
 
-// p1[slice, c] = sum g', p2[slice, c] = sum g' * (x - mean[c]) over the rows of one slice.
-// NHWC: block (kLanes, kRowsPerBlock) covers kLanes channels (blockIdx.y) and a strided set
-// of rows; NCHW: the block's kThreads threads walk rows of channel blockIdx.y.
-template <typename scalar_t, bool kChannelsLast, typename index_t>
+// a1[j] += g'_j and a2[j] += g'_j * (x_j - m[j]) over the VEC elements of pack i.
+template <typename scalar_t, int VEC, typename acc_t, typename index_t>
+__device__ __forceinline__ void add_pack(const scalar_t* __restrict__ x,
+                                         const scalar_t* __restrict__ g,
+                                         const scalar_t* __restrict__ o, index_t i,
+                                         const acc_t (&m)[VEC], bool relu, acc_t (&a1)[VEC],
+                                         acc_t (&a2)[VEC]) {
+  using P = Pack<scalar_t, VEC>;
+  const P xv = reinterpret_cast<const P*>(x)[i];
+  const P gv = reinterpret_cast<const P*>(g)[i];
+  const P ov = reinterpret_cast<const P*>(o)[i];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const acc_t gi = masked<acc_t>(gv.v[j], ov.v[j], relu);
+    a1[j] += gi;
+    a2[j] += gi * (static_cast<acc_t>(xv.v[j]) - m[j]);
+  }
+}
+
+// p1[slice, c] = sum g', p2[slice, c] = sum g' * (x - mean[c]) over the rows of one slice, x, g
+// and o read in packs of VEC (128 bits where they fit, as channel_affine_act).
+// NHWC: block (lanes, rows) covers lanes * VEC consecutive channels (blockIdx.y), each thread
+// one pack of VEC channels per row, over a strided set of rows; NCHW: the block's kThreads
+// threads walk channel blockIdx.y in packs of VEC elements of a row (H*W % VEC == 0).
+template <typename scalar_t, int VEC, bool kChannelsLast, typename index_t>
 __global__ void masked_grad_sums_kernel(const scalar_t* __restrict__ x,
                                         const scalar_t* __restrict__ g,
                                         const scalar_t* __restrict__ o,
@@ -55,50 +78,65 @@ __global__ void masked_grad_sums_kernel(const scalar_t* __restrict__ x,
                                         at::opmath_type<scalar_t>* __restrict__ p2, index_t rows,
                                         index_t hw, index_t channels, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t s1[kThreads];
-  __shared__ acc_t s2[kThreads];
+  __shared__ acc_t s1[kThreads * VEC];
+  __shared__ acc_t s2[kThreads * VEC];
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const index_t slices = gridDim.x;
-  acc_t a1 = 0, a2 = 0;
-  index_t c;
+  acc_t a1[VEC] = {}, a2[VEC] = {};
   if (kChannelsLast) {
-    c = static_cast<index_t>(blockIdx.y) * kLanes + threadIdx.x;
-    if (c < channels) {
-      const acc_t m = mean[c];
-      for (index_t row = static_cast<index_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
-           row < rows; row += slices * kRowsPerBlock) {
-        const index_t i = row * channels + c;
-        const acc_t gi = masked<acc_t>(g[i], o[i], relu);
-        a1 += gi;
-        a2 += gi * (static_cast<acc_t>(x[i]) - m);
+    const index_t c0 = (static_cast<index_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+    if (c0 < channels) {
+      acc_t m[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m[j] = mean[c0 + j];
+      const index_t rows_per_block = blockDim.y;
+      for (index_t row = static_cast<index_t>(blockIdx.x) * rows_per_block +
+                         static_cast<index_t>(threadIdx.y);
+           row < rows; row += slices * rows_per_block) {
+        add_pack<scalar_t, VEC>(x, g, o, (row * channels + c0) / VEC, m, relu, a1, a2);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      s1[tid * VEC + j] = a1[j];
+      s2[tid * VEC + j] = a2[j];
+    }
+    __syncthreads();
+    // Sum over threadIdx.y: thread (lane, 0) holds its VEC channels' slice totals.
+    if (threadIdx.y == 0 && c0 < channels) {
+      for (unsigned y = 1; y < blockDim.y; ++y) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          a1[j] += s1[(y * blockDim.x + threadIdx.x) * VEC + j];
+          a2[j] += s2[(y * blockDim.x + threadIdx.x) * VEC + j];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        p1[static_cast<int64_t>(blockIdx.x) * channels + c0 + j] = a1[j];
+        p2[static_cast<int64_t>(blockIdx.x) * channels + c0 + j] = a2[j];
       }
     }
   } else {
-    c = blockIdx.y;
-    const acc_t m = mean[c];
-    for (index_t row = static_cast<index_t>(blockIdx.x) * kThreads + tid; row < rows;
-         row += slices * kThreads) {
+    const index_t c = blockIdx.y;
+    acc_t m[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) m[j] = mean[c];
+    for (index_t pack = static_cast<index_t>(blockIdx.x) * kThreads + tid; pack < rows / VEC;
+         pack += slices * kThreads) {
+      const index_t row = pack * VEC;
       const index_t n = row / hw;
-      const index_t i = (n * channels + c) * hw + (row - n * hw);
-      const acc_t gi = masked<acc_t>(g[i], o[i], relu);
-      a1 += gi;
-      a2 += gi * (static_cast<acc_t>(x[i]) - m);
+      add_pack<scalar_t, VEC>(x, g, o, ((n * channels + c) * hw + (row - n * hw)) / VEC, m,
+                              relu, a1, a2);
     }
-  }
-  s1[tid] = a1;
-  s2[tid] = a2;
-  __syncthreads();
-  if (kChannelsLast) {
-    // Sum over threadIdx.y: thread (lane, 0) holds its channel's slice total.
-    if (threadIdx.y == 0 && c < channels) {
-      for (int y = 1; y < kRowsPerBlock; ++y) {
-        a1 += s1[y * kLanes + threadIdx.x];
-        a2 += s2[y * kLanes + threadIdx.x];
-      }
-      p1[static_cast<int64_t>(blockIdx.x) * channels + c] = a1;
-      p2[static_cast<int64_t>(blockIdx.x) * channels + c] = a2;
+#pragma unroll
+    for (int j = 1; j < VEC; ++j) {
+      a1[0] += a1[j];
+      a2[0] += a2[j];
     }
-  } else {
+    s1[tid] = a1[0];
+    s2[tid] = a2[0];
+    __syncthreads();
     for (int half = kThreads / 2; half > 0; half /= 2) {
       if (tid < half) {
         s1[tid] += s1[tid + half];
@@ -113,8 +151,23 @@ __global__ void masked_grad_sums_kernel(const scalar_t* __restrict__ x,
   }
 }
 
+// The per-channel values of one pack's VEC elements: NHWC packs hold VEC consecutive channels
+// (one vector load; c0 % VEC == 0), NCHW packs lie within channel c0 (one load for all VEC).
+template <int VEC, typename acc_t, typename index_t>
+__device__ __forceinline__ Pack<acc_t, VEC> per_channel(const acc_t* __restrict__ p, index_t c0,
+                                                        bool channels_last) {
+  if (channels_last) return reinterpret_cast<const Pack<acc_t, VEC>*>(p + c0)[0];
+  const acc_t v = p[c0];
+  Pack<acc_t, VEC> out;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out.v[j] = v;
+  return out;
+}
+
 // dx = a[c] * g' + b[c] * (x - mean[c]) + k[c]; dres = g' when dres is not null. Packs of VEC
-// elements within one channel (NCHW) or VEC consecutive channels (NHWC), as channel_affine_act.
+// elements within one channel (NCHW) or VEC consecutive channels (NHWC), as channel_affine_act;
+// the four per-channel parameters are loaded once per pack. The launcher takes packs only where
+// VEC divides the channels (NHWC) or H*W (NCHW), so no elements are left over.
 template <typename scalar_t, int VEC, typename index_t>
 __global__ void masked_grad_elemt_kernel(const scalar_t* __restrict__ x,
                                          const scalar_t* __restrict__ g,
@@ -136,29 +189,21 @@ __global__ void masked_grad_elemt_kernel(const scalar_t* __restrict__ x,
     const P xv = reinterpret_cast<const P*>(x)[i];
     const P gv = reinterpret_cast<const P*>(g)[i];
     const P ov = reinterpret_cast<const P*>(o)[i];
+    const auto mv = per_channel<VEC>(mean, c0, channels_last);
+    const auto av = per_channel<VEC>(a, c0, channels_last);
+    const auto bv = per_channel<VEC>(b, c0, channels_last);
+    const auto kv = per_channel<VEC>(k, c0, channels_last);
     P dxv, drv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const index_t c = channels_last ? c0 + j : c0;
       const acc_t gi = masked<acc_t>(gv.v[j], ov.v[j], relu);
-      dxv.v[j] = static_cast<scalar_t>(a[c] * gi + b[c] * (static_cast<acc_t>(xv.v[j]) - mean[c]) +
-                                       k[c]);
+      dxv.v[j] = static_cast<scalar_t>(av.v[j] * gi +
+                                       bv.v[j] * (static_cast<acc_t>(xv.v[j]) - mv.v[j]) + kv.v[j]);
       drv.v[j] = static_cast<scalar_t>(gi);
     }
     reinterpret_cast<P*>(dx)[i] = dxv;
     if (dres != nullptr) reinterpret_cast<P*>(dres)[i] = drv;
   }
-  for (index_t i = n / VEC * VEC + static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       i < n; i += stride) {
-    const index_t c = channels_last ? i % channels : (i / inner) % channels;
-    const acc_t gi = masked<acc_t>(g[i], o[i], relu);
-    dx[i] = static_cast<scalar_t>(a[c] * gi + b[c] * (static_cast<acc_t>(x[i]) - mean[c]) + k[c]);
-    if (dres != nullptr) dres[i] = static_cast<scalar_t>(gi);
-  }
-}
-
-bool fits_int32(const at::Tensor& x) {
-  return x.numel() < std::numeric_limits<int32_t>::max();
 }
 
 at::ScalarType acc_type(const at::Tensor& x) {
@@ -172,40 +217,57 @@ std::tuple<at::Tensor, at::Tensor> masked_grad_sums(const at::Tensor& x, const a
   const int64_t c = x.size(1);
   const int64_t rows = x.numel() / c;
   const int64_t hw = rows / x.size(0);
-  const int64_t channel_blocks = channels_last ? (c + kLanes - 1) / kLanes : c;
-  const int64_t rows_per_step = channels_last ? kRowsPerBlock : kThreads;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // Enough slices to fill the device about four times over; each slice at least a few steps.
-  const int64_t slices = std::clamp<int64_t>(
-      std::min<int64_t>((rows + 4 * rows_per_step - 1) / (4 * rows_per_step),
-                        (int64_t(sms) * 4 + channel_blocks - 1) / channel_blocks),
-      1, kMaxRowSlices);
-  const at::Tensor p1 = at::empty({slices, c}, x.options().dtype(acc_type(x)));
-  const at::Tensor p2 = at::empty_like(p1);
-  const dim3 grid(static_cast<unsigned>(slices), static_cast<unsigned>(channel_blocks));
-  const dim3 block = channels_last ? dim3(kLanes, kRowsPerBlock) : dim3(kThreads);
+  at::Tensor p1, p2;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_grad_sums", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* op = o.const_data_ptr<scalar_t>();
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool packs_fit = (channels_last ? c % kVec == 0 : hw % kVec == 0) && aligned16(xp) &&
+                           aligned16(gp) && aligned16(op);
+    const int64_t vec = packs_fit ? kVec : 1;
+    // NHWC: as many lanes as the row has packs, up to kLanes, the rest of the block on rows.
+    const int64_t lanes = std::min<int64_t>(kLanes, (c + vec - 1) / vec);
+    const dim3 block = channels_last ? dim3(static_cast<unsigned>(lanes),
+                                            static_cast<unsigned>(kThreads / lanes))
+                                     : dim3(kThreads);
+    const int64_t channel_blocks = channels_last ? (c + lanes * vec - 1) / (lanes * vec) : c;
+    const int64_t rows_per_step = channels_last ? block.y : kThreads * vec;
+    // Enough slices to fill the device about four times over; each slice at least a few steps.
+    const int64_t slices = std::clamp<int64_t>(
+        std::min<int64_t>((rows + 4 * rows_per_step - 1) / (4 * rows_per_step),
+                          (int64_t(sms) * 4 + channel_blocks - 1) / channel_blocks),
+        1, kMaxRowSlices);
+    p1 = at::empty({slices, c}, x.options().dtype(acc_type(x)));
+    p2 = at::empty_like(p1);
+    const dim3 grid(static_cast<unsigned>(slices), static_cast<unsigned>(channel_blocks));
     const acc_t* mp = mean.const_data_ptr<acc_t>();
     acc_t* s1 = p1.mutable_data_ptr<acc_t>();
     acc_t* s2 = p2.mutable_data_ptr<acc_t>();
-    const auto launch = [&](auto layout_tag, auto index) {
+    const auto launch = [&](auto vec_tag, auto layout_tag, auto index) {
       using index_t = decltype(index);
-      masked_grad_sums_kernel<scalar_t, decltype(layout_tag)::value, index_t>
-          <<<grid, block, 0, stream>>>(xp, gp, op, mp, s1, s2, static_cast<index_t>(rows),
-                                       static_cast<index_t>(hw), static_cast<index_t>(c), relu);
+      masked_grad_sums_kernel<scalar_t, decltype(vec_tag)::value, decltype(layout_tag)::value,
+                              index_t><<<grid, block, 0, stream>>>(
+          xp, gp, op, mp, s1, s2, static_cast<index_t>(rows), static_cast<index_t>(hw),
+          static_cast<index_t>(c), relu);
     };
-    using Nhwc = std::true_type;
-    using Nchw = std::false_type;
-    if (fits_int32(x)) {
-      channels_last ? launch(Nhwc{}, int32_t{}) : launch(Nchw{}, int32_t{});
-    } else {
-      channels_last ? launch(Nhwc{}, int64_t{}) : launch(Nchw{}, int64_t{});
-    }
+    const auto with_index = [&](auto vec_tag, auto layout_tag) {
+      // The row loop's index passes `rows` by at most one step of slices * rows_per_step.
+      if (index_fits_int32(x.numel(), slices * rows_per_step * vec)) {
+        launch(vec_tag, layout_tag, int32_t{});
+      } else {
+        launch(vec_tag, layout_tag, int64_t{});
+      }
+    };
+    const auto with_layout = [&](auto vec_tag) {
+      channels_last ? with_index(vec_tag, std::true_type{})
+                    : with_index(vec_tag, std::false_type{});
+    };
+    packs_fit ? with_layout(std::integral_constant<int, kVec>{})
+              : with_layout(std::integral_constant<int, 1>{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {p1.sum(0, false, at::kDouble), p2.sum(0, false, at::kDouble)};
@@ -230,9 +292,14 @@ void masked_grad_elemt(const at::Tensor& x, const at::Tensor& g, const at::Tenso
     const acc_t *mp = mean.const_data_ptr<acc_t>(), *ap = a.const_data_ptr<acc_t>(),
                 *bp = b.const_data_ptr<acc_t>(), *kp = k.const_data_ptr<acc_t>();
     constexpr int kVec = 16 / sizeof(scalar_t);
+    // NHWC packs read their VEC parameters of each kind as one vector.
+    constexpr std::size_t kParamPack = sizeof(Pack<acc_t, kVec>);
+    const bool params_fit = !channels_last || (aligned(mp, kParamPack) &&
+                                               aligned(ap, kParamPack) &&
+                                               aligned(bp, kParamPack) && aligned(kp, kParamPack));
     const bool packs_fit = (channels_last ? channels % kVec == 0 : inner % kVec == 0) &&
                            aligned16(xp) && aligned16(gp) && aligned16(op) && aligned16(dxp) &&
-                           aligned16(drp);
+                           aligned16(drp) && params_fit;
     const int vec = packs_fit ? kVec : 1;
     const unsigned blocks = grid_for(n / vec);
     const auto launch = [&](auto vec_tag, auto index) {
@@ -242,13 +309,15 @@ void masked_grad_elemt(const at::Tensor& x, const at::Tensor& g, const at::Tenso
           xp, gp, op, mp, ap, bp, kp, dxp, drp, static_cast<index_t>(n),
           static_cast<index_t>(channels), static_cast<index_t>(inner), channels_last, relu);
     };
-    using Packed = std::integral_constant<int, kVec>;
-    using Single = std::integral_constant<int, 1>;
-    if (fits_int32(x)) {
-      packs_fit ? launch(Packed{}, int32_t{}) : launch(Single{}, int32_t{});
-    } else {
-      packs_fit ? launch(Packed{}, int64_t{}) : launch(Single{}, int64_t{});
-    }
+    const auto with_index = [&](auto vec_tag) {
+      if (index_fits_int32(n, static_cast<int64_t>(blocks) * kThreads)) {
+        launch(vec_tag, int32_t{});
+      } else {
+        launch(vec_tag, int64_t{});
+      }
+    };
+    packs_fit ? with_index(std::integral_constant<int, kVec>{})
+              : with_index(std::integral_constant<int, 1>{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -3,7 +3,7 @@
 // pass also runs with a per-channel center subtracted first. A thread handles packs of 128 bits (VEC elements) when the pointers are 16-byte aligned and
 // a pack never straddles two channels (NCHW: H*W % VEC == 0; NHWC: C % VEC == 0); otherwise
 // single elements. Channel of a pack: NCHW (i / HW) % C, NHWC i % C, in 32-bit arithmetic when
-// the tensor has fewer than 2^31 elements (the common case) and 64-bit otherwise.
+// the grid-stride loop's index cannot pass 2^31 - 1 (the common case) and 64-bit otherwise.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <optional>
 
 #include "../checks.h"
@@ -77,7 +76,7 @@ void launch(const scalar_t* x, const at::opmath_type<scalar_t>* m, const at::opm
             int64_t channels, int64_t inner, bool channels_last, bool relu) {
   const unsigned blocks = grid_for(n / VEC);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (n < std::numeric_limits<int32_t>::max()) {
+  if (index_fits_int32(n, static_cast<int64_t>(blocks) * kThreads)) {
     channel_affine_act_kernel<scalar_t, VEC, int32_t><<<blocks, kThreads, 0, stream>>>(
         x, m, s, b, r, out, static_cast<int32_t>(n), static_cast<int32_t>(channels),
         static_cast<int32_t>(inner), channels_last, relu);

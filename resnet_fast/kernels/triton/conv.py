@@ -30,9 +30,9 @@ float32 inputs use TF32 exactly when torch would for a convolution
 Configs (tile sizes, GROUP_M, SPLIT_K, warps, stages) come, in order, from the ``config=``
 argument, the per-shape table ``conv_configs.json`` (keyed by device name, Triton version and
 :func:`shape_key`; written by ``benchmarks/tune_triton_conv.py`` on the GPU it describes, read
-once per process), an in-memory autotune over :data:`SEARCH` (RESNET_FAST_TRITON_AUTOTUNE=1,
-the default on GPU; SPLIT_K from the heuristic), or :func:`heuristic_config`. The environment
-is read once, when this module is imported.
+once per process), an in-memory autotune over :func:`search_tiles` for the input's dtype
+(RESNET_FAST_TRITON_AUTOTUNE=1, the default on GPU; SPLIT_K from the heuristic), or
+:func:`heuristic_config`. The environment is read once, when this module is imported.
 
 Not done (Hopper-only, untestable under the interpreter): TMA descriptors, a persistent kernel.
 """
@@ -59,18 +59,45 @@ AUTOTUNE = not INTERPRET and os.environ.get("RESNET_FAST_TRITON_AUTOTUNE", "1") 
 TABLE_PATH = Path(__file__).with_name("conv_configs.json")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SPLIT_K", "num_warps", "num_stages")
 MAX_BLOCK = 256  # the widest tile of the autotune search (bounds the int32 check's overhang)
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for the wide late layers, narrow ones
-# for the 64-channel early layers and the grouped convs.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for 2-byte inputs: large tiles for the wide late
+# layers, narrow ones for the 64-channel early layers and the grouped convs. The widest (128 x
+# 256 x 64 in 3 stages) pipelines 144 KiB of shared memory, within an A100's 163 KiB per block.
 SEARCH = [
     (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4),
     (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 2, 5), (32, 32, 16, 2, 5),
 ]
+# float32 (TF32 or not) pipelines twice the bytes per tile: BLOCK_K 64 put 128 x 128 in 4
+# stages at 256 KiB, past the 227 KiB of an H100 (OutOfResources). Half the K tile keeps every
+# 4-byte config at or below 144 KiB.
+MAX_BLOCK_K_4_BYTE = 32
 
 
-def _autotune_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for m, n, k, w, s in SEARCH]
+def search_tiles(dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
+    """The autotune search's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for inputs of
+    ``dtype``: SEARCH, with BLOCK_K at most MAX_BLOCK_K_4_BYTE for float32."""
+    if dtype.itemsize < 4:
+        return list(SEARCH)
+    tiles = [(m, n, min(k, MAX_BLOCK_K_4_BYTE), w, s) for m, n, k, w, s in SEARCH]
+    return list(dict.fromkeys(tiles))
+
+
+def _config(tile: tuple[int, int, int, int, int]) -> triton.Config:
+    m, n, k, w, s = tile
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                         num_warps=w, num_stages=s)
+
+
+def _tile_of(config: triton.Config) -> tuple[int, int, int, int, int]:
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def _prune_for_dtype(configs: list[triton.Config], named_args: dict, **kwargs
+                     ) -> list[triton.Config]:
+    """The autotuner's early prune: only the tiles of search_tiles(x's dtype)."""
+    allowed = set(search_tiles(named_args["x_ptr"].dtype))
+    return [c for c in configs if _tile_of(c) in allowed]
 
 
 def _pack_rs(args) -> bool:
@@ -80,6 +107,18 @@ def _pack_rs(args) -> bool:
 def _even_k(args) -> bool:
     walked = args["R"] * args["S"] * args["C_G"] if _pack_rs(args) else args["C_G"]
     return walked % args["BLOCK_K"] == 0
+
+
+def _pack_c(args) -> int:
+    return args["C_G"] if _pack_rs(args) else 1
+
+
+# Integer arguments that index only the pixel (GEMM M) axis, along which no load or store is
+# contiguous: Triton's specialisation of them (== 1, % 16 == 0) would buy nothing and compile
+# one kernel per combination. C, K, C_G, K_G and SPLIT_STRIDE stay specialised: they step the
+# channel axis, and their divisibility is what lets loads and stores be vectorised.
+PIXEL_ARGS = ["H", "W", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+              "GEMM_M"]
 
 
 @triton.jit
@@ -93,7 +132,7 @@ def _epilogue(acc, offs_m, offs_k, m_mask, n_mask, K, b_ptr, r_ptr, out_ptr,
                    m_mask[:, None] & n_mask[None, :], HAS_RES, RELU)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PIXEL_ARGS)
 def _conv_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, ws_ptr,
     H, W, C, K, P, Q,
@@ -104,7 +143,7 @@ def _conv_kernel(
     INPUT_PRECISION: tl.constexpr, GEMM_1X1: tl.constexpr, INT64: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PACK_RS: tl.constexpr, EVEN_K: tl.constexpr,
+    PACK_RS: tl.constexpr, EVEN_K: tl.constexpr, PACK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -127,10 +166,20 @@ def _conv_kernel(
     k_out = g * K_G + offs_n  # global output channel
     # Rows/columns past the edge read a valid row/column; only the store is masked.
     m_in = offs_m % GEMM_M
+    if PACK_RS:
+        # The packed index divides by the channel count: as a compile-time constant (the padded
+        # stem's 8, ResNeXt's 4) that is a shift, and the loads see runs of c_g contiguous
+        # channels at a known alignment (x's row, c_g * groups channels, via the grid's group
+        # axis: C itself is not specialised below 16).
+        c_g = PACK_C
+        c_row = PACK_C * tl.num_programs(2)
+    else:
+        c_g = C_G
+        c_row = C
     w_base = g * K_G + offs_n % K_G
     if INT64:
         w_base = w_base.to(tl.int64)
-    w_base = w_base * (R * S * C_G)
+    w_base = w_base * (R * S * c_g)
     if GEMM_1X1:
         x_base = m_in * C + g * C_G
     else:
@@ -140,7 +189,7 @@ def _conv_kernel(
         w0 = (pq % Q) * stride_w - pad_w
         x_img = n_img * H
     if PACK_RS:
-        k_steps = tl.cdiv(R * S * C_G, BLOCK_K)
+        k_steps = tl.cdiv(R * S * c_g, BLOCK_K)
     else:
         c_chunks = tl.cdiv(C_G, BLOCK_K)
         k_steps = R * S * c_chunks
@@ -152,17 +201,17 @@ def _conv_kernel(
     for step in range(step0, step1):
         if PACK_RS:
             kk = step * BLOCK_K + offs_kk  # (r, s, c) flattened
-            rs = kk // C_G
+            rs = kk // c_g
             h = h0[:, None] + ((rs // S) * dil_h)[None, :]
             w = w0[:, None] + ((rs % S) * dil_w)[None, :]
-            a_ptrs = x_ptr + ((x_img[:, None] + h) * W + w) * C + g * C_G + (kk % C_G)[None, :]
+            a_ptrs = x_ptr + ((x_img[:, None] + h) * W + w) * c_row + g * c_g + (kk % c_g)[None, :]
             b_ptrs = w_ptr + w_base[None, :] + kk[:, None]
             a_ok = (h >= 0) & (h < H) & (w >= 0) & (w < W)
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=a_ok, other=0.0)
                 b = tl.load(b_ptrs)
             else:
-                k_ok = kk < R * S * C_G
+                k_ok = kk < R * S * c_g
                 a = tl.load(a_ptrs, mask=a_ok & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         else:
@@ -196,7 +245,7 @@ def _conv_kernel(
         tl.store(ws_ptr + off, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["GEMM_M"])
 def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, GEMM_M, K, SPLIT_STRIDE,
                            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                            RELU: tl.constexpr, INT64: tl.constexpr,
@@ -219,11 +268,18 @@ def _split_k_reduce_kernel(ws_ptr, b_ptr, r_ptr, out_ptr, GEMM_M, K, SPLIT_STRID
               HAS_BIAS, HAS_RES, RELU)
 
 
-_HEURISTICS = {"PACK_RS": _pack_rs, "EVEN_K": _even_k}
+_HEURISTICS = {"PACK_RS": _pack_rs, "EVEN_K": _even_k, "PACK_C": _pack_c}
 _conv = triton.heuristics(_HEURISTICS)(_conv_kernel)
+# The search is keyed on every argument that changes the compiled kernel or its speed: the
+# whole geometry, the epilogue, the precision (TF32 or IEEE float32), int64 indexing and the
+# split; Triton adds each tensor argument's dtype itself. SPLIT_STRIDE is GEMM_M * K.
+AUTOTUNE_KEY = ["H", "W", "C", "K", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w",
+                "dil_h", "dil_w", "C_G", "K_G", "GEMM_M", "R", "S", "HAS_BIAS", "HAS_RES",
+                "RELU", "INPUT_PRECISION", "GEMM_1X1", "INT64", "SPLIT_K"]
 _conv_tuned = triton.autotune(
-    configs=_autotune_configs(),
-    key=["GEMM_M", "K_G", "C_G", "C", "R", "S", "stride_h", "stride_w", "GEMM_1X1", "SPLIT_K"],
+    configs=[_config(t) for t in dict.fromkeys(search_tiles(torch.float16)
+                                                + search_tiles(torch.float32))],
+    key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_dtype},
 )(triton.heuristics(_HEURISTICS)(_conv_kernel))
 
 
@@ -242,17 +298,20 @@ def split_k(ctas: int, k_steps: int, sms: int) -> int:
 
 
 def heuristic_config(gemm_m: int, gemm_n: int, c_g: int, r: int, s: int, groups: int,
-                     sms: int) -> dict:
-    """One config for a GEMM shape, without a search: wide tiles where the problem is large,
-    narrow where it is not (the 64-channel layers, batch-1 late layers, grouped convs);
-    BLOCK_K no wider than the channels (or packed taps) it walks (tl.dot needs >= 16);
-    split-K where the tiles cannot fill the SMs. Under the interpreter, tiles of at most 64
-    (fast tests that still have partial tiles) and no split."""
+                     sms: int, dtype: torch.dtype) -> dict:
+    """One config for a GEMM shape and input dtype, without a search: wide tiles where the
+    problem is large, narrow where it is not (the 64-channel layers, batch-1 late layers,
+    grouped convs); BLOCK_K no wider than the channels (or packed taps) it walks (tl.dot needs
+    >= 16) and at most MAX_BLOCK_K_4_BYTE for float32 (shared memory); split-K where the tiles
+    cannot fill the SMs. Under the interpreter, tiles of at most 64 (fast tests that still
+    have partial tiles) and no split."""
     block_m = 128 if gemm_m >= 4096 else 64
     block_n = (256 if gemm_n >= 256 and gemm_m >= 16384 else 128 if gemm_n >= 128
                else 64 if gemm_n >= 64 else 32 if gemm_n >= 32 else 16)
     walked = r * s * c_g if r * s > 1 and c_g < 16 else c_g
     block_k = 64 if walked >= 64 else 32 if walked >= 32 else 16
+    if dtype.itemsize >= 4:
+        block_k = min(block_k, MAX_BLOCK_K_4_BYTE)
     if INTERPRET:
         return dict(BLOCK_M=min(block_m, 64), BLOCK_N=min(block_n, 64), BLOCK_K=block_k,
                     GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=1)
@@ -332,7 +391,8 @@ def shape_configs(name: str, gemm_m: int, k_g: int, c_g: int, groups: int, r: in
     """(the table's entry or None, the heuristic config) for one conv shape on the GPU called
     ``name``: worked out at a shape's first launch, a dict lookup on every later one."""
     key = shape_key(gemm_m, k_g, c_g, groups, r, s, stride, dtype)
-    return (table_config(name, key), heuristic_config(gemm_m, k_g, c_g, r, s, groups, sms))
+    return (table_config(name, key), heuristic_config(gemm_m, k_g, c_g, r, s, groups, sms,
+                                                      dtype))
 
 
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
