@@ -49,7 +49,8 @@ def test_cli_rejects_bad_arguments(capsys):
     for argv, msg in ((["--batch", "x"], "expected comma-separated integers"),
                       (["--candidates", "eager,fast"], "unknown fast"),
                       (["--candidates", "eager_cl"], "must include eager"),
-                      (["--weights", "/nonexistent.pth"], "no such file")):
+                      (["--weights", "/nonexistent.pth"], "no such file"),
+                      (["--weights", "/"], "expected a checkpoint file, got a directory")):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert msg in capsys.readouterr().err
@@ -369,8 +370,9 @@ def test_the_deployment_cli_does_not_import_the_benchmark():
 
 def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
     """benchmarks/profile_cpu.py on a tiny model: each runtime's per-forward time lands in
-    kinds (conv first among them) and per conv geometry, the JSON is written, a missing peer is
-    said, not fatal."""
+    kinds (conv among them) and per conv geometry, the JSON is written, a missing peer is
+    said, not fatal. (Which kind takes longest in one forward of a 32 px resnet18 is the
+    machine's load, not the script's logic: not asserted.)"""
     profile = load_script(ROOT / "benchmarks" / "profile_cpu.py")
     out = tmp_path / "prof.json"
     result = profile.main(["--arch", "resnet18", "--batch", "1", "--image-size", "32",
@@ -382,7 +384,7 @@ def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
         if "not_run" in row:
             assert name == "openvino" and "openvino" in row["not_run"]
             continue
-        assert row["kinds"]["conv"] == max(row["kinds"].values()) > 0, (name, row)
+        assert row["kinds"]["conv"] > 0, (name, row)
         assert sum(row["kinds"].values()) == pytest.approx(sum(row["ops"].values()))
         # resnet18 at 32 px has 11 conv geometries; every runtime times each of them
         assert len(row["layers"]) == 11 and min(row["layers"].values()) > 0, (name, row)

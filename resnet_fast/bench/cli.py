@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             parser.error(f"--out: expected a folder it can write, got {args.out} "
                          f"({exc.strerror or exc})")
+    if args.weights and Path(args.weights).is_dir():
+        parser.error(f"--weights: expected a checkpoint file, got a directory {args.weights}")
     if args.weights and not Path(args.weights).is_file():
         parser.error(f"--weights: no such file {args.weights}")
     dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
