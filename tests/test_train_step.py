@@ -122,3 +122,37 @@ def test_a_compiled_training_step_matches_eager():
     torch.testing.assert_close(ours.conv1.weight.grad, plain.conv1.weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.bn1.running_var, plain.bn1.running_var, rtol=1e-5, atol=1e-6)
     assert ours.bn1.num_batches_tracked.item() == 1
+
+
+def test_an_nchw_training_forward_runs_channels_last_inside():
+    """A model trained as torchvision's (NCHW parameters and batches) runs its fused training
+    forward channels_last inside, as eval does; features come back NCHW and every gradient
+    in its parameter's layout, equal to torchvision's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Layouts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("resnet_fast.bn_act_fwd"):
+                self.seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18().train()
+    ours = resnet_fast.convert(tv).train()
+    x = torch.randn(4, 3, 32, 32)
+    spy = Layouts()
+    with spy:
+        features = ours.forward_features(x)
+    assert spy.seen and all(spy.seen), spy.seen
+    assert features.is_contiguous()
+    for model in (tv, ours):
+        model.zero_grad()
+        model(x).square().mean().backward()
+    theirs = dict(tv.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad.is_contiguous() and p.is_contiguous(), name  # NCHW, as the parameter
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-3, atol=1e-4, msg=name)

@@ -309,10 +309,11 @@ class _Backbone(FusedEvalMixin, nn.Module):
 
     @torch.jit.unused
     def _features(self, x: Tensor, keep_layout: bool = True) -> Tensor:
-        """The eager forward_features. The fused eval path runs channels_last inside (what
-        oneDNN, cuDNN and our Triton kernel are fast at; measured on CPU: NCHW activations
-        made the fused model slower than eager) and hands the features back in the input's
-        layout, or in channels_last without ``keep_layout`` (forward pools them as they are:
+        """The eager forward_features. The fused eval path and the fused training forward run
+        channels_last inside (what oneDNN, cuDNN and our Triton kernel are fast at; measured on
+        CPU: NCHW activations made the fused model slower than eager, and a training step with
+        NCHW batches ran at eager's speed) and hand the features back in the input's layout,
+        or in channels_last without ``keep_layout`` (forward pools them as they are:
         a layout copy of the last features would be wasted). Recorded by a tracer, or x mkldnn or
         sparse: torchvision's code (which takes an mkldnn x and refuses a sparse one)."""
         if recorded():
@@ -326,8 +327,8 @@ class _Backbone(FusedEvalMixin, nn.Module):
         if program is not None:
             return self._run_program(x, program).contiguous(memory_format=fmt)
         plans = self._fused_plans()
-        fused = plans is not None
-        if fused and not plans[0].pads:
+        fused = plans is not None or (fused_train_ok(self) and fusable_bn(self.bn1))
+        if fused and not (plans is not None and plans[0].pads):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self._stem(x, plans)
         maxpool = getattr(self, "maxpool", None)
