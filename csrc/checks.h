@@ -45,8 +45,6 @@ inline std::ostream& operator<<(std::ostream& os, const Shape& shape) {
 
 inline void check_same_tensor_meta(const at::Tensor& x, const at::Tensor& other,
                                    const char* op, const char* other_name) {
-  TORCH_CHECK_VALUE(other.layout() == at::kStrided, op, ": expected a strided (dense) tensor for ",
-              other_name, ", got layout ", other.layout());
   TORCH_CHECK_VALUE(x.sizes() == other.sizes(), op, ": expected ", other_name,
               " to have the same shape as x ", Shape{x.sizes()}, ", got ", Shape{other.sizes()},
               " (no broadcasting)");
@@ -57,11 +55,7 @@ inline void check_same_tensor_meta(const at::Tensor& x, const at::Tensor& other,
               " on the same device as x (", x.device(), "), got ", other.device());
 }
 
-// x of every op: a strided (dense) floating tensor. An mkldnn or sparse x would otherwise fail
-// deep inside a kernel with a message about memory formats.
 inline void check_floating(const at::Tensor& x, const char* op) {
-  TORCH_CHECK_VALUE(x.layout() == at::kStrided, op, ": expected a strided (dense) tensor, got layout ",
-              x.layout(), " (convert it with .to_dense())");
   const auto t = x.scalar_type();
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
               op, ": expected a float32, float64, float16 or bfloat16 tensor, got ", DType{t});
@@ -100,7 +94,7 @@ inline int64_t conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad,
                              const char* dim) {
   const int64_t span = in + 2 * pad - dil * (k - 1) - 1;
   TORCH_CHECK_VALUE(span >= 0, "conv_bias_act: the ", dim, " of the output would be ",
-              span >= 0 ? span / stride + 1 : (span - stride + 1) / stride + 1,
+              (span - stride + 1) / stride + 1,  // floor(span / stride) + 1 for span < 0
               " (input ", in, ", kernel ", k, ", stride ", stride, ", padding ", pad,
               ", dilation ", dil, "); expected >= 1");
   return span / stride + 1;
@@ -145,8 +139,6 @@ inline std::vector<int64_t> check_conv_args(const at::Tensor& x, const at::Tenso
                            conv_out_size(x.size(2), w.size(2), stride[0], padding[0], dilation[0], "height"),
                            conv_out_size(x.size(3), w.size(3), stride[1], padding[1], dilation[1], "width")};
   if (residual.has_value()) {
-    TORCH_CHECK_VALUE(residual->layout() == at::kStrided, op,
-                ": expected a strided (dense) tensor for residual, got layout ", residual->layout());
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out), op,
                 ": expected residual of the output's shape ", Shape{out}, ", got ",
                 Shape{residual->sizes()}, " (no broadcasting)");

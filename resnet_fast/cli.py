@@ -164,8 +164,8 @@ def fuse_main(args: argparse.Namespace) -> int:
                        for c in result["checks"])
     print(f"{args.arch}: BN folded, exported as {args.format} to {args.out} "
           f"({result['size_mib']:.1f} MiB in {len(result['files'])} file"
-          f"{'s' if len(result['files']) > 1 else ''}); reloaded in a fresh process, max abs error vs the "
-          f"fp32 original (of its logit scale): {errors}")
+          f"{'s' if len(result['files']) > 1 else ''}); reloaded in a fresh process, max abs "
+          f"error vs the fp32 original (of its logit scale): {errors}")
     if not result["ok"]:
         print(f"resnet-fast fuse: error: reload check failed: an error is not finite or above "
               f"{result['tolerance']:g} of the logit scale", file=sys.stderr)

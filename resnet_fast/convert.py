@@ -147,9 +147,11 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.Res
     Model surgery is kept: every module that is not what torchvision builds at its place (a
     replaced head, an ``nn.Identity`` maxpool or stage, an ``nn.AdaptiveMaxPool2d``, an
     ``nn.SiLU`` in a block, a conv with another stride, a block subclass, an added module) is
-    copied as it is; ours run it as torchvision does, unfused where the fused kernels would
-    compute something else. A ResNet subclass with its own forward is refused: its forward is
-    not ours to replace."""
+    copied as it is (modules shared between places stay shared); ours run it as torchvision
+    does, unfused where the fused kernels would compute something else. So is a module with
+    hooks, a pruning mask or a parametrization. Refused: a ResNet subclass with its own
+    forward (its forward is not ours to replace), and hooks on the model itself (register
+    them on the converted model)."""
     if isinstance(model, rf_resnet.ResNet):
         return model
     if not isinstance(model, tv_resnet.ResNet):
@@ -160,10 +162,10 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.Res
         raise TypeError(f"convert: {kind.__name__} overrides torchvision's ResNet forward; "
                         "expected torchvision's ResNet (convert can keep replaced modules, not "
                         "a forward of your own)")
-    if not (isinstance(model.conv1, nn.Conv2d) and model.conv1.kernel_size == (7, 7)
-            and model.conv1.in_channels > 1):
-        raise ValueError(f"convert: expected torchvision's 7x7 stem with 2+ input channels, got "
-                         f"{model.conv1}; resnet_fast's in_channels=1 stem is a 3x3 conv")
+    if _has_hooks(model):
+        raise ValueError(f"convert: the {kind.__name__} has hooks registered on itself; expected "
+                         "none (register them on the converted model; hooks on its submodules "
+                         "are kept)")
     stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
     blocks = [b for stage in stages if isinstance(stage, nn.Sequential) for b in stage
               if isinstance(b, (tv_resnet.BasicBlock, tv_resnet.Bottleneck))]
@@ -179,13 +181,17 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.Res
         dilations.append(d > previous)
         previous = d
     norm = type(model.bn1) if isinstance(model.bn1, _BN) else nn.BatchNorm2d
+    # The input channels the stem takes; any other stem (a 3x3 small-image conv, a 1-channel
+    # one) replaces the 7x7 one ours is built with.
+    channels = getattr(model.conv1, "in_channels", 3)
     # num_classes only sizes the Linear that the copy of the model's own head replaces.
     ours = rf_resnet.ResNet(block, layers, num_classes=1, groups=model.groups,
                             width_per_group=model.base_width,
                             replace_stride_with_dilation=dilations,
                             norm_layer=None if norm is nn.BatchNorm2d else norm,
-                            in_channels=model.conv1.in_channels, backend=backend)
-    _adopt(model, ours)
+                            in_channels=max(channels, 2), backend=backend)
+    ours.in_channels = channels
+    _adopt(model, ours, {}, "", root=True)
     ref = next(model.parameters())
     ours.load_state_dict(model.state_dict(), strict=True)
     ours.to(device=ref.device, dtype=ref.dtype)
@@ -193,20 +199,44 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.Res
     return ours
 
 
-def _adopt(theirs: nn.Module, ours: nn.Module) -> nn.Module:
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, name) for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+        "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks"))
+
+
+def _copy(module: Optional[nn.Module], memo: dict, path: str) -> Optional[nn.Module]:
+    try:
+        return copy.deepcopy(module, memo)
+    except RuntimeError as exc:  # torch cannot deepcopy computed (non-leaf) tensor attributes
+        raise ValueError(f"convert: cannot copy {path} ({type(module).__name__}): {exc} (a pruned "
+                         "module copies after torch.nn.utils.prune.remove)") from exc
+
+
+def _adopt(theirs: nn.Module, ours: nn.Module, memo: dict, path: str,
+           root: bool = False) -> nn.Module:
     """``ours`` (built as torchvision builds ``theirs``) with each submodule that differs from
-    what is at the same place in ``theirs`` replaced by a copy of that one: another class (not
-    our counterpart of it), or a leaf configured otherwise (``extra_repr``: stride, padding,
-    eps, ...). Children follow ``theirs``'s names and order, added and removed ones included."""
-    if _COUNTERPARTS.get(type(theirs), type(theirs)) is not type(ours):
-        return copy.deepcopy(theirs)
+    what is at the same place in ``theirs`` replaced by a copy of that one (one ``memo`` for
+    every copy, so shared modules stay shared): another class (not our counterpart of it; the
+    root may be a subclass, already checked), hooks (pruning masks are hooks), other
+    parameter or buffer names, or a leaf configured otherwise (``extra_repr``: stride,
+    padding, eps, ...). Children follow ``theirs``'s names and order, added and removed ones
+    included."""
+    if not root and (_COUNTERPARTS.get(type(theirs), type(theirs)) is not type(ours)
+                     or _has_hooks(theirs) or theirs._parameters.keys() != ours._parameters.keys()
+                     or theirs._buffers.keys() != ours._buffers.keys()):
+        return _copy(theirs, memo, path)
     if not theirs._modules and not ours._modules:
-        return ours if theirs.extra_repr() == ours.extra_repr() else copy.deepcopy(theirs)
+        return ours if theirs.extra_repr() == ours.extra_repr() else _copy(theirs, memo, path)
     children = {}
     for name, child in theirs._modules.items():
         mine = ours._modules.get(name)
-        children[name] = (copy.deepcopy(child) if child is None or mine is None
-                          else _adopt(child, mine))
+        where = f"{path}.{name}" if path else name
+        children[name] = (_copy(child, memo, where) if child is None or mine is None
+                          else _adopt(child, mine, memo, where))
+        # A plain attribute of ours (a block's downsample=None) would shadow the child.
+        ours.__dict__.pop(name, None)
     ours._modules = children
     return ours
 
@@ -215,11 +245,11 @@ def _copy_modes(source: nn.Module, target: nn.Module) -> None:
     """Each module's train/eval flag and each parameter's requires_grad, by name: a model-wide
     ``.train()`` would unfreeze a BN put in eval on its own (its running stats would then
     move) and ``requires_grad=False`` parameters would train. The trees match by construction."""
-    modules = dict(source.named_modules())
-    for name, module in target.named_modules():
+    modules = dict(source.named_modules(remove_duplicate=False))
+    for name, module in target.named_modules(remove_duplicate=False):
         module.training = modules[name].training
-    params = dict(source.named_parameters())
-    for name, param in target.named_parameters():
+    params = dict(source.named_parameters(remove_duplicate=False))
+    for name, param in target.named_parameters(remove_duplicate=False):
         param.requires_grad_(params[name].requires_grad)
 
 

@@ -155,9 +155,9 @@ def fuse(arch: str, out: str | os.PathLike, *, fmt: str = "export",
 
     Returns {"arch", "format", "out", "files", "size_mib", "tolerance", "checks": [{"batch",
     "max_abs_err", "relative_err", "ok"}], "ok"}: ``files`` is every file the artefact needs
-    (an ONNX model's external weight data too) and ``size_mib`` their total; a check passes when its error, as a fraction
-    of the fp32 original's largest logit, is finite and <= ``tolerance`` (default by dtype:
-    1e-4 float32, 1e-2 float16, 5e-2 bfloat16)."""
+    (an ONNX model's external weight data too) and ``size_mib`` their total; a check passes
+    when its error, as a fraction of the fp32 original's largest logit, is finite and <=
+    ``tolerance`` (default by dtype: 1e-4 float32, 1e-2 float16, 5e-2 bfloat16)."""
     _check_target(fmt, os.fspath(out))
     if fmt == "onnx" and dtype == torch.bfloat16:
         raise ValueError("onnx: expected float32 or float16, got bfloat16 (onnxruntime takes "
@@ -180,7 +180,8 @@ def fuse(arch: str, out: str | os.PathLike, *, fmt: str = "export",
                            "ok": _passes(relative, tolerance)})
     files = artefact_files(fmt, out)
     return {"arch": arch, "format": fmt, "out": str(out), "files": [str(f) for f in files],
-            "size_mib": sum(f.stat().st_size for f in files) / 2**20, "tolerance": tolerance, "checks": checks, "ok": all(c["ok"] for c in checks)}
+            "size_mib": sum(f.stat().st_size for f in files) / 2**20, "tolerance": tolerance,
+            "checks": checks, "ok": all(c["ok"] for c in checks)}
 
 
 def check(arch: str, *, checkpoint: Optional[str] = None, num_classes: Optional[int] = None,

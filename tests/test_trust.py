@@ -103,6 +103,10 @@ def _surgeries():
     def small_image_stem(tv):
         tv.conv1.stride = (1, 1)
 
+    def cifar_stem(tv):
+        tv.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        tv.maxpool = nn.Identity()
+
     def no_layer4(tv):
         tv.layer4 = nn.Identity()
         tv.fc = nn.Linear(256, 10)
@@ -110,7 +114,22 @@ def _surgeries():
     def a_block_removed(tv):
         tv.layer3[1] = nn.Identity()
 
-    return [pools, silu_in_a_stage, small_image_stem, no_layer4, a_block_removed]
+    def a_downsample_added(tv):
+        tv.layer1[1].downsample = nn.Sequential(nn.Conv2d(64, 64, 1, bias=False),
+                                                nn.BatchNorm2d(64))
+
+    def one_activation_shared(tv):
+        tv.layer1[0].relu = tv.layer1[1].relu = nn.SiLU()
+
+    def weight_normed(tv):
+        tv.layer2[0].conv1 = torch.nn.utils.parametrizations.weight_norm(tv.layer2[0].conv1)
+
+    def a_subclass(tv):
+        tv.__class__ = type("MyResNet", (torchvision.models.ResNet,), {})
+        tv.fc = nn.Sequential(nn.Dropout(0.0), nn.Linear(512, 7))
+
+    return [pools, silu_in_a_stage, small_image_stem, cifar_stem, no_layer4, a_block_removed,
+            a_downsample_added, one_activation_shared, weight_normed, a_subclass]
 
 
 @pytest.mark.parametrize("surgery", _surgeries(), ids=lambda f: f.__name__)
@@ -121,13 +140,39 @@ def test_convert_and_optimize_keep_model_surgery(surgery):
     tv.eval()
     ours = resnet_fast.convert(tv)
     assert [n for n, _ in ours.named_modules()] == [n for n, _ in tv.named_modules()]
-    assert ([type(m).__name__ for m in ours.modules()]
-            == [type(m).__name__ for m in tv.modules()])
-    x = _x()
+    assert ([type(m).__name__ for m in ours.modules()][1:]
+            == [type(m).__name__ for m in tv.modules()][1:])
+    x = _x(batch=4)
     with torch.no_grad():
         expected = tv(x)
         _close(ours(x), expected)
         _close(resnet_fast.optimize(tv)(x), expected)
+    tv.train()
+    ours.train()
+    _close(ours(x), tv(x))  # training: every path of ours, not only the fused eval one
+
+
+def test_convert_refuses_a_module_torch_cannot_copy_with_its_path():
+    import torch.nn.utils.prune
+
+    tv = torchvision.models.resnet18()
+    torch.nn.utils.prune.l1_unstructured(tv.layer2[0].conv1, "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"cannot copy layer2\.0\.conv1 \(Conv2d\)"):
+        resnet_fast.convert(tv)
+
+
+def test_convert_keeps_hooks_on_submodules_and_refuses_them_on_the_model():
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18().eval()
+    seen = []
+    tv.layer2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    ours = resnet_fast.convert(tv)
+    with torch.no_grad():
+        ours(_x())
+    assert seen == [(2, 128, 4, 4)]
+    tv.register_forward_hook(lambda m, i, o: o)
+    with pytest.raises(ValueError, match="hooks registered on itself"):
+        resnet_fast.convert(tv)
 
 
 def test_convert_refuses_a_resnet_with_its_own_forward():
@@ -250,6 +295,12 @@ def test_cpu_bfloat16_autocast_runs_the_fused_convs_in_bfloat16():
         _close(model(x), tv(x))
 
 
+def test_a_forward_on_the_meta_device_gives_the_shape():
+    model = resnet_fast.resnet18().eval().to("meta")
+    with torch.no_grad():
+        assert model(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 1000)
+
+
 # --- layouts --------------------------------------------------------------------------------------
 
 def test_an_mkldnn_input_runs_like_torchvision_and_a_sparse_one_is_refused():
@@ -275,6 +326,9 @@ def test_the_cpu_op_refuses_a_sparse_input_with_a_message_about_the_layout():
                                       backend="cpu")
     with pytest.raises(ValueError, match="expected a strided"):
         resnet_fast.ops.add_relu(x, x.to_sparse(), backend="cpu")
+    with pytest.raises(ValueError, match="expected a strided .* for weight"):
+        resnet_fast.ops.conv_bias_act(x, torch.randn(8, 3, 3, 3).to_sparse(), None,
+                                      backend="cpu")
 
 
 # --- the autotuning table -------------------------------------------------------------------------
@@ -296,7 +350,7 @@ def test_a_valid_but_wrong_autotune_table_is_a_warning(tmp_path, content):
     assert chosen == "cuda"
 
 
-# --- the Triton interpreter's bfloat16 --------------------------------------------------------------
+# --- the Triton interpreter's bfloat16 ---------------------------------------------------------
 
 def test_the_triton_interpreter_refuses_bfloat16_convs():
     from resnet_fast.backends import interpreting_triton

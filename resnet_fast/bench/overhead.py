@@ -13,9 +13,10 @@ same calibrated weights:
 Two measurements:
 
   with kernels    the real forward; overhead per conv = (model - direct) / 53, median over
-                  rounds of the rounds' medians. ResNet-50 reads ~100 MB of weights per forward even at 32x32, so
-                  the kernels take ~10 ms and their run-to-run noise (~1 ms) is as large as
-                  the overhead measured: read it next to the host-only one.
+                  rounds of the rounds' medians. ResNet-50 reads ~100 MB of weights per
+                  forward even at 32x32, so the kernels take ~10 ms and their run-to-run
+                  noise (~1 ms) is as large as the overhead measured: read it next to the
+                  host-only one.
   host only       every conv, BN and ReLU call answers with the output it recorded in one
                   real forward (ours: each plan's op; torchvision: F.conv2d, F.batch_norm,
                   F.relu), so what is timed is the host work around the kernels and nothing
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
     finally:
         torch.set_flush_denormal(False)
     print(f"ResNet-50 eval, batch {args.batch}, {args.image_size}x{args.image_size}, CPU, "
-          f"{out['threads']} threads (median of {args.repeats} samples in rotated warm blocks of {BLOCK})")
+          f"{out['threads']} threads (median of {args.repeats} samples in rotated warm blocks "
+          f"of {BLOCK})")
     for title, section in (("with kernels", out["results"]),
                            ("host only (kernels answer from a recording)", out["host_only"])):
         print(f" {title}:")

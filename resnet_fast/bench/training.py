@@ -116,9 +116,10 @@ def run_train(arch: str = "resnet50", batch_sizes=(16,), dtype: torch.dtype = to
     earlier batch size drift apart in the ReLUs they flip, and losses no longer compare) and
     trains on one seeded batch with random labels: a first step (timed on its own:
     compilation, cuDNN autotuning), a second, then ``repeats`` timed steps in rotated warm
-    blocks (``warmup`` untimed steps before each block of up to ``block``). Step 1's loss checks the forward against eager's; step 2's, after one update,
-    catches a backward or update gone wrong wholesale (none, wrong sign, NaN) but not a
-    gradient a few percent off in one layer: tests/test_bench.py compares the gradients."""
+    blocks (``warmup`` untimed steps before each block of up to ``block``). Step 1's loss
+    checks the forward against eager's; step 2's, after one update, catches a backward or
+    update gone wrong wholesale (none, wrong sign, NaN) but not a gradient a few percent off in
+    one layer: tests/test_bench.py compares the gradients."""
     dev = pick_device(device)
     reference = reference_model(arch, weights)
     steps = build_train_steps(candidates, arch, reference, dtype, dev)

@@ -10,23 +10,25 @@ per forward; a block called on its own keeps and checks its own plans.
 
 When plans are rebuilt. Plans are kept together with a key: each BN's eps, each conv's
 geometry (stride, padding, dilation, groups), the backend, and (version counter, data
-pointer) of every tensor the fold reads (conv weight and bias, BN weight, bias, running
-stats, num_batches_tracked: BatchNorm's kernel updates the running stats without bumping
-their versions, but every such update increments num_batches_tracked in place). The key is
+pointer, dtype, device, sizes and strides) of every tensor the fold reads (conv weight and
+bias, BN weight, bias, running stats, num_batches_tracked: BatchNorm's kernel updates the
+running stats without bumping their versions, but every such update increments
+num_batches_tracked in place), and the autocast dtype. The key is
 recomputed on every forward (the version/pointer part in one C++ call,
 ``resnet_fast._C.tensor_states``), so an optimizer step, ``load_state_dict``, any in-place
-write through the tensor itself, a new tensor assigned to ``.data``, an eps or geometry edit
-all rebuild. The plans also hold an alias of each source tensor, which keeps its storage
-alive: no other tensor can be allocated at a recorded address while the plans live, so a
-matching key can never describe another tensor's data. ``_apply`` (``.to()``, ``.half()``,
-...), ``train()``/``eval()`` and ``set_backend`` drop the plans;
-``resnet_fast.refresh(model)`` drops them explicitly after writes that bypass version
+write through the tensor itself, a new tensor or a view assigned to ``.data``, an eps or
+geometry edit, entering or leaving autocast all rebuild. The plans also hold an alias of each
+source tensor, which keeps its storage alive: no other tensor can be allocated at a recorded
+address while the plans live, so a matching key can never describe another tensor's data.
+``_apply`` (``.to()``, ``.half()``, ...), ``train()``/``eval()`` and ``set_backend`` drop the
+plans; ``resnet_fast.refresh(model)`` drops them explicitly after writes that bypass version
 counters (``p.data.copy_``, ``.numpy()``, DLPack, raw-pointer kernels), the same blind spot
 autograd has.
 
 No plans (the fold recomputed inside the call, differentiable) when gradients flow into the
 conv/BN parameters, under torch.compile (the fold is then part of the graph; inductor's
-freezing constant-folds it) and for inference tensors (no version counter to watch).
+freezing constant-folds it), under a FakeTensorMode (fake plans would poison later real
+forwards) and for inference tensors (no version counter to watch).
 
 Fused only where the fold reproduces the modules exactly: an ``nn.Conv2d`` and a BatchNorm of
 the exact classes, without hooks (so no pruning masks or old-style weight_norm, which are
@@ -314,7 +316,8 @@ def autocast_dtype(weight: Tensor) -> Optional[torch.dtype]:
     """The dtype autocast runs a convolution with ``weight`` in, where that is not the
     weight's own (autocast on for its device; float64 is never cast); else None."""
     device = weight.device.type
-    if not torch.is_autocast_enabled(device):
+    # The meta device (shape inference) has no autocast: asking it raises.
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return None
     dtype = torch.get_autocast_dtype(device)
     return None if weight.dtype in (dtype, torch.float64) else dtype

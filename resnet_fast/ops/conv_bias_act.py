@@ -43,13 +43,15 @@ def int_pair(v, name: str, op: str) -> tuple[int, int]:
 
 
 def check_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
-               groups: int, residual: Tensor | None, op: str = "conv_bias_act"):
-    """Validates conv_bias_act's arguments (csrc/checks.h checks the same); returns
-    (stride, padding, dilation) as pairs and the output shape."""
+               groups: int, residual: Tensor | None, op: str = "conv_bias_act",
+               packed: bool = False):
+    """Validates conv_bias_act's arguments (csrc/checks.h checks the same; ``packed``: the
+    weight is a prepacked, mkldnn-layout one); returns (stride, padding, dilation) as pairs and
+    the output shape."""
     check_tensor(x, op, "x")
     if x.dim() != 4:
         raise ValueError(f"{op}: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
-    check_tensor(weight, op, "weight", strided=False)  # the packed op's weight is mkldnn
+    check_tensor(weight, op, "weight", strided=not packed)
     if weight.dim() != 4:
         raise ValueError(f"{op}: expected weight of shape (K, C/groups, R, S), got "
                          f"{tuple(weight.shape)}")
@@ -127,8 +129,10 @@ def _full_args(args):
     return x, weight, bias, stride, padding, dilation, groups, residual, relu
 
 
-def _fake(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True):
-    *_, out_shape = check_conv(x, weight, bias, stride, padding, dilation, groups, residual)
+def _fake(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True,
+          packed=False):
+    *_, out_shape = check_conv(x, weight, bias, stride, padding, dilation, groups, residual,
+                               packed=packed)
     return x.new_empty(out_shape).contiguous(memory_format=layout_of(x))
 
 
@@ -177,7 +181,8 @@ if _extension.has_kernel("conv_bias_act_packed", "CPU"):
     @torch.library.register_fake("resnet_fast::conv_bias_act_packed")
     def _packed_fake(x, packed_weight, bias, stride, padding, dilation, groups, residual=None,
                      relu=True):
-        return _fake(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu)
+        return _fake(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu,
+                     packed=True)
 
 
 @functools.cache
@@ -214,6 +219,7 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padd
         x, weight, bias, stride, padding, dilation, groups, residual, relu = _autocast(
             (x, weight, bias, stride, padding, dilation, groups, residual, relu))
     check_tensor(x, "conv_bias_act", "x")
+    check_tensor(weight, "conv_bias_act", "weight")  # the C++ op's dispatcher would say less
     chosen = resolve("conv_bias_act", x.device, backend)
     if chosen == "reference":
         stride, padding, dilation, _ = check_conv(x, weight, bias, stride, padding, dilation,
