@@ -136,14 +136,15 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
     # compile is left out: compiling resnet18's forward and backward takes ~40 s on 2 cores.
     # The compiled training step is tested on its own below, on a tiny model.
     out = tmp_path / "cpu-test"
-    assert cli.main(TINY_TRAIN + ["--candidates", "eager,eager_cl,resnet_fast",
+    assert cli.main(TINY_TRAIN + ["--candidates", "eager,eager_cl,resnet_fast,resnet_fast_nchw",
                                     "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "training step" in printed and "resnet_fast" in printed and "DIVERGED" not in printed
     data = json.loads((out / "resnet18_float32_train.json").read_text())
     assert data["mode"] == "train" and data["step"]["autocast"] is None
     assert data["command"].startswith("resnet-fast bench --train --arch resnet18")
-    assert [r["candidate"] for r in data["runs"]] == ["eager", "eager_cl", "resnet_fast"]
+    assert [r["candidate"] for r in data["runs"]] == ["eager", "eager_cl", "resnet_fast",
+                                                      "resnet_fast_nchw"]
     for r in data["runs"]:
         assert r["img_per_s"] > 0 and len(r["times_s"]) == 1 and not r["diverged"]
         assert r["speedup_vs_eager"] > 0 and r["speedup_vs_best_peer"] is None

@@ -26,7 +26,7 @@ from ..calibrate import reference_model
 from .candidates import compiled
 from .runner import Batch, Schedule, header, pick_device, run_batches
 
-TRAIN_CANDIDATES = ("eager", "eager_cl", "compile", "resnet_fast")
+TRAIN_CANDIDATES = ("eager", "eager_cl", "compile", "resnet_fast", "resnet_fast_nchw")
 TORCH_TRAIN = ("eager", "eager_cl", "compile")  # torch's own: they define the step-2 noise
 # A training candidate is flagged as diverged when a loss differs from eager's at the same step
 # by more than this fraction of it. Same weights, batch and labels: in fp32 only the summation
@@ -86,17 +86,19 @@ def build_train_steps(names, arch: str, reference: nn.Module, dtype: torch.dtype
                       device: torch.device) -> list[TrainStep]:
     """The training candidates asked for, each on its own fp32 copy of ``reference``'s weights
     (``dtype`` is the autocast dtype). ``compile`` compiles the channels_last torchvision model,
-    as the inference benchmark does; ``resnet_fast`` is our model on the auto backend."""
+    as the inference benchmark does; ``resnet_fast`` is our model on the auto backend, fed
+    channels_last; ``resnet_fast_nchw`` the same model trained as torchvision's is, NCHW
+    parameters and batches (it runs channels_last inside)."""
     out = []
     for name in names:
         if name in ("eager", "eager_cl", "compile"):
             channels_last = name != "eager"
             out.append(TrainStep(name, copy.deepcopy(reference), channels_last,
                                  name == "compile", dtype, device))
-        elif name == "resnet_fast":
+        elif name in ("resnet_fast", "resnet_fast_nchw"):
             model = create_model(arch, num_classes=reference.fc.out_features)
             model.load_state_dict(reference.state_dict())
-            out.append(TrainStep(name, model, True, False, dtype, device))
+            out.append(TrainStep(name, model, name == "resnet_fast", False, dtype, device))
         else:
             raise ValueError(f"unknown training candidate {name!r}; expected some of "
                              f"{', '.join(TRAIN_CANDIDATES)}")
