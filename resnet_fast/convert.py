@@ -14,6 +14,7 @@ import torchvision.models.resnet as tv_resnet
 from torch import fx, nn
 
 from .models import resnet as rf_resnet
+from .models._fused import no_hooks
 from .models.cifar import CifarResNet
 from .ops import fold_bn
 
@@ -200,8 +201,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None) -> rf_resnet.Res
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    return any(getattr(m, name) for name in (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+    """Forward/backward hooks (``no_hooks``) or state_dict hooks on ``m`` itself."""
+    return not no_hooks(m) or any(getattr(m, name) for name in (
         "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
         "_load_state_dict_post_hooks"))
 

@@ -257,11 +257,17 @@ class _Backbone(FusedEvalMixin, nn.Module):
 
     _fold_spec = (("conv1", "bn1", True),)
 
-    def _stem(self, x: Tensor, plans) -> Tensor:
-        """relu(bn1(conv1(x))): one fused conv in eval mode."""
+    def _fused_train(self) -> bool:
+        """Training with the stem's BN a plain ``nn.BatchNorm2d`` and its ReLU the exact
+        ``nn.ReLU``, none with hooks: the stem's BN -> ReLU is one fused batch_norm_act."""
+        return fused_train_ok(self) and fusable_bn(self.bn1)
+
+    def _stem(self, x: Tensor, plans, train: bool) -> Tensor:
+        """relu(bn1(conv1(x))): one fused conv in eval mode (``plans``), the conv then one
+        fused batch_norm_act in training (``train``: :meth:`_fused_train`)."""
         if plans is not None:
             return plans[0](x)
-        if fused_train_ok(self) and fusable_bn(self.bn1):
+        if train:
             return bn_act(self.bn1, self.conv1(x), backend=self.backend)
         return self.relu(self.bn1(self.conv1(x)))
 
@@ -327,10 +333,11 @@ class _Backbone(FusedEvalMixin, nn.Module):
         if program is not None:
             return self._run_program(x, program).contiguous(memory_format=fmt)
         plans = self._fused_plans()
-        fused = plans is not None or (fused_train_ok(self) and fusable_bn(self.bn1))
-        if fused and not (plans is not None and plans[0].pads):
+        train = plans is None and self._fused_train()
+        fused = plans is not None or train
+        if train or (fused and not plans[0].pads):
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self._stem(x, plans)
+        x = self._stem(x, plans, train)
         maxpool = getattr(self, "maxpool", None)
         if maxpool is not None:
             x = maxpool(x)

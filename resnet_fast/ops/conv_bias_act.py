@@ -219,13 +219,14 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padd
         x, weight, bias, stride, padding, dilation, groups, residual, relu = _autocast(
             (x, weight, bias, stride, padding, dilation, groups, residual, relu))
     check_tensor(x, "conv_bias_act", "x")
-    check_tensor(weight, "conv_bias_act", "weight")  # the C++ op's dispatcher would say less
     chosen = resolve("conv_bias_act", x.device, backend)
     if chosen == "reference":
         stride, padding, dilation, _ = check_conv(x, weight, bias, stride, padding, dilation,
                                                   groups, residual)
         return reference.conv_bias_act(x, weight, bias, stride, padding, dilation, groups,
                                        residual, relu)
+    # A sparse or mkldnn weight: the C++ op's dispatcher would refuse it with less to go on.
+    check_tensor(weight, "conv_bias_act", "weight")
     op = (torch.ops.resnet_fast.conv_bias_act_triton if chosen == "triton"
           else torch.ops.resnet_fast.conv_bias_act)
     return op(x, weight, bias, list(int_pair(stride, "stride", "conv_bias_act")),
