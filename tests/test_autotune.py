@@ -235,15 +235,20 @@ def test_plans_measure_each_layer_once_and_then_only_look_up(two_candidates, mon
         assert len(timed) == 2 * measured
 
 
-def test_a_named_backend_or_gradients_are_never_measured(two_candidates):
+def test_a_named_backend_is_never_measured_and_autograd_reuses_the_choices(two_candidates):
     timed, _ = two_candidates
     torch.manual_seed(0)
     model = resnet_fast.resnet18().eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         model.set_backend("cpu")(x)
-    model.set_backend(None)(x).sum().backward()  # differentiable plans: the fixed order
     assert timed == []
+    with torch.no_grad():
+        model.set_backend(None)(x)
+    measured = len(timed)
+    assert measured > 0
+    model(x).sum().backward()  # autograd on: the same prepared plans, nothing measured again
+    assert len(timed) == measured and model.fc.weight.grad is not None
 
 
 def test_a_padded_stem_is_measured_on_its_staged_input(monkeypatch, tmp_path):

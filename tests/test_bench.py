@@ -45,6 +45,29 @@ def test_cli_end_to_end_writes_json_markdown_and_png(tmp_path, capsys):
     assert "| resnet_fast:cpu |" in (tmp_path / "resnet18_float32.md").read_text()
 
 
+def test_grad_cli_times_forwards_that_record_a_graph(tmp_path, capsys, monkeypatch):
+    from resnet_fast.bench import inference
+    recorded = []
+    real = inference.build_candidates
+
+    def spying(*args):  # every timed call's output: does it carry a graph?
+        cands, skipped = real(*args)
+        for c in cands:
+            c.fn = (lambda fn: lambda x: recorded.append(fn(x).grad_fn is not None) or fn(x))(c.fn)
+        return cands, skipped
+
+    monkeypatch.setattr(inference, "build_candidates", spying)
+    assert cli.main(["--grad", "--arch", "resnet18", "--batch", "1", "--repeats", "1",
+                     "--warmup", "0", "--image-size", "64", "--out", str(tmp_path),
+                     "--no-progress", "--no-plot"]) == 0
+    assert recorded and all(recorded)
+    data = json.loads((tmp_path / "resnet18_float32_grad.json").read_text())
+    assert data["mode"] == "grad"
+    assert {r["candidate"] for r in data["runs"]} >= {"eager", "eager_cl", "resnet_fast:cpu"}
+    assert all(not r["diverged"] for r in data["runs"])
+    assert "autograd on" in (tmp_path / "resnet18_float32_grad.md").read_text()
+
+
 def test_cli_rejects_bad_arguments(capsys):
     for argv, msg in ((["--batch", "x"], "expected comma-separated integers"),
                       (["--candidates", "eager,fast"], "unknown fast"),
@@ -228,14 +251,18 @@ def test_autocast_train_step_keeps_fp32_weights_and_scales_fp16_losses(dtype):
     assert step.scaler.is_enabled() == (dtype == torch.float16)
 
 
-def test_train_cli_rejects_inference_only_and_unknown_candidates(capsys):
-    for names, msg in (("eager,compile_freezing,optimize",
-                             "compile_freezing, optimize (inference only) cannot run with --train; "
-                             "expected some of eager, eager_cl, compile, resnet_fast"),
-                            ("eager,fast", "unknown fast; expected some of eager, eager_cl"),
-                            ("eager_cl,resnet_fast", "must include eager")):
+def test_train_and_grad_cli_reject_candidates_they_cannot_run(capsys):
+    for flags, names, msg in (
+            (["--train"], "eager,compile_freezing,optimize",
+             "compile_freezing, optimize cannot run with --train; "
+             "expected some of eager, eager_cl, compile, resnet_fast"),
+            (["--grad"], "eager,onnxruntime,resnet_fast",
+             "onnxruntime cannot run with --grad; expected some of eager, eager_cl, resnet_fast"),
+            (["--train", "--grad"], "eager", "expected one of them"),
+            (["--train"], "eager,fast", "unknown fast; expected some of eager, eager_cl"),
+            (["--train"], "eager_cl,resnet_fast", "must include eager")):
         with pytest.raises(SystemExit):
-            cli.main(["--train", "--candidates", names])
+            cli.main([*flags, "--candidates", names])
         assert msg in capsys.readouterr().err
 
 

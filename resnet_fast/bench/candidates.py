@@ -28,6 +28,8 @@ from . import peers
 
 CANDIDATES = ("eager", "eager_cl", "compile", "compile_freezing", "compile_reduce_overhead",
               "compile_max_autotune", "resnet_fast", "optimize", "onnxruntime", "openvino")
+# What ``resnet-fast bench --grad`` times: the modules autograd runs through.
+GRAD_CANDIDATES = ("eager", "eager_cl", "resnet_fast")
 PEERS = ("compile", "compile_freezing", "compile_reduce_overhead", "compile_max_autotune",
          "onnxruntime", "openvino")
 _COMPILE_MODES = {"compile": (None, False), "compile_freezing": (None, True),

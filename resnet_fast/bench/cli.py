@@ -7,6 +7,7 @@ signal's number."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -19,20 +20,21 @@ import torch
 
 from ..cli import DTYPES, at_least, batch_sizes, torch_device
 from ..models import TORCHVISION_ARCHS
-from .candidates import CANDIDATES
+from .candidates import CANDIDATES, GRAD_CANDIDATES
 from .env import device_slug
 from .training import TRAIN_CANDIDATES
 
 
 def write_outputs(results: dict, out_dir: Path, plot: bool = True) -> list[Path]:
-    """JSON (atomically), Markdown table and PNG plot, named <arch>_<dtype>.* (inference) or
-    <arch>_<dtype>_train.* (training step); returns the paths written."""
+    """JSON (atomically), Markdown table and PNG plot, named <arch>_<dtype>.* (inference),
+    <arch>_<dtype>_grad.* (inference with autograd on) or <arch>_<dtype>_train.* (training
+    step); returns the paths written."""
     from . import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{results['arch']}_{results['dtype']}"
-    if results.get("mode") == "train":
-        stem += "_train"
+    if results.get("mode") in ("train", "grad"):
+        stem += "_" + results["mode"]
     written = []
     path = out_dir / f"{stem}.json"
     tmp = path.with_suffix(".json.tmp")
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true",
                         help="time a training step (forward, loss, backward, SGD) instead of "
                              "inference")
+    parser.add_argument("--grad", action="store_true",
+                        help="time inference with autograd on (an eval model called without "
+                             "torch.no_grad(): the forward records its graph); candidates from "
+                             f"{', '.join(GRAD_CANDIDATES)}")
     parser.add_argument("--batch", type=batch_sizes, default=None,
                         help="comma-separated batch sizes (default: 1,16 on CPU and 1,32,256 on "
                              "GPU; with --train 16 on CPU and 256 on GPU)")
@@ -116,16 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.startswith("cuda")
     default_batch = ((256,) if gpu else (16,)) if args.train else ((1, 32, 256) if gpu else (1, 16))
     batches = args.batch or default_batch
-    allowed = TRAIN_CANDIDATES if args.train else CANDIDATES
+    if args.train and args.grad:
+        parser.error("--train and --grad: expected one of them (a training step always runs "
+                     "with autograd)")
+    allowed = TRAIN_CANDIDATES if args.train else GRAD_CANDIDATES if args.grad else CANDIDATES
     names = tuple(n.strip() for n in (args.candidates or ",".join(allowed)).split(",") if n.strip())
     unknown = [n for n in names if n not in CANDIDATES + TRAIN_CANDIDATES]
     if unknown:
         parser.error(f"--candidates: unknown {', '.join(unknown)}; expected some of "
                      f"{', '.join(allowed)}")
-    inference_only = [n for n in names if n not in allowed]
-    if inference_only:
-        parser.error(f"--candidates: {', '.join(inference_only)} (inference only) cannot run "
-                     f"with --train; expected some of {', '.join(allowed)}")
+    refused = [n for n in names if n not in allowed]
+    if refused:
+        parser.error(f"--candidates: {', '.join(refused)} cannot run with "
+                     f"{'--train' if args.train else '--grad'}; expected some of "
+                     f"{', '.join(allowed)}")
     if "eager" not in names:
         parser.error("--candidates must include eager (the baseline of every ratio)")
     repeats = (30 if gpu else 9) if args.repeats is None else args.repeats
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     # the subcommand, and a caller may pass argv explicitly.
     command = "resnet-fast bench " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    bench = run_train if args.train else run
+    bench = run_train if args.train else functools.partial(run, grad=args.grad)
     written: dict = {}
 
     def save(results: dict) -> None:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from ..calibrate import reference_model
-from .candidates import CANDIDATES, Candidate, build_candidates
+from .candidates import CANDIDATES, GRAD_CANDIDATES, Candidate, build_candidates
 from .runner import Batch, Schedule, header, pick_device, run_batches
 
 # A candidate is flagged as diverged when its logits differ from fp32 torchvision by more than
@@ -29,10 +29,16 @@ def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.
         candidates=CANDIDATES, repeats: int = 9, block: int = 3, warmup: int = 1,
         device: Optional[str] = None, image_size: int = 224, weights: Optional[str] = None,
         progress: bool = True, extra_candidates: Optional[list[Candidate]] = None,
-        command: Optional[str] = None, on_batch: Optional[Callable[[dict], None]] = None) -> dict:
+        command: Optional[str] = None, on_batch: Optional[Callable[[dict], None]] = None,
+        grad: bool = False) -> dict:
     """Runs the benchmark and returns the results dict (the JSON's content); ``on_batch`` gets
     the results so far after every batch size (see :class:`.runner.Schedule` for ``repeats``,
-    ``block`` and ``warmup``)."""
+    ``block`` and ``warmup``). ``grad``: every call runs with autograd on (an eval model
+    called without ``torch.no_grad()``: the forward records its graph, as its parameters
+    require grad; nothing calls backward), for the module candidates (``GRAD_CANDIDATES``)."""
+    if grad and set(candidates) - set(GRAD_CANDIDATES):
+        raise ValueError(f"grad mode times {', '.join(GRAD_CANDIDATES)} only (modules autograd "
+                         f"runs through), got {', '.join(candidates)}")
     dev = pick_device(device)
     reference = reference_model(arch, weights)
     truth_model = reference.to(dev).eval()  # fp32, NCHW: the yardstick (candidates copy it)
@@ -67,6 +73,8 @@ def run(arch: str = "resnet50", batch_sizes=(1, 16), dtype: torch.dtype = torch.
     results = {**header(arch, image_size, dtype, schedule, weights, dev, command),
                "skipped_candidates": skipped,
                "peer_settings": {c.name: c.settings for c in cands if c.settings}}
-    with torch.inference_mode():
+    if grad:
+        results["mode"] = "grad"
+    with torch.enable_grad() if grad else torch.inference_mode():
         return run_batches(setup, batch_sizes, dev, schedule, results, on_batch, progress,
                            f"{arch} bench")

@@ -42,6 +42,16 @@ def _step(results: dict) -> str:
 _LATENCY = {"p10": "p10", "median": "p50", "p90": "p90"}
 
 
+def _what(results: dict) -> str:
+    """What a result times, where it is not plain inference (for captions), else ''."""
+    if _train(results):
+        return _step(results)
+    if results.get("mode") == "grad":
+        return ("inference with autograd on (an eval model called without torch.no_grad(): "
+                "the forward records its graph; no backward)")
+    return ""
+
+
 def _latencies(results: dict) -> tuple[str, ...]:
     """The quantiles a table shows: training tables add p10 (a step's spread is wider);
     inference tables keep the median/p90 layout of the committed results."""
@@ -113,7 +123,7 @@ def _notes(results: dict) -> list[str]:
         lines.append(f"interrupted ({results['interrupted']}): the rows are what finished")
     best = {r["batch_size"]: r["best_peer"] for r in measured_rows(results)}
     by = {(r["candidate"], r["batch_size"]): r for r in measured_rows(results)}
-    for bs, peer in best.items():
+    for bs, peer in best.items() if results.get("mode") != "grad" else ():
         lines.append(f"best peer at batch {bs}: " + (
             f"{peer} ({by[peer, bs]['img_per_s']:.1f} img/s)" if peer
             else "none ran (torch.compile variants, onnxruntime, openvino)"))
@@ -139,7 +149,7 @@ def format_table(results: dict) -> str:
     lines = [f"{results['arch']}  {results['dtype']}  {results['image_size']}px  "
              f"{results['weights']} weights  on {_where(results)}  (torch "
              f"{results['environment']['torch']}, {_protocol(results)})"]
-    lines += [_step(results), ""] if _train(results) else [""]
+    lines += [_what(results), ""] if _what(results) else [""]
     cols = _columns(results)
     header = f"{'candidate':<28}" + "".join(f"{title:>{width}}" for title, width, _ in cols)
     lines += [header, "-" * len(header)]
@@ -156,7 +166,7 @@ def format_table(results: dict) -> str:
 
 def markdown_table(results: dict) -> str:
     env = results["environment"]
-    what = f", {_step(results)}" if _train(results) else ""
+    what = f", {_what(results)}" if _what(results) else ""
     cols = _columns(results)
     lines = [f"**{results['arch']}**{what}, {results['dtype']}, {results['image_size']}px, "
              f"{results['weights']} weights, on {_where(results)}; torch {env['torch']}, "
@@ -195,7 +205,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"batch {bs}")
         ax.set_xlabel("images / s")
         ax.invert_yaxis()
-    what = " training step" if _train(results) else ""
+    what = {"train": " training step", "grad": " inference, autograd on"}.get(
+        results.get("mode"), "")
     fig.suptitle(f"{results['arch']} {results['dtype']}{what} on {_where(results)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -25,10 +25,15 @@ plans; ``resnet_fast.refresh(model)`` drops them explicitly after writes that by
 counters (``p.data.copy_``, ``.numpy()``, DLPack, raw-pointer kernels), the same blind spot
 autograd has.
 
-No plans (the fold recomputed inside the call, differentiable) when gradients flow into the
-conv/BN parameters, under torch.compile (the fold is then part of the graph; inductor's
-freezing constant-folds it), under a FakeTensorMode (fake plans would poison later real
-forwards) and for inference tensors (no version counter to watch).
+With autograd on (an eval model called without ``torch.no_grad()``, saliency maps,
+adversarial examples, fine-tuning with frozen BN statistics) the same prepared plans run the
+forward, each conv through :class:`_PlannedConv`: its backward is the convolution's backward
+on the folded weight, then the fold's own backward (``fold_bn_tensors`` redone on the tensors
+the forward saved), so the input and every conv/BN parameter get torchvision's gradients.
+No plans (the fold recomputed inside the call, differentiable) under torch.compile (the fold
+is then part of the graph; inductor's freezing constant-folds it), under autocast while
+gradients flow into the parameters, under a FakeTensorMode (fake plans would poison later
+real forwards); plans not kept for inference tensors (no version counter to watch).
 
 Fused only where the fold reproduces the modules exactly: an ``nn.Conv2d`` and a BatchNorm of
 the exact classes, without hooks (so no pruning masks or old-style weight_norm, which are
@@ -39,7 +44,7 @@ it, as does a forward that ``torch.jit.trace`` or ``torch.fx.symbolic_trace`` re
 """
 
 import functools
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +58,7 @@ from .._extension import tensor_states
 from ..backends import requested_backend, resolve, tuned_backends
 from ..kernels.layout import layout_of
 from ..ops import reference
-from ..ops.conv_bias_act import onednn_dtypes
+from ..ops.conv_bias_act import fold_bn_tensors, onednn_dtypes
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
@@ -166,6 +171,13 @@ def _conv_op(backend: str) -> Callable[..., Tensor]:
     return torch.ops.resnet_fast.conv_bias_act.default
 
 
+# How a plan's folded weight and bias come from module tensors: per conv -> BN pair it reads,
+# (eps, whether the plan's weight is this pair's, whether its bias includes this pair's), and
+# the pair's tensors (conv weight, conv bias, BN weight, BN bias, running mean, running var),
+# six per pair, flat.
+Folds = tuple[tuple[tuple[float, bool, bool], ...], tuple[Optional[Tensor], ...]]
+
+
 class ConvPlan:
     """One conv (-> BN folded into ``weight``, ``bias``) (-> add) -> ReLU, prepared:
     ``plan(x, residual)`` runs it.
@@ -185,10 +197,12 @@ class ConvPlan:
     """
 
     __slots__ = ("weight", "bias", "geometry", "relu", "run", "dense_op", "packed_op", "pads",
-                 "casts", "_packed", "_inner", "_tuned", "_candidates", "_default")
+                 "casts", "folds", "sources", "_packed", "_inner", "_tuned", "_candidates",
+                 "_default")
 
     def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor], relu: bool,
-                 backend: Optional[str], differentiable: bool, casts: bool = False) -> None:
+                 backend: Optional[str], differentiable: bool, casts: bool = False,
+                 folds: Optional[Folds] = None) -> None:
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         self.relu = relu
         chosen = resolve("conv_bias_act", weight.device, backend)
@@ -222,8 +236,17 @@ class ConvPlan:
         self.casts = casts
         if self.pads or casts:
             self._inner, self.run = self.run, ConvPlan._adapted
+        # What the fold read, for its backward (_PlannedConv): a prepared plan in the
+        # weights' own dtype; None where the plan's weights carry autograd themselves (or are
+        # cast or padded, which runs the differentiable op instead).
+        self.folds, self.sources = (None, None) if (
+            folds is None or differentiable or casts or self.pads) else folds
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.is_grad_enabled() and self.sources is not None and (
+                x.requires_grad or (residual is not None and residual.requires_grad)
+                or any(t is not None and t.requires_grad for t in self.sources)):
+            return _PlannedConv.apply(self, x, residual, *self.sources)
         return self.run(self, x, residual)
 
     def _dense(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -279,6 +302,84 @@ class ConvPlan:
         return self.packed_op(x, packed, self.bias, *self.geometry, residual, self.relu)
 
 
+def refold(terms: tuple[tuple[float, bool, bool], ...],
+           tensors: Sequence[Optional[Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
+    """A plan's folded (weight, bias) from its pairs' tensors, as :func:`group_plans` makes
+    them (a downsample's bias added to its block's last conv's in float32)."""
+    weight, bias = None, None
+    for k, (eps, takes_weight, takes_bias) in enumerate(terms):
+        w, b = fold_bn_tensors(*tensors[6 * k:6 * k + 6], eps)
+        if takes_weight:
+            weight = w
+        if takes_bias:
+            bias = b if bias is None else _add_biases(bias, b)
+    return weight, bias
+
+
+def _add_biases(b: Tensor, other: Tensor) -> Tensor:
+    acc = torch.promote_types(b.dtype, torch.float32)
+    return (b.to(acc) + other.to(acc)).to(b.dtype)
+
+
+class _PlannedConv(torch.autograd.Function):
+    """A prepared plan's forward (its packed weights, no fold, no reorder) with the gradients
+    of the modules it stands for: threshold_backward for the ReLU, the convolution's backward
+    on the folded weight (input and folded-weight gradients), the folded bias's gradient (the
+    output gradient summed), then the fold's backward by autograd through :func:`refold` on
+    the tensors the forward saved (an in-place change to them before backward raises, as
+    torch's own saved tensors do). Asked for a graph of the gradients (``create_graph``,
+    e.g. a gradient penalty), it recomputes the forward differentiably with torch's ops and
+    differentiates that."""
+
+    @staticmethod
+    def forward(ctx, plan: ConvPlan, x: Tensor, residual: Optional[Tensor],
+                *sources: Optional[Tensor]) -> Tensor:
+        out = plan.run(plan, x, residual)
+        ctx.plan = plan
+        ctx.save_for_backward(x, residual, out, *sources)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        plan: ConvPlan = ctx.plan
+        x, residual, out, *sources = ctx.saved_tensors
+        need_x, need_residual, *need = ctx.needs_input_grad[1:]
+        wanted = [i for i, n in enumerate(need) if n]
+        grads: list[Optional[Tensor]] = [None] * (2 + len(sources))
+        if torch.is_grad_enabled():  # create_graph: a differentiable recompute
+            # Fresh views: this op's own partial derivatives, not those through the other
+            # inputs (x may be the residual, or computed from it), which autograd adds itself.
+            x, residual, *sources = (None if t is None else t.view_as(t)
+                                     for t in (x, residual, *sources))
+            flags = (need_x, need_residual, *need)
+            weight, bias = refold(plan.folds, sources)
+            y = reference.conv_bias_act(x, weight, bias, *plan.geometry, residual, plan.relu)
+            got = iter(torch.autograd.grad(
+                y, [t for t, n in zip((x, residual, *sources), flags) if n], grad,
+                create_graph=True, allow_unused=True))
+            return (None, *(next(got) if n else None for n in flags))
+        if plan.relu:
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        stride, padding, dilation, groups = plan.geometry
+        grads[0], grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, plan.weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need_x, bool(wanted), False])
+        grads[1] = grad if need_residual else None
+        if wanted:
+            leaves = [t.detach().requires_grad_() if n else t for t, n in zip(sources, need)]
+            with torch.enable_grad():
+                weight, bias = refold(plan.folds, leaves)
+            outs, seeds = [weight], [grad_w]
+            if bias is not None:
+                acc = torch.promote_types(bias.dtype, torch.float32)
+                outs.append(bias)
+                seeds.append(grad.sum((0, 2, 3), dtype=acc).to(bias.dtype))
+            got = torch.autograd.grad(outs, [leaves[i] for i in wanted], seeds, allow_unused=True)
+            for i, g in zip(wanted, got):
+                grads[2 + i] = g
+        return (None, *grads)
+
+
 def group_plans(backend: Optional[str], pairs: list, own: int, differentiable: bool,
                 cast: Optional[torch.dtype] = None) -> list[ConvPlan]:
     """The plans of one group of pairs: a block's ``own`` pairs, then (if present) its
@@ -301,15 +402,22 @@ def group_plans(backend: Optional[str], pairs: list, own: int, differentiable: b
 def _group_plans(backend: Optional[str], pairs: list, own: int, differentiable: bool,
                  cast: Optional[torch.dtype]) -> list[ConvPlan]:
     folded = [ops.fold_bn(conv, bn) for conv, bn, _ in pairs]
+    tensors = [(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+               for conv, bn, _ in pairs]
+    terms = [[(bn.eps, True, True)] for _, bn, _ in pairs]
     if len(pairs) > own:
         (w_last, b_last), (w_ds, b_ds) = folded[own - 1], folded[own]
-        acc = torch.promote_types(b_last.dtype, torch.float32)
-        folded[own - 1] = (w_last, (b_last.to(acc) + b_ds.to(acc)).to(b_last.dtype))
+        folded[own - 1] = (w_last, _add_biases(b_last, b_ds))
         folded[own] = (w_ds, None)
+        eps = pairs[own][1].eps
+        terms[own - 1].append((eps, False, True))
+        terms[own] = [(eps, True, False)]
+        tensors[own - 1] += tensors[own]
     if cast is not None:
         folded = [(w.to(cast), None if b is None else b.to(cast)) for w, b in folded]
-    return [ConvPlan(conv, w, b, relu, backend, differentiable, casts=cast is not None)
-            for (conv, _, relu), (w, b) in zip(pairs, folded)]
+    return [ConvPlan(conv, w, b, relu, backend, differentiable, casts=cast is not None,
+                     folds=(tuple(term), tensor))
+            for (conv, _, relu), (w, b), term, tensor in zip(pairs, folded, terms, tensors)]
 
 
 def autocast_dtype(weight: Tensor) -> Optional[torch.dtype]:
@@ -415,7 +523,8 @@ def cached_plans(holder: nn.Module, slot: str, groups: list, extra_key: list,
                 for backend, pairs, own in groups]
 
     if torch.compiler.is_compiling() or faking() or (
-            torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            cast is not None and torch.is_grad_enabled()
+            and any(t.requires_grad for t in sources)):
         return assemble(build(True))  # the fold inside the graph / differentiable: nothing kept
     try:
         key.append(tensor_states(sources))

@@ -254,13 +254,21 @@ def fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tenso
         raise ValueError("fold_bn: the BatchNorm has no running statistics "
                          "(track_running_stats=False), so it normalizes with batch statistics "
                          "and cannot be folded into the conv")
-    dtype = conv.weight.dtype
+    return fold_bn_tensors(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                           bn.running_var, bn.eps)
+
+
+def fold_bn_tensors(weight: Tensor, bias: Tensor | None, bn_weight: Tensor | None,
+                    bn_bias: Tensor | None, mean: Tensor, var: Tensor,
+                    eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`fold_bn` on the tensors themselves (the models' prepared plans refold the
+    tensors a forward saved, for the fold's backward)."""
+    dtype = weight.dtype
     # float32 for every dtype but float64, whose model would otherwise be float32-accurate.
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_std = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    scale = inv_std * bn.weight.to(acc) if bn.weight is not None else inv_std
-    shift = bn.bias.to(acc) if bn.bias is not None else torch.zeros_like(scale)
-    conv_bias = conv.bias.to(acc) if conv.bias is not None else torch.zeros_like(scale)
-    weight = conv.weight.to(acc) * scale.view(-1, 1, 1, 1)
-    bias = shift + (conv_bias - bn.running_mean.to(acc)) * scale
-    return weight.to(dtype), bias.to(dtype)
+    inv_std = torch.rsqrt(var.to(acc) + eps)
+    scale = inv_std * bn_weight.to(acc) if bn_weight is not None else inv_std
+    shift = bn_bias.to(acc) if bn_bias is not None else torch.zeros_like(scale)
+    conv_bias = bias.to(acc) if bias is not None else torch.zeros_like(scale)
+    folded = weight.to(acc) * scale.view(-1, 1, 1, 1)
+    return folded.to(dtype), (shift + (conv_bias - mean.to(acc)) * scale).to(dtype)

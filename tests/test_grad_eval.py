@@ -1,0 +1,137 @@
+"""An eval model called with autograd on (no torch.no_grad(): notebooks, saliency maps,
+adversarial examples, fine-tuning with frozen BN statistics) runs its prepared plans and still
+gives torchvision's gradients, to the input and to every conv/BN parameter: the whole model
+and a block alone, float64 and float32, after an optimizer step, and with create_graph."""
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+from _numerics import assert_within_reference_error
+from _pairs import model_pair
+
+from resnet_fast.models import _fused
+
+
+def _kept(model):
+    return [m.__dict__[slot][1] for m in model.modules()
+            for slot in ("_plan_cache", "_program_cache") if slot in m.__dict__]
+
+
+def _grads(model, x, loss=lambda y: y.square().mean()):
+    """Input gradient, then every parameter's, of ``loss(model(x))``."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    loss(model(x)).backward()
+    return [x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_whole_model_gradients_are_torchvisions_in_float64_and_float32(arch):
+    ours, tv = model_pair(arch)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    truth = _grads(copy.deepcopy(tv).double(), x.double())
+    ours64 = _grads(copy.deepcopy(ours).double(), x.double())
+    for got, want in zip(ours64, truth):  # rounding at 1e-16, cancelled where a sum is ~0
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10 * want.abs().max().item())
+    # torch's own fp32 error, whichever errs most per tensor: torchvision's in NCHW, in
+    # channels_last (the layout the fused forward runs in; it errs up to 4.4x NCHW's on
+    # resnet18), and torch's autograd through the fold itself (the differentiable plans
+    # torch.compile records, reached here by letting the plans see a FakeTensorMode): a BN
+    # weight's gradient through the fold is sum(g * conv) - mean * sum(g), which cancels where
+    # torchvision's sum(g * (conv - mean)) does not (2.8x on resnet50's layer4.2.bn3.weight).
+    nchw = _grads(tv, x)
+    channels_last = _grads(copy.deepcopy(tv).to(memory_format=torch.channels_last),
+                           x.contiguous(memory_format=torch.channels_last))
+    with mock.patch.object(_fused, "faking", lambda: True):
+        through_fold = _grads(copy.deepcopy(ours), x)
+    got = _grads(ours, x)
+    assert _kept(ours), "the forward with autograd on ran without prepared plans"
+    names = ["input"] + [n for n, _ in ours.named_parameters()]
+    for name, g, e1, e2, e3, t in zip(names, got, nchw, channels_last, through_fold, truth):
+        e = max(e1, e2, e3, key=lambda e: (e.double() - t).abs().max().item())
+        try:
+            assert_within_reference_error(g, e, t)
+        except AssertionError as exc:
+            raise AssertionError(f"{arch} {name}: {exc}") from None
+
+
+def test_plans_are_kept_across_forwards_and_rebuilt_after_a_step():
+    ours, tv = model_pair("resnet50")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-4)
+    opt_tv = torch.optim.SGD(tv.parameters(), lr=1e-4)
+    _grads(ours, x)
+    first = _kept(ours)
+    _grads(ours, x)
+    assert _kept(ours) == first and all(a is b for a, b in zip(_kept(ours), first))
+    expected = _grads(tv, x)
+    for _ in range(2):
+        # the same update for both (the models' own fp32 gradients differ by rounding, which
+        # a step would then amplify): a real optimizer step on each
+        for p, q in zip(ours.parameters(), tv.parameters()):
+            p.grad = q.grad.clone()
+        opt_ours.step()
+        opt_tv.step()
+        before, (got, expected) = expected, (_grads(ours, x), _grads(tv, x))
+        # judged against each gradient's scale (fp32 sums over the batch in another order);
+        # the step itself moved the input's gradient by far more than that (stale plans fail)
+        moved = (expected[0] - before[0]).abs().max() / expected[0].abs().max()
+        assert moved > 0.01, moved
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-3 * e.abs().max().item())
+    assert all(a is not b for a, b in zip(_kept(ours), first))  # the step rebuilt the plans
+
+
+def test_a_block_alone_with_a_downsample_gives_torchvisions_gradients():
+    ours, tv = model_pair("resnet50")
+    ours_block, tv_block = ours.layer2[0].double(), tv.layer2[0].double()
+    x = torch.randn(2, 256, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got, expected = _grads(ours_block, x), _grads(tv_block, x)
+    assert _kept(ours_block)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10 * e.abs().max().item())
+
+
+def test_frozen_parameters_saliency_and_partial_fine_tuning():
+    ours, tv = model_pair("resnet18")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    for model in (ours, tv):  # fine-tune the BN affine only, convs frozen
+        for name, p in model.named_parameters():
+            p.requires_grad_("bn" in name or "downsample.1" in name)
+    got, expected = _grads(ours, x), _grads(tv, x)
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=2e-3, atol=1e-5 * e.abs().max().item())
+    for model in (ours, tv):  # saliency: nothing trainable, the input's gradient only
+        model.requires_grad_(False)
+    got, expected = _grads(ours, x), _grads(tv, x)
+    assert all(g is None for g in got[1:])
+    torch.testing.assert_close(got[0], expected[0], rtol=2e-3,
+                               atol=1e-5 * expected[0].abs().max().item())
+
+
+def test_create_graph_gives_torchvisions_second_order_gradients():
+    ours, tv = (m.double() for m in model_pair("resnet18"))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def penalty(model):  # a gradient penalty: ||d loss / d x||^2, differentiated again
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        gx.square().sum().backward()
+        return [p.grad for p in model.parameters()]
+
+    for g, e in zip(penalty(ours), penalty(tv)):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9 * e.abs().max().item())
+
+
+def test_a_parameter_changed_in_place_before_backward_is_refused_as_torch_refuses_it():
+    for model in model_pair("resnet18"):
+        y = model(torch.randn(1, 3, 32, 32)).sum()
+        with torch.no_grad():
+            model.layer1[0].bn1.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
