@@ -3,6 +3,7 @@ OpenVINO on the same calibrated model and input, per forward, grouped into compa
 (convolutions, the passes around them, pooling, fc).
 
     python benchmarks/profile_cpu.py                    # ResNet-50, batch 1 and 16, fp32
+    python benchmarks/profile_cpu.py --dtype bfloat16   # ours and OpenVINO in bf16 (no ORT)
     python benchmarks/profile_cpu.py --batch 16 --threads 1 --json prof.json
     python benchmarks/profile_cpu.py --iters 9 --block 3  # 3 rounds of 3 profiled forwards
 
@@ -40,7 +41,13 @@ import torchvision
 
 import resnet_fast
 from resnet_fast.bench.env import environment
-from resnet_fast.bench.peers import ORT_SESSION_CONFIG, signal_stack_kept
+from resnet_fast.bench.peers import (
+    _OV_PRECISION,
+    ORT_SESSION_CONFIG,
+    onnxruntime_unsupported,
+    openvino_unsupported,
+    signal_stack_kept,
+)
 from resnet_fast.bench.timing import block_sizes, rotation
 from resnet_fast.calibrate import calibrate_
 
@@ -59,6 +66,11 @@ _OV = {"Convolution": "conv", "MaxPool": "maxpool", "ReduceMean": "avgpool",
        "FullyConnected": "fc", "Reorder": "reorder", "Eltwise": "add"}
 
 
+class Unavailable(Exception):
+    """A runtime that cannot run here (not installed, or not in this precision): said in the
+    table, not fatal."""
+
+
 # One forward's profile: (ms per op name, ms per conv geometry).
 Forward = tuple[dict[str, float], dict[str, float]]
 
@@ -68,8 +80,10 @@ class Ours:
 
     kinds = _OURS
 
-    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
-        self.fast, self.x = resnet_fast.optimize(model, example_input=x), x
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
+        x = x.to(dtype)
+        self.fast = resnet_fast.optimize(model, dtype=dtype, example_input=x)
+        self.x = x
         self.forwards: list[Forward] = []
         self.warm()
 
@@ -101,7 +115,10 @@ class OnnxRuntime:
 
     kinds = _ORT
 
-    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
+        why = onnxruntime_unsupported(torch.device("cpu"), dtype)
+        if why:
+            raise Unavailable(why)
         import onnxruntime as ort
 
         self.tmp = tempfile.TemporaryDirectory()
@@ -157,11 +174,15 @@ class OnnxRuntime:
 
 
 class OpenVino:
-    """OpenVINO's CPU plugin at f32 with PERF_COUNT: the report of each inference."""
+    """OpenVINO's CPU plugin with PERF_COUNT at the precision asked for (f32 or bf16; it runs
+    f32 where the CPU has no native bf16, and says so): the report of each inference."""
 
     kinds = _OV
 
-    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
+        why = openvino_unsupported(torch.device("cpu"))
+        if why:
+            raise Unavailable(why)
         import openvino as ov
 
         with torch.no_grad():
@@ -169,7 +190,8 @@ class OpenVino:
         with signal_stack_kept():  # else Ctrl-C crashes the process
             compiled = ov.Core().compile_model(converted, "CPU", {
                 "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+                "INFERENCE_PRECISION_HINT": _OV_PRECISION[dtype], "PERF_COUNT": True})
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.request, self.x = compiled.create_infer_request(), x.numpy()
         self.warm()
         self.conv_layers = {  # runtime node name -> geometry, from the executed graph's shapes
@@ -240,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block", type=int, default=2,
                         help="profiled forwards back to back per runtime and round, after one "
                              "warm-up forward (default 2)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="bfloat16: ours and OpenVINO bf16 (ONNX Runtime's CPU provider "
+                             "has no bf16 convolution)")
     parser.add_argument("--threads", type=int, default=None, help="default: torch's")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
@@ -247,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = calibrate_(getattr(torchvision.models, args.arch)(), image_size=args.image_size)
-    result = {"arch": args.arch, "threads": torch.get_num_threads(), "unit": "ms per forward",
+    dtype = getattr(torch, args.dtype)
+    result = {"arch": args.arch, "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "unit": "ms per forward",
               "iters": args.iters, "block": args.block, "image_size": args.image_size,
               "protocol": "rotated warm blocks: per round, each runtime's warm-up forward, then "
                           "up to block profiled forwards; the order starts one runtime later "
@@ -260,8 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, runtime in RUNTIMES.items():
             start = time.perf_counter()
             try:
-                profilers[name] = runtime(model, x)
-            except ImportError as exc:  # a peer not installed: said, not fatal
+                profilers[name] = runtime(model, x, dtype)
+            except (ImportError, Unavailable) as exc:  # a peer that cannot run: said
                 table[name] = {"kinds": {}, "ops": {}, "layers": {}, "not_run": str(exc)}
                 print(f"{name} not run: {exc}")
                 continue
@@ -277,7 +304,11 @@ def main(argv: list[str] | None = None) -> dict:
         result["batches"][batch] = table
         rows = [t["kinds"] for t in table.values()]
         kinds = sorted({k for row in rows for k in row})
-        print(f"\n{args.arch} batch {batch}, {result['threads']} threads, ms per forward")
+        precision = getattr(profilers.get("openvino"), "precision", None)
+        if precision:
+            result.setdefault("openvino_precision", precision)
+        print(f"\n{args.arch} {args.dtype} batch {batch}, {result['threads']} threads, "
+              f"ms per forward" + (f" (OpenVINO ran {precision})" if precision else ""))
         print(f"{'kind':<14}" + "".join(f"{name:>13}" for name in table))
         for kind in kinds + ["total"]:
             cells = [sum(row.values()) if kind == "total" else row.get(kind, 0.0)

@@ -418,3 +418,22 @@ def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
         assert len(row["layers"]) == 11 and min(row["layers"].values()) > 0, (name, row)
         assert "3x32x32 k7x7 -> 64" in row["layers"]
         assert row["forwards_ms"] == [pytest.approx(sum(row["ops"].values()))]  # --iters 1
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                         and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="oneDNN runs no bf16 on this CPU (needs AVX-512 or AVX-NE-CONVERT)")
+def test_cpu_profile_script_in_bfloat16():
+    """--dtype bfloat16: ours runs its bf16 oneDNN convs (each geometry timed), ONNX Runtime
+    is said not to run (no bf16 CPU convolution), OpenVINO reports the precision it ran."""
+    profile = load_script(ROOT / "benchmarks" / "profile_cpu.py")
+    result = profile.main(["--arch", "resnet18", "--batch", "1", "--image-size", "32",
+                           "--iters", "1", "--dtype", "bfloat16"])
+    table = result["batches"][1]
+    assert result["dtype"] == "bfloat16"
+    assert "no bfloat16 convolution" in table["onnxruntime"]["not_run"]
+    ours = table["optimize"]
+    assert ours["kinds"]["conv"] > 0 and len(ours["layers"]) == 11
+    if "not_run" not in table["openvino"]:
+        assert result["openvino_precision"] in ("bf16", "f32")
+        assert table["openvino"]["kinds"]["conv"] > 0
