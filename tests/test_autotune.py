@@ -19,6 +19,7 @@ from resnet_fast.autotune import Tuner, TuningCacheWarning
 from resnet_fast.calibrate import calibrate_
 from resnet_fast.models import _fused
 from resnet_fast.models._fused import PADDED_STEM_CHANNELS
+from resnet_fast.models.program import Kept
 
 DEV = torch.device("cpu")
 LAYER = {"op": "conv_bias_act", "x": [2, 64, 8, 8], "dtype": "bfloat16",
@@ -218,7 +219,7 @@ def test_plans_measure_each_layer_once_and_then_only_look_up(two_candidates, mon
         # 20 convs, but layers of equal key (shape, weight, geometry, epilogue) share a choice
         measured = len(timed)
         assert 0 < measured < 2 * 20 and measured % 2 == 0
-        _, blocks = model.__dict__["_program_cache"][1]
+        blocks = Kept.of(model).blocks
         ops = {op for _, last, _ in blocks for op in last._tuned.values()}
         assert ops == {resnet_fast.ops.reference.conv_bias_act}
         expected = tv(x)
@@ -297,5 +298,5 @@ def test_on_cuda_auto_times_cuda_against_triton_once_per_layer(tmp_path, monkeyp
     entries = json.loads(path.read_text())["entries"]
     assert 0 < len(entries) <= 20
     assert {e["backend"] for e in entries.values()} <= {"cuda", "triton"}
-    stem = fast.model.__dict__["_program_cache"][1][0]
+    stem = Kept.of(fast.model).stem
     assert stem.pads and stem.weight.shape[1] == PADDED_STEM_CHANNELS

@@ -12,11 +12,11 @@ from _numerics import assert_within_reference_error
 from _pairs import model_pair
 
 from resnet_fast.models import _fused
+from resnet_fast.models.program import Kept
 
 
 def _kept(model):
-    return [m.__dict__[slot][1] for m in model.modules()
-            for slot in ("_plan_cache", "_program_cache") if slot in m.__dict__]
+    return [Kept.of(m) for m in model.modules() if Kept.of(m) is not None]
 
 
 def _grads(model, x, loss=lambda y: y.square().mean()):

@@ -33,6 +33,7 @@ from resnet_fast.models._fused import (
     padded_in_channels,
     stage_padded,
 )
+from resnet_fast.models.program import Kept
 
 CPU = resnet_fast.available_backends()["cpu"].available
 needs_cpu = pytest.mark.skipif(not CPU, reason="C++ extension not built")
@@ -222,7 +223,7 @@ def test_plans_follow_changes_to_the_model_itself():
     check(18)  # the model goes block by block; the hooked block runs fused and its hook fires
     model.layer1[1].backend = "reference"
     check(18)
-    plans = model.layer1[1].__dict__["_plan_cache"][1]
+    plans = Kept.of(model.layer1[1]).plans()
     assert all(p.dense_op is resnet_fast.ops.reference.conv_bias_act for p in plans)
 
 
@@ -328,18 +329,8 @@ def test_the_same_address_and_version_with_new_data_is_not_stale():
 
 @needs_cpu
 def _kept_plans(model):
-    """Every ConvPlan the model's modules keep (their per-module plans and fused programs)."""
-    def walk(obj):
-        if isinstance(obj, ConvPlan):
-            yield obj
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                yield from walk(item)
-    return [p for m in model.modules() for slot in _SLOTS if slot in m.__dict__
-            for p in walk(m.__dict__[slot][1])]
-
-
-_SLOTS = ("_plan_cache", "_program_cache")
+    """Every ConvPlan the model's modules keep (the programs of the model and its blocks)."""
+    return [p for m in model.modules() if Kept.of(m) is not None for p in Kept.of(m).plans()]
 
 
 def test_plans_do_not_grow_with_gradients_or_batch_sizes():
@@ -676,10 +667,10 @@ def test_a_model_with_a_padded_stem_matches_torchvisions_code():
         xh = x.half()
         plain = model.fc(torch.flatten(model.avgpool(model._forward_plain_features(xh)), 1))
         assert_within_reference_error(model(xh), plain, truth)
-        assert model.__dict__["_program_cache"][1][0].pads
+        assert Kept.of(model).stem.pads
         model.layer1[0].register_forward_hook(lambda m, i, o: None)
         assert_within_reference_error(model(xh), plain, truth)
-        assert model.__dict__["_plan_cache"][1][0].pads
+        assert Kept.of(model).stem.pads and not Kept.of(model).blocks  # the stem alone
 
 
 @pytest.mark.gpu
@@ -714,7 +705,7 @@ def test_cpu_backends_do_not_pad(backend):
 
 def _shortcuts(model):
     """(last plan, downsample plan, block) of every block with a fused downsample."""
-    _, blocks = model.__dict__["_program_cache"][1]
+    blocks = Kept.of(model).blocks
     with_ds = [b for stage in model._stages() for b in stage if b.downsample is not None]
     return [(last, ds, b) for (_, last, ds), b in zip([b for b in blocks if b[2] is not None],
                                                       with_ds)]
@@ -750,7 +741,7 @@ def test_a_block_on_its_own_moves_the_bias_too():
     x = torch.randn(2, 64, 8, 8)
     with torch.no_grad():
         _close(model.layer2[0](x), tv.layer2[0](x))
-        conv1, conv2, ds = model.layer2[0].__dict__["_plan_cache"][1]
+        conv1, conv2, ds = Kept.of(model.layer2[0]).plans()
         assert ds.bias is None and not ds.relu
 
 

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import resnet_fast
 from resnet_fast import autotune
 from resnet_fast.calibrate import calibrate_
+from resnet_fast.models.program import Kept
 from resnet_fast.ops.conv_bias_act import onednn_dtypes
 
 CPU = resnet_fast.available_backends()["cpu"].available
@@ -395,15 +396,12 @@ def test_dropped_plans_free_their_weights_without_the_cyclic_gc():
     import gc
     import weakref
 
-    from resnet_fast.models._fused import ConvPlan
-
     model, _ = _pair()
     x = _x()
     with torch.no_grad():
         model(x)
-        program = model.__dict__["_program_cache"][1]
-        plans = [program[0]] + [p for head, last, short in program[1]
-                                for p in (*head, last, short) if isinstance(p, ConvPlan)]
+        program = Kept.of(model)
+        plans = program.plans()
         weights = [weakref.ref(p.weight) for p in plans]
         del program, plans
         gc.disable()

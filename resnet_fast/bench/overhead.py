@@ -43,7 +43,6 @@ import torchvision
 
 from .. import convert
 from ..calibrate import calibrate_
-from ..models._fused import ConvPlan
 from .env import environment
 from .timing import Blocks, flat, quantile, warm_blocks
 
@@ -79,7 +78,7 @@ def _plans_direct(model):
     program = model._fused_program([model.layer1, model.layer2, model.layer3, model.layer4])
 
     def run(x):
-        x = model._run_program(x, program)
+        x = program(x, model.maxpool)
         return model.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
     return run
 
@@ -100,10 +99,7 @@ def _recorded_kernels(tv: torchvision.models.ResNet, program, x: torch.Tensor):
             return out
         return call
 
-    stem, blocks = program
-    plans = [stem]
-    for head, last, shortcut in blocks:
-        plans += [*head, last] + ([shortcut] if isinstance(shortcut, ConvPlan) else [])
+    plans = program.plans()
     saved = [(plan.dense_op, plan.packed_op) for plan in plans]
     try:
         for name in names:

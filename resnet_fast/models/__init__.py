@@ -27,8 +27,8 @@ from torchvision.models import (
 )
 
 from . import weights as _weights
-from ._fused import refresh
 from .cifar import CifarResNet, PadShortcut
+from .program import refresh
 from .regularizers import DropBlock2d, DropPath, drop_path
 from .resnet import BasicBlock, Bottleneck, ResNet, conv1x1, conv3x3
 

@@ -4,11 +4,10 @@ fused conv on BN-folded weights, run from per-layer plans the model owns.
 A plan (:class:`ConvPlan`) is made once per conv -> BN pair: the folded weight and bias (the
 layout the kernel wants; on CPU float32, and bfloat16 where oneDNN runs it, also
 oneDNN-packed per input size), the backend and the exact op resolved, the geometry as the op
-takes it. A forward then only calls the op. A whole
-ResNet keeps one flat program of its plans (``_Backbone._fused_program``) and checks it once
-per forward; a block called on its own keeps and checks its own plans.
+takes it. Plans run as a program (``program.py``: one per ResNet, or per block called on its
+own), checked once per forward, after which each conv is one op call.
 
-When plans are rebuilt. Plans are kept together with a key: each BN's eps, each conv's
+When plans are rebuilt. Plans are kept (``program.Kept``) together with a key: each BN's eps, each conv's
 geometry (stride, padding, dilation, groups), the backend, and (version counter, data
 pointer, dtype, device, sizes and strides) of every tensor the fold reads (conv weight and
 bias, BN weight, bias, running stats, num_batches_tracked: BatchNorm's kernel updates the
@@ -44,7 +43,7 @@ it, as does a forward that ``torch.jit.trace`` or ``torch.fx.symbolic_trace`` re
 """
 
 import functools
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +53,6 @@ from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
 
 from .. import autotune, ops
-from .._extension import tensor_states
 from ..backends import requested_backend, resolve, tuned_backends
 from ..kernels.layout import layout_of
 from ..ops import reference
@@ -62,7 +60,6 @@ from ..ops.conv_bias_act import fold_bn_tensors, onednn_dtypes
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
-T = TypeVar("T")
 # Whether torch.fx.symbolic_trace is recording. Where torch has only is_fx_tracing, that is
 # also true under torch.export, which recorded() rules out first (torch.compiler.is_compiling).
 _fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
@@ -429,122 +426,3 @@ def autocast_dtype(weight: Tensor) -> Optional[torch.dtype]:
         return None
     dtype = torch.get_autocast_dtype(device)
     return None if weight.dtype in (dtype, torch.float64) else dtype
-
-
-class FusedEvalMixin:
-    """Per-layer plans for a module's conv -> BN pairs (a plain attribute, not a parameter or
-    buffer: state_dicts are unchanged; dropped when pickled or deep-copied).
-
-    A subclass lists its pairs as ``_fold_spec`` ((conv name, bn name, relu), ...); its
-    ``relu`` module is what the fused forward skips besides them, and a ``downsample``
-    Sequential(conv, bn) is a further pair without ReLU.
-    """
-
-    backend: Optional[str]
-    _fold_spec: tuple[tuple[str, str, bool], ...]
-
-    def _fold_pairs(self) -> Optional[list[tuple[nn.Module, nn.Module, bool]]]:
-        """(conv, bn, relu) of every pair, in ``_fold_spec`` order then the downsample; None
-        where a module the fused forward skips (its ReLU) is not exactly ``nn.ReLU`` or has
-        hooks."""
-        mods = self._modules
-        pairs = [(mods[c], mods[b], relu) for c, b, relu in self._fold_spec]
-        ds = mods.get("downsample")
-        if type(ds) is nn.Sequential:
-            if len(ds) != 2 or not no_hooks(ds):
-                return None
-            pairs.append((ds._modules["0"], ds._modules["1"], False))
-        return pairs if exact_relu(mods.get("relu")) else None
-
-    def _may_fuse(self) -> bool:
-        """Not training, not inside a torch.func transform, no global module hooks."""
-        return not (self.training or in_functorch() or not no_global_hooks())
-
-    def _fused_plans(self) -> Optional[list[ConvPlan]]:
-        """The plans of this module's pairs (``_fold_pairs`` order); None where the fused
-        forward must not run (training, a pair that is not foldable, hooks on a skipped
-        module, inside a torch.func transform)."""
-        if not self._may_fuse():
-            return None
-        pairs = self._fold_pairs()
-        if pairs is None:
-            return None
-        return cached_plans(self, "_plan_cache", [(self.backend, pairs, len(self._fold_spec))],
-                            [], _first)
-
-    def _drop_plans(self) -> None:
-        self.__dict__.pop("_plan_cache", None)
-        self.__dict__.pop("_program_cache", None)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._drop_plans()
-        return super()._apply(fn, *args, **kwargs)
-
-    def train(self, mode: bool = True):
-        self._drop_plans()
-        return super().train(mode)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_plan_cache", None)  # packed oneDNN weights do not pickle; rebuilt on use
-        state.pop("_program_cache", None)
-        return state
-
-
-def _first(plans: list[list[ConvPlan]]) -> list[ConvPlan]:
-    return plans[0]
-
-
-def cached_plans(holder: nn.Module, slot: str, groups: list, extra_key: list,
-                 assemble: Callable[[list[list[ConvPlan]]], T]) -> Optional[T]:
-    """``assemble(plans)``, plans being one list per group of ``groups`` ([(backend,
-    [(conv, bn, relu), ...], own), ...]: ``own`` pairs, then a downsample pair if present, see
-    :func:`group_plans`), kept in ``holder.__dict__[slot]`` with its key; None if a pair is not
-    foldable.
-
-    The key: ``extra_key`` (modules the assembled program calls, compared by identity), each
-    group's backend, each BN's eps, each conv's geometry, the autocast dtype and (version,
-    data pointer, dtype, device, sizes, strides) of every source tensor. One pass with dicts
-    read directly: it runs on every forward, and the key is what keeps the plans from ever
-    being stale. Nothing is kept under torch.compile, while gradients flow into a source, or
-    under a FakeTensorMode (plans of fake tensors would poison every later real forward)."""
-    key = list(extra_key)
-    sources: list[Tensor] = []
-    for backend, pairs, _ in groups:
-        key.append(backend)
-        for conv, bn, _ in pairs:
-            if not add_pair(conv, bn, key, sources):
-                return None
-    cast = autocast_dtype(sources[0])
-    key.append(cast)
-
-    def build(differentiable: bool) -> list[list[ConvPlan]]:
-        return [group_plans(backend, pairs, own, differentiable, cast)
-                for backend, pairs, own in groups]
-
-    if torch.compiler.is_compiling() or faking() or (
-            cast is not None and torch.is_grad_enabled()
-            and any(t.requires_grad for t in sources)):
-        return assemble(build(True))  # the fold inside the graph / differentiable: nothing kept
-    try:
-        key.append(tensor_states(sources))
-    except RuntimeError:  # inference tensors have no version counter: nothing to watch
-        return assemble(build(False))
-    cached = holder.__dict__.get(slot)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    program = assemble(build(False))
-    # One assignment: a concurrent reader sees the old entry or the new one, both valid for
-    # their keys. The aliases keep the recorded storages (and addresses) alive.
-    holder.__dict__[slot] = (key, program, [t.detach() for t in sources])
-    return program
-
-
-def refresh(model: nn.Module) -> nn.Module:
-    """Drop every prepared plan of ``model``; the next forward rebuilds them from the current
-    weights. Needed only after writes that bypass version counters (``p.data.copy_(...)``,
-    ``.numpy()`` views, DLPack, raw-pointer kernels); every other change is seen on its own."""
-    for m in model.modules():
-        if isinstance(m, FusedEvalMixin):
-            m._drop_plans()
-    return model

@@ -2,8 +2,8 @@
 (torchvision/models/resnet.py), so torchvision checkpoints load with strict=True.
 
 What differs from torchvision is inside ``forward`` only: in eval mode every conv -> BN
-(-> add) -> ReLU runs as one fused conv from per-layer plans the model owns (``_fused.py``;
-a whole ResNet runs them as one flat program); in training mode every BN -> (add ->) ReLU is
+(-> add) -> ReLU runs as one fused conv from per-layer plans (``_fused.py``), run as one
+program per ResNet, or per block called on its own (``program.py``); in training mode every BN -> (add ->) ReLU is
 one fused ``batch_norm_act``. Both compute what torchvision computes. Where they could not
 (hooks, a norm layer other than ``nn.BatchNorm2d``, parametrized convs, torch.func
 transforms) and where a tool records the model (``torch.jit.script``, ``torch.jit.trace``,
@@ -24,17 +24,9 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import requested_backend
 from ..kernels.layout import layout_of
-from ._fused import (
-    ConvPlan,
-    FusedEvalMixin,
-    cached_plans,
-    exact_relu,
-    in_functorch,
-    no_global_hooks,
-    no_hooks,
-    recorded,
-)
+from ._fused import exact_relu, in_functorch, no_global_hooks, no_hooks, recorded
 from .norm import bn_act, fusable_bn
+from .program import FusedEvalMixin, Kept, Program, may_fuse, pairs_of
 from .regularizers import DropBlock2d, DropPath
 
 
@@ -91,20 +83,25 @@ class _Block(FusedEvalMixin, nn.Module):
         torchvision's code otherwise (and for an mkldnn or sparse x, which torchvision's own
         code takes or refuses)."""
         if not recorded() and x.layout == torch.strided:
-            plans = self._fused_plans()
-            if plans is not None:
-                n = len(self._fold_spec)
-                identity = self._identity_fused(x, plans[n] if len(plans) > n else None)
-                out = x
-                for plan in plans[:n - 1]:
-                    out = plan(out)
-                return plans[n - 1](out, identity)
+            program = self._fused_program()
+            if program is not None:
+                return program(x)
             if self._fused_train():
                 return self._forward_train(x)
         return self._forward_plain(x)
 
     def _forward_train(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _fused_program(self) -> Optional[Program]:
+        """This block alone as a program (:mod:`.program`); None where it must run as modules
+        (training, hooks on a module the fused forward skips, a pair that does not fold)."""
+        if not may_fuse(self):
+            return None
+        pairs = pairs_of(self)
+        if pairs is None:
+            return None
+        return Kept.program_for(self, None, [_block_group(self, pairs)])
 
     def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(conv, bn) of the block's own pairs, as ``_fold_spec`` names them."""
@@ -126,11 +123,6 @@ class _Block(FusedEvalMixin, nn.Module):
 
     def _identity(self, x: Tensor) -> Tensor:
         return x if self.downsample is None else self.downsample(x)
-
-    def _identity_fused(self, x: Tensor, downsample_plan) -> Tensor:
-        if downsample_plan is not None:
-            return downsample_plan(x)
-        return self._identity(x)  # e.g. CIFAR's shortcut
 
 
 class BasicBlock(_Block):
@@ -222,12 +214,6 @@ def fused_train_ok(m: nn.Module) -> bool:
             and exact_relu(m._modules.get("relu")))
 
 
-# The stem's plan, then per block: its plans but the last, its last plan (which takes the
-# residual) and its shortcut (None: the identity; a plan: the fused downsample pair; else the
-# downsample module).
-FusedProgram = tuple[ConvPlan, list[tuple[tuple[ConvPlan, ...], ConvPlan, Optional[Callable]]]]
-
-
 class _Backbone(FusedEvalMixin, nn.Module):
     """What the ImageNet and CIFAR ResNets share: input check, stem, head and forward.
     Subclasses define ``_stages`` and ``_forward_plain_features`` and set ``in_channels``,
@@ -262,56 +248,35 @@ class _Backbone(FusedEvalMixin, nn.Module):
         ``nn.ReLU``, none with hooks: the stem's BN -> ReLU is one fused batch_norm_act."""
         return fused_train_ok(self) and fusable_bn(self.bn1)
 
-    def _stem(self, x: Tensor, plans, train: bool) -> Tensor:
-        """relu(bn1(conv1(x))): one fused conv in eval mode (``plans``), the conv then one
-        fused batch_norm_act in training (``train``: :meth:`_fused_train`)."""
-        if plans is not None:
-            return plans[0](x)
-        if train:
-            return bn_act(self.bn1, self.conv1(x), backend=self.backend)
-        return self.relu(self.bn1(self.conv1(x)))
-
-    def _fused_program(self, stages: list[nn.Module]) -> Optional[FusedProgram]:
-        """The whole fused eval forward as one flat program (the stem's plan, then per block
-        its plans and shortcut), checked once per forward instead of once per block; None
-        where any module must run as a module (training, hooks, a block of another class,
-        a pair that is not foldable), and the forward goes block by block."""
-        if not self._may_fuse():
+    def _fused_program(self, stages: list[nn.Module]) -> Optional[Program]:
+        """The whole fused eval forward as one program (the stem's plan, then every block),
+        checked once per forward instead of once per block; None where any module must run as
+        a module (training, hooks, a block of another class, a pair that is not foldable),
+        and the forward goes block by block."""
+        if not may_fuse(self):
             return None
-        stem = self._fold_pairs()
+        stem = pairs_of(self)
         if stem is None:
             return None
-        groups = [(self.backend, stem, 1)]
-        held = []  # per block: its class, and its downsample when that is not a fused pair
+        blocks = []
         for stage in stages:
             if type(stage) is not nn.Sequential or not no_hooks(stage):
                 return None
             for block in stage._modules.values():
-                kind = type(block)
-                if kind not in _BLOCKS or block.training or not no_hooks(block):
+                if type(block) not in _BLOCKS or block.training or not no_hooks(block):
                     return None
-                pairs = block._fold_pairs()
+                pairs = pairs_of(block)
                 if pairs is None:
                     return None
-                groups.append((block.backend, pairs, len(kind._fold_spec)))
-                ds = block.downsample
-                held.append((kind, None if type(ds) is nn.Sequential else ds))
-        return cached_plans(self, "_program_cache", groups, held, _assembler(held))
+                blocks.append(_block_group(block, pairs))
+        return Kept.program_for(self, (self.backend, stem, 1, None), blocks)
 
-    def _run_program(self, x: Tensor, program: FusedProgram) -> Tensor:
-        """The fused eval features, channels_last."""
-        stem, blocks = program
-        x = stem(x if stem.pads else x.contiguous(memory_format=torch.channels_last))
-        maxpool = getattr(self, "maxpool", None)
-        if maxpool is not None:
-            x = maxpool(x)
-        for head, last, shortcut in blocks:
-            identity = x if shortcut is None else shortcut(x)
-            out = x
-            for plan in head:
-                out = plan(out)
-            x = last(out, identity)
-        return x
+    def _stem_program(self) -> Optional[Program]:
+        """The stem alone as a program, for a forward that calls the blocks as modules."""
+        if not may_fuse(self):
+            return None
+        stem = pairs_of(self)
+        return None if stem is None else Kept.program_for(self, (self.backend, stem, 1, None), [])
 
     @torch.jit.unused
     def _features(self, x: Tensor, keep_layout: bool = True) -> Tensor:
@@ -329,21 +294,24 @@ class _Backbone(FusedEvalMixin, nn.Module):
             return self._forward_plain_features(x)
         fmt = layout_of(x) if keep_layout else torch.channels_last
         stages = self._stages()
+        maxpool = getattr(self, "maxpool", None)
         program = self._fused_program(stages)
         if program is not None:
-            return self._run_program(x, program).contiguous(memory_format=fmt)
-        plans = self._fused_plans()
-        train = plans is None and self._fused_train()
-        fused = plans is not None or train
-        if train or (fused and not plans[0].pads):
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self._stem(x, plans, train)
-        maxpool = getattr(self, "maxpool", None)
+            return program(x, maxpool).contiguous(memory_format=fmt)
+        stem = self._stem_program()
+        train = stem is None and self._fused_train()
+        if stem is not None:
+            x = stem(x)
+        elif train:  # relu(bn1(conv1(x))): the conv, then one fused batch_norm_act
+            x = bn_act(self.bn1, self.conv1(x.contiguous(memory_format=torch.channels_last)),
+                       backend=self.backend)
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
         if maxpool is not None:
             x = maxpool(x)
         for stage in stages:
             x = stage(x)
-        return x.contiguous(memory_format=fmt) if fused else x
+        return x if stem is None and not train else x.contiguous(memory_format=fmt)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Global average pool and fc: (N, C, h, w) -> (N, num_classes), or the pooled (N, C)
@@ -528,17 +496,12 @@ class ResNet(_Backbone):
 _BLOCKS = (BasicBlock, Bottleneck)
 
 
-def _assembler(held: list[tuple[type, Optional[nn.Module]]]
-               ) -> Callable[[list[list[ConvPlan]]], FusedProgram]:
-    """The program from the plans of the stem and of each block (``held``: each block's
-    class and its downsample module when that is not a fused pair)."""
-    def assemble(plans: list[list[ConvPlan]]) -> FusedProgram:
-        blocks = []
-        for (kind, ds), own in zip(held, plans[1:]):
-            n = len(kind._fold_spec)
-            blocks.append((tuple(own[:n - 1]), own[n - 1], own[n] if len(own) > n else ds))
-        return plans[0][0], blocks
-    return assemble
+def _block_group(block: _Block, pairs: list):
+    """A block's group for :meth:`.program.Kept.program_for`: its backend, pairs, own pair count
+    and its downsample module where that is not a fused pair (None for the identity)."""
+    ds = block.downsample
+    return (block.backend, pairs, len(block._fold_spec),
+            None if type(ds) is nn.Sequential else ds)
 
 
 def zero_init_last_bn(model: nn.Module) -> None:

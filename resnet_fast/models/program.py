@@ -1,0 +1,211 @@
+"""The fused eval forward as a program of prepared plans, and where a module keeps it.
+
+A :class:`Program` is the stem's plan (or none) and, per block, its plans before the last, its
+last plan (which takes the residual) and its shortcut. A whole ResNet runs one program (stem,
+then its maxpool, then every block); a block called on its own runs the same kind of program
+over its own pairs; a ResNet whose blocks cannot all fuse runs the program of its stem alone
+and calls the blocks as modules. There is no other fused forward.
+
+:class:`Kept` is the keeping: a module's program with the key it was built for. The key (see
+``_fused.py``'s docstring for why it is complete): each group's backend, each BN's eps and
+each conv's geometry (:func:`~._fused.add_pair`), the block classes and downsample modules a
+program calls, the autocast dtype, and (version, data pointer, dtype, device, sizes, strides)
+of every tensor the folds read, in one C++ call (``tensor_states``). It is recomputed on every
+forward; a program whose key differs is rebuilt. ``_apply``, ``train()``/``eval()`` and
+``set_backend`` drop it; :func:`refresh` drops every program of a model.
+"""
+
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._extension import tensor_states
+from ._fused import (
+    ConvPlan,
+    add_pair,
+    autocast_dtype,
+    exact_relu,
+    faking,
+    group_plans,
+    in_functorch,
+    no_global_hooks,
+    no_hooks,
+)
+
+# A block's shortcut: None is the identity, a ConvPlan the fused downsample pair, anything else
+# the block's downsample module (e.g. CIFAR's PadShortcut), called as it is.
+Shortcut = Optional[Callable[[Tensor], Tensor]]
+
+
+class Block(NamedTuple):
+    """One block's fused forward: relu(last(head(x)) + shortcut(x))."""
+    head: tuple[ConvPlan, ...]
+    last: ConvPlan
+    shortcut: Shortcut
+
+    def __call__(self, x: Tensor) -> Tensor:
+        identity = x if self.shortcut is None else self.shortcut(x)
+        out = x
+        for plan in self.head:
+            out = plan(out)
+        return self.last(out, identity)
+
+    def plans(self) -> list[ConvPlan]:
+        """Every plan the block runs, the downsample's last."""
+        shortcut = [self.shortcut] if isinstance(self.shortcut, ConvPlan) else []
+        return [*self.head, self.last, *shortcut]
+
+
+class Program(NamedTuple):
+    """The stem's plan (or None), then the blocks, channels_last inside."""
+    stem: Optional[ConvPlan]
+    blocks: tuple[Block, ...]
+
+    def __call__(self, x: Tensor, pool: Optional[nn.Module] = None) -> Tensor:
+        """The program on x; ``pool`` (the model's maxpool, looked up by the caller on every
+        forward) runs after the stem."""
+        if self.stem is not None:
+            x = self.stem(x if self.stem.pads else x.contiguous(memory_format=torch.channels_last))
+        if pool is not None:
+            x = pool(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def plans(self) -> list[ConvPlan]:
+        """Every plan, in the order the program runs them."""
+        stem = [] if self.stem is None else [self.stem]
+        return stem + [p for block in self.blocks for p in block.plans()]
+
+
+# A block group: (backend, (conv, bn, relu) pairs, how many are the block's own, the shortcut
+# module when it is not a fused pair); the stem group is (backend, pairs, 1, None).
+Group = tuple[Optional[str], list, int, Shortcut]
+
+
+def pairs_of(module: nn.Module) -> Optional[list[tuple[nn.Module, nn.Module, bool]]]:
+    """(conv, bn, relu) of every pair of a block or stem (its ``_fold_spec``, then a
+    ``downsample`` Sequential(conv, bn) as a pair without ReLU); None where the module its
+    fused forward skips (``relu``) is not exactly ``nn.ReLU`` or a downsample has hooks."""
+    mods = module._modules
+    pairs = [(mods[c], mods[b], relu) for c, b, relu in module._fold_spec]
+    ds = mods.get("downsample")
+    if type(ds) is nn.Sequential:
+        if len(ds) != 2 or not no_hooks(ds):
+            return None
+        pairs.append((ds._modules["0"], ds._modules["1"], False))
+    return pairs if exact_relu(mods.get("relu")) else None
+
+
+def may_fuse(module: nn.Module) -> bool:
+    """Not training, not inside a torch.func transform, no global module hooks."""
+    return not (module.training or in_functorch() or not no_global_hooks())
+
+
+class Kept:
+    """A module's program, the key it was built for, and aliases of the tensors it was built
+    from (they keep the recorded storages, and so addresses, alive: no other tensor can be
+    allocated where a key says a source was). Stored in one ``__dict__`` slot of the module,
+    replaced in one assignment: a concurrent reader sees the old entry or the new one, each
+    valid for its key."""
+
+    __slots__ = ("key", "program", "aliases")
+    SLOT = "_kept_program"
+
+    def __init__(self, key: list, program: Program, aliases: list[Tensor]) -> None:
+        self.key, self.program, self.aliases = key, program, aliases
+
+    @staticmethod
+    def program_for(holder: nn.Module, stem: Optional[Group],
+                blocks: Sequence[Group]) -> Optional[Program]:
+        """The program of ``stem`` and ``blocks``, kept in ``holder`` with its key; None if a
+        pair is not foldable. Nothing is kept under torch.compile (the fold goes into the
+        graph), under a FakeTensorMode (fake plans would poison later real forwards), under
+        autocast while gradients flow into a source (differentiable plans), or for inference
+        tensors (no version counter to watch). One pass with dicts read directly: this runs
+        on every forward."""
+        groups = ([] if stem is None else [stem]) + list(blocks)
+        key: list = [stem is None]
+        sources: list[Tensor] = []
+        for backend, pairs, own, shortcut in groups:
+            key += (backend, own, shortcut)
+            for conv, bn, _ in pairs:
+                if not add_pair(conv, bn, key, sources):
+                    return None
+        cast = autocast_dtype(sources[0])
+        key.append(cast)
+
+        def build(differentiable: bool) -> Program:
+            plans = [group_plans(backend, pairs, own, differentiable, cast)
+                     for backend, pairs, own, _ in groups]
+            head = None if stem is None else plans.pop(0)[0]
+            return Program(head, tuple(
+                Block(tuple(p[:own - 1]), p[own - 1], p[own] if len(p) > own else shortcut)
+                for p, (_, _, own, shortcut) in zip(plans, blocks)))
+
+        if torch.compiler.is_compiling() or faking() or (
+                cast is not None and torch.is_grad_enabled()
+                and any(t.requires_grad for t in sources)):
+            return build(True)
+        try:
+            key.append(tensor_states(sources))
+        except RuntimeError:  # inference tensors have no version counter: nothing to watch
+            return build(False)
+        kept = holder.__dict__.get(Kept.SLOT)
+        if kept is not None and kept.key == key:
+            return kept.program
+        program = build(False)
+        holder.__dict__[Kept.SLOT] = Kept(key, program, [t.detach() for t in sources])
+        return program
+
+    @staticmethod
+    def of(module: nn.Module) -> Optional[Program]:
+        """The program ``module`` keeps now, if any."""
+        kept = module.__dict__.get(Kept.SLOT)
+        return None if kept is None else kept.program
+
+    @staticmethod
+    def drop(module: nn.Module) -> None:
+        module.__dict__.pop(Kept.SLOT, None)
+
+
+class FusedEvalMixin:
+    """What a block or a backbone needs to keep a program (a plain attribute, not a parameter
+    or buffer: state_dicts are unchanged; dropped when pickled or deep-copied, and whenever
+    ``_apply``, ``train()``/``eval()`` run).
+
+    A subclass lists its pairs as ``_fold_spec`` ((conv name, bn name, relu), ...); its
+    ``relu`` module is what the fused forward skips besides them, and a ``downsample``
+    Sequential(conv, bn) is a further pair without ReLU.
+    """
+
+    backend: Optional[str]
+    _fold_spec: tuple[tuple[str, str, bool], ...]
+
+    def _drop_plans(self) -> None:
+        Kept.drop(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_plans()
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._drop_plans()
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop(Kept.SLOT, None)  # packed oneDNN weights do not pickle; rebuilt on use
+        return state
+
+
+def refresh(model: nn.Module) -> nn.Module:
+    """Drop every prepared program of ``model``; the next forward rebuilds them from the
+    current weights. Needed only after writes that bypass version counters
+    (``p.data.copy_(...)``, ``.numpy()`` views, DLPack, raw-pointer kernels); every other
+    change is seen on its own."""
+    for m in model.modules():
+        if isinstance(m, FusedEvalMixin):
+            m._drop_plans()
+    return model
