@@ -11,6 +11,7 @@ import gc
 import io
 import os
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -738,7 +739,7 @@ def test_downsample_bias_moves_into_the_last_conv(arch):
 
 def test_a_block_on_its_own_moves_the_bias_too():
     model, tv = _pair("resnet18")
-    x = torch.randn(2, 64, 8, 8)
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         _close(model.layer2[0](x), tv.layer2[0](x))
         conv1, conv2, ds = Kept.of(model.layer2[0]).plans()
@@ -785,3 +786,20 @@ def test_optimize_casts_and_lays_out_the_input_in_one_copy():
         out = optimized(x)
     assert ops.copies() == 1
     _close(out.float(), tv(x))
+
+
+def test_a_block_on_its_own_runs_fused_on_channels_last_and_torchvisions_code_on_nchw():
+    model, tv = _pair("resnet50")
+    block, tv_block = model.layer2[0], tv.layer2[0]
+    x = torch.randn(2, 256, 8, 8)
+    calls = []
+    real = ConvPlan.__call__
+    with torch.no_grad(), mock.patch.object(ConvPlan, "__call__",
+                                            lambda *a: calls.append(1) or real(*a)):
+        out = block(x)  # NCHW: torchvision's code, its output NCHW
+        assert not calls and Kept.of(block) is None and out.is_contiguous()
+        _close(out, tv_block(x))
+        cl = x.contiguous(memory_format=torch.channels_last)
+        out = block(cl)
+        assert len(calls) == 4 and out.is_contiguous(memory_format=torch.channels_last)
+        _close(out, tv_block(x))

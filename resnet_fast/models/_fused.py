@@ -51,8 +51,9 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .. import autotune, ops
+from .. import autotune
 from ..backends import requested_backend, resolve, tuned_backends
 from ..kernels.layout import layout_of
 from ..ops import reference
@@ -106,13 +107,16 @@ def recorded() -> bool:
 
 
 def add_pair(conv: nn.Module, bn: nn.Module, key: list, sources: list[Tensor]) -> bool:
-    """Whether conv -> bn can run as one fused conv in eval mode, computing exactly what the
-    two modules compute: an ``nn.Conv2d`` with zero padding and a plain tensor weight, then a
-    BatchNorm (exact classes) in eval mode with running stats, neither with hooks. If so,
-    appends to ``key`` what the fold depends on besides tensors (eps, the geometry) and to
-    ``sources`` every tensor it reads. Dicts read directly: this runs on every forward."""
-    if not (type(conv) is nn.Conv2d and type(bn) in _BN_TYPES and no_hooks(conv)
-            and no_hooks(bn) and not bn.training and bn.track_running_stats
+    """Whether conv -> bn can run as one fused conv, computing exactly what the two modules
+    compute: an ``nn.Conv2d`` with zero padding and a plain tensor weight, then a BatchNorm
+    (exact classes) in eval mode with running stats or torchvision's ``FrozenBatchNorm2d``
+    (detection backbones; a fixed affine), neither with hooks. If so, appends to ``key`` what
+    the fold depends on besides tensors (eps, the geometry) and to ``sources`` every tensor it
+    reads. Dicts read directly: this runs on every forward."""
+    kind = type(bn)
+    if not (type(conv) is nn.Conv2d and no_hooks(conv) and no_hooks(bn)
+            and (kind is FrozenBatchNorm2d or (kind in _BN_TYPES and not bn.training
+                                               and bn.track_running_stats))
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):  # not "same"
         return False
     p, q, b = conv._parameters, bn._parameters, bn._buffers
@@ -367,11 +371,14 @@ class _PlannedConv(torch.autograd.Function):
             with torch.enable_grad():
                 weight, bias = refold(plan.folds, leaves)
             outs, seeds = [weight], [grad_w]
-            if bias is not None:
+            if bias is not None and bias.requires_grad:  # (not where only buffers made it)
                 acc = torch.promote_types(bias.dtype, torch.float32)
                 outs.append(bias)
                 seeds.append(grad.sum((0, 2, 3), dtype=acc).to(bias.dtype))
-            got = torch.autograd.grad(outs, [leaves[i] for i in wanted], seeds, allow_unused=True)
+            if not weight.requires_grad:  # only the bias's tensors want gradients
+                outs, seeds = outs[1:], seeds[1:]
+            got = torch.autograd.grad(outs, [leaves[i] for i in wanted], seeds,
+                                      allow_unused=True) if outs else ()
             for i, g in zip(wanted, got):
                 grads[2 + i] = g
         return (None, *grads)
@@ -398,9 +405,9 @@ def group_plans(backend: Optional[str], pairs: list, own: int, differentiable: b
 
 def _group_plans(backend: Optional[str], pairs: list, own: int, differentiable: bool,
                  cast: Optional[torch.dtype]) -> list[ConvPlan]:
-    folded = [ops.fold_bn(conv, bn) for conv, bn, _ in pairs]
     tensors = [(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
                for conv, bn, _ in pairs]
+    folded = [fold_bn_tensors(*t, bn.eps) for t, (_, bn, _) in zip(tensors, pairs)]
     terms = [[(bn.eps, True, True)] for _, bn, _ in pairs]
     if len(pairs) > own:
         (w_last, b_last), (w_ds, b_ds) = folded[own - 1], folded[own]

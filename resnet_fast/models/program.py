@@ -99,8 +99,14 @@ def pairs_of(module: nn.Module) -> Optional[list[tuple[nn.Module, nn.Module, boo
 
 
 def may_fuse(module: nn.Module) -> bool:
-    """Not training, not inside a torch.func transform, no global module hooks."""
-    return not (module.training or in_functorch() or not no_global_hooks())
+    """Not inside a torch.func transform, no global module hooks, and in eval mode or in
+    training without an active regularizer (DropBlock, DropPath): a module in training fuses
+    only pairs that compute the same in both modes, a conv -> FrozenBatchNorm2d
+    (:func:`~._fused.add_pair` refuses a BatchNorm in training)."""
+    if in_functorch() or not no_global_hooks():
+        return False
+    return not module.training or (getattr(module, "drop_block", None) is None
+                                   and getattr(module, "drop_path", None) is None)
 
 
 class Kept:

@@ -3,9 +3,11 @@
 
 What differs from torchvision is inside ``forward`` only: in eval mode every conv -> BN
 (-> add) -> ReLU runs as one fused conv from per-layer plans (``_fused.py``), run as one
-program per ResNet, or per block called on its own (``program.py``); in training mode every BN -> (add ->) ReLU is
-one fused ``batch_norm_act``. Both compute what torchvision computes. Where they could not
-(hooks, a norm layer other than ``nn.BatchNorm2d``, parametrized convs, torch.func
+program per ResNet, or per block called on its own on a channels_last input (``program.py``);
+a conv -> FrozenBatchNorm2d (detection backbones) fuses the same way in training too. In
+training every BN -> (add ->) ReLU is one fused ``batch_norm_act``. Both compute what
+torchvision computes. Where they could not (hooks, another norm layer, parametrized convs,
+torch.func
 transforms) and where a tool records the model (``torch.jit.script``, ``torch.jit.trace``,
 ``torch.fx.symbolic_trace`` and so torchvision's feature extraction), the model runs
 torchvision's own module-by-module code: the recorded graph is torchvision's, with its node
@@ -81,9 +83,15 @@ class _Block(FusedEvalMixin, nn.Module):
     def _forward_eager(self, x: Tensor) -> Tensor:
         """Fused where it computes what torchvision computes and no tool records the model;
         torchvision's code otherwise (and for an mkldnn or sparse x, which torchvision's own
-        code takes or refuses)."""
+        code takes or refuses). In eval mode a block called on its own runs fused on a
+        channels_last x only: on NCHW activations oneDNN's fused conv is slower than eager's
+        unfused path (a ResNet-50 layer1 block at 128x128, batch 1, one thread: 64.8 ms fused
+        vs 32.1 eager, 53.8 with the two layout copies running channels_last inside would
+        cost), so an NCHW x runs torchvision's code. A whole model converts its input once."""
         if not recorded() and x.layout == torch.strided:
-            program = self._fused_program()
+            # (a layout query raises inside vmap: the torch.func check comes first)
+            program = (self._fused_program() if not in_functorch()
+                       and x.is_contiguous(memory_format=torch.channels_last) else None)
             if program is not None:
                 return program(x)
             if self._fused_train():
@@ -263,7 +271,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
             if type(stage) is not nn.Sequential or not no_hooks(stage):
                 return None
             for block in stage._modules.values():
-                if type(block) not in _BLOCKS or block.training or not no_hooks(block):
+                if type(block) not in _BLOCKS or not no_hooks(block) or not may_fuse(block):
                     return None
                 pairs = pairs_of(block)
                 if pairs is None:
