@@ -104,15 +104,22 @@ def test_cpu_odd_sizes(conv, batch, hw):
     _check("cpu", x, w, None, geo, None)
 
 
-def test_weight_cache_is_never_stale():
+def test_the_op_is_a_pure_function_of_its_inputs():
+    # docs/design.md: no op keeps state keyed on a tensor's address or version; a prepared
+    # weight is an explicit input. So an in-place edit of the weight (the version is bumped,
+    # the address kept) and a new weight at a possibly recycled address both give the new
+    # result, and a packed weight is a copy made when it was packed.
     x, w, b, geo, r = _case((16, 32, 3, 1, 1, 1, 1, 8))
     first = conv_bias_act(x, w, b, *geo, r, backend="cpu")
+    packed = torch.ops.resnet_fast.prepack_conv_weight(w, *geo, list(x.shape))
     with torch.no_grad():
-        w.mul_(2)  # in-place change: the cached reordered weight must not be used
+        w.mul_(2)
     second = conv_bias_act(x, w, b, *geo, r, backend="cpu")
     torch.testing.assert_close(second, reference.conv_bias_act(x, w, b, *geo, r, True))
     assert not torch.allclose(first, second)
-    w2 = w.clone()  # a new tensor, possibly at a recycled address
+    torch.testing.assert_close(
+        torch.ops.resnet_fast.conv_bias_act_packed(x, packed, b, *geo, r, True), first)
+    w2 = w.clone()
     del w
     torch.testing.assert_close(conv_bias_act(x, w2, b, *geo, r, backend="cpu"),
                                reference.conv_bias_act(x, w2, b, *geo, r, True))
