@@ -1,7 +1,7 @@
 """The model benchmark end to end on a tiny config, the calibration, divergence flagging,
 the compile candidates, the peers (ONNX Runtime, OpenVINO), the ratio columns, timing hygiene
-and the README's generated results block; the same for the training step benchmark
-(``--train``)."""
+and the generated results block of benchmarks/results/README.md; the same for the training
+step benchmark (``--train``)."""
 
 import copy
 import gc
@@ -133,12 +133,24 @@ def test_compile_with_freezing_candidate_matches_eager():
         torch.testing.assert_close(fn(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_readme_results_block_is_generated_from_the_committed_json():
-    readme = (ROOT / "README.md").read_text()
+def test_results_readme_block_is_generated_from_the_committed_json():
+    readme = (ROOT / "benchmarks" / "results" / "README.md").read_text()
     block = report.results_block(ROOT / "benchmarks" / "results")
-    assert "From `benchmarks/results/" in block  # there are committed model results
-    assert block in readme, ("README results block is stale: run `python -m "
-                             "resnet_fast.bench.report benchmarks/results --readme README.md`")
+    assert "From [`benchmarks/results/" in block  # there are committed model results
+    assert block in readme, ("benchmarks/results/README.md's results block is stale: run "
+                             "`python -m resnet_fast.bench.report benchmarks/results`")
+
+
+def test_update_readme_writes_the_block_into_the_results_folders_readme(tmp_path):
+    (tmp_path / "README.md").write_text(f"# results\n\n{report.BEGIN}\nold\n{report.END}\ntail\n")
+    for path in (ROOT / "benchmarks" / "results" / "h100").glob("resnet50_*.json"):
+        (tmp_path / "h100").mkdir(exist_ok=True)
+        (tmp_path / "h100" / path.name).write_text(path.read_text())
+    assert report.main([str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# results\n") and text.endswith("\ntail\n") and "\nold\n" not in text
+    assert "(h100/resnet50_bfloat16.json)" in text  # the link resolves from the README
+    assert not report.update_readme(tmp_path)  # up to date now
 
 
 def test_divergence_is_judged_against_eager_in_the_same_dtype():
@@ -178,7 +190,8 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| resnet_fast | 2 |" in (out / "resnet18_float32_train.md").read_text()
     block = report.results_block(tmp_path)
-    assert "From `benchmarks/results/cpu-test/resnet18_float32_train.json`" in block
+    assert ("From [`benchmarks/results/cpu-test/resnet18_float32_train.json`]"
+            "(cpu-test/resnet18_float32_train.json)") in block
     assert "training step (forward, cross-entropy, backward" in block
     assert "| eager_cl | 2 |" in block
 

@@ -1,8 +1,9 @@
 """Tables and plots made from benchmark JSON (the JSON is the source of truth), and the
-README's results block generated from the committed result files.
+results block of benchmarks/results/README.md generated from the committed result files.
 
-``python -m resnet_fast.bench.report --readme README.md benchmarks/results`` rewrites the part
-of README.md between the results markers from every model-benchmark JSON under the folder.
+``python -m resnet_fast.bench.report benchmarks/results`` rewrites the part of
+benchmarks/results/README.md between the results markers from every model-benchmark JSON
+under the folder.
 """
 
 from __future__ import annotations
@@ -214,21 +215,24 @@ def plot(results: dict, path: Path) -> None:
 
 
 def results_block(root: Path, shown_as: str = "benchmarks/results") -> str:
-    """The README block: one table per model-benchmark JSON under ``root``, inference or
-    training step (named in the text as ``shown_as/<device>/<file>``)."""
+    """The generated block of ``root``/README.md: one table per model-benchmark JSON under
+    ``root``, inference or training step, each under a link to its JSON (relative to ``root``,
+    where the README is; the text names it as ``shown_as/<device>/<file>``)."""
     parts = [BEGIN]
     for path in sorted(root.glob("*/*.json")):
         data = json.loads(path.read_text())
         if "runs" not in data or "arch" not in data:
             continue  # kernel-suite JSON (pytest-benchmark) has its own READMEs
-        parts += ["", f"From `{shown_as}/{path.parent.name}/{path.name}`:", "",
-                  markdown_table(data)]
+        rel = f"{path.parent.name}/{path.name}"
+        parts += ["", f"From [`{shown_as}/{rel}`]({rel}):", "", markdown_table(data)]
     parts += ["", END]
     return "\n".join(parts)
 
 
-def update_readme(readme: Path, root: Path) -> bool:
-    """Rewrite the block between the markers; returns whether the file changed."""
+def update_readme(root: Path, readme: Path | None = None) -> bool:
+    """Rewrite the block between the markers of ``readme`` (default ``root``/README.md, where
+    the block's links point from); returns whether the file changed."""
+    readme = root / "README.md" if readme is None else readme
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         raise ValueError(f"{readme} has no results markers ({BEGIN!r} ... {END!r})")
@@ -244,9 +248,11 @@ def update_readme(readme: Path, root: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_fast.bench.report")
     parser.add_argument("root", type=Path, help="results folder, e.g. benchmarks/results")
-    parser.add_argument("--readme", type=Path, required=True)
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="the file with the results markers (default: ROOT/README.md)")
     args = parser.parse_args(argv)
-    print("updated" if update_readme(args.readme, args.root) else "up to date", args.readme)
+    readme = args.root / "README.md" if args.readme is None else args.readme
+    print("updated" if update_readme(args.root, readme) else "up to date", readme)
     return 0
 
 
