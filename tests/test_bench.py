@@ -153,6 +153,60 @@ def test_update_readme_writes_the_block_into_the_results_folders_readme(tmp_path
     assert not report.update_readme(tmp_path)  # up to date now
 
 
+def _plot_results() -> dict:
+    """A made-up result: every kind of candidate at two batch sizes, one of ours diverged."""
+    runs = []
+    for bs in (1, 4):
+        for name, ips, peer_ratio in (("eager", 10.0, 0.5), ("eager_cl", 12.0, 0.6),
+                                      ("compile", 20.0, 1.0), ("onnxruntime", 18.0, 0.9),
+                                      ("resnet_fast:cpu", 22.0, 1.1),
+                                      ("resnet_fast_nchw", 21.0, None), ("optimize", 24.0, 1.2)):
+            median = 1e3 * bs / ips
+            runs.append({"candidate": name, "batch_size": bs, "img_per_s": ips,
+                         "latency_ms": {"p10": 0.9 * median, "median": median,
+                                        "p90": 1.2 * median, "max": 2 * median},
+                         "speedup_vs_best_peer": peer_ratio,
+                         "diverged": name == "resnet_fast_nchw"})
+    return {"arch": "resnet18", "dtype": "float32", "runs": runs,
+            "environment": {"gpu": None, "cpu": "some CPU", "cpu_capability": "AVX2",
+                            "threads": 2}}
+
+
+def test_plot_colours_ours_peers_and_eager_apart_and_labels_each_bar():
+    from matplotlib.colors import to_rgba
+    from matplotlib.container import BarContainer
+
+    kinds = {name: report.candidate_kind(name) for name in (
+        "resnet_fast:cpu", "resnet_fast_nchw", "optimize", "eager", "eager_cl", "compile",
+        "compile_max_autotune", "onnxruntime", "openvino")}
+    assert kinds == {"resnet_fast:cpu": "ours", "resnet_fast_nchw": "ours", "optimize": "ours",
+                     "eager": "eager", "eager_cl": "eager", "compile": "peer",
+                     "compile_max_autotune": "peer", "onnxruntime": "peer", "openvino": "peer"}
+    assert len({report.bar_color(n) for n in ("optimize", "compile", "eager")}) == 3
+    results = _plot_results()
+    fig = report.figure(results)
+    try:
+        axes = [ax for ax in fig.axes if ax.get_title().startswith("batch")]
+        assert [ax.get_title() for ax in axes] == ["batch 1", "batch 4"]
+        for ax in axes:
+            bars = next(c for c in ax.containers if isinstance(c, BarContainer))
+            names = [t.get_text() for t in ax.get_yticklabels()]
+            assert names == list(dict.fromkeys(r["candidate"] for r in results["runs"]))
+            for bar, name in zip(bars, names):
+                assert bar.get_facecolor() == to_rgba(report.bar_color(name)), name
+                assert (bar.get_hatch() == "//") == (name == "resnet_fast_nchw")
+            labels = [t.get_text() for t in ax.texts]
+            assert labels[names.index("optimize")] == "24.0  1.20x best peer"
+            assert labels[names.index("resnet_fast_nchw")] == "21.0  DIVERGED"
+            # error bars: from the p90 latency's img/s to the p10 latency's
+            segments = bars.errorbar.lines[2][0].get_segments()
+            (lo, _), (hi, _) = segments[names.index("optimize")]
+            assert lo == pytest.approx(24.0 / 1.2) and hi == pytest.approx(24.0 / 0.9)
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+
+
 def test_divergence_is_judged_against_eager_in_the_same_dtype():
     # H100 bf16 numbers: eager itself is 0.337 off the fp32 logits (scale ~2); a candidate as
     # far off as eager is not diverged, one three times as far is.

@@ -188,28 +188,83 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    """Grouped bars: img/s per candidate for each batch size."""
+# Bar colours: our candidates, the peers (torch.compile variants and runtimes), eager torch.
+KIND_COLORS = {"ours": "tab:green", "peer": "tab:blue", "eager": "tab:gray"}
+
+
+def candidate_kind(name: str) -> str:
+    """``ours`` (``resnet_fast*``, ``optimize*``), ``eager`` (``eager``, ``eager_cl``) or
+    ``peer`` (everything else: the torch.compile variants and the runtimes)."""
+    if name.startswith(("resnet_fast", "optimize")):
+        return "ours"
+    return "eager" if name.startswith("eager") else "peer"
+
+
+def bar_color(name: str) -> str:
+    """The plot's bar colour for a candidate: one per :func:`candidate_kind`."""
+    return KIND_COLORS[candidate_kind(name)]
+
+
+def _bar_label(r: dict) -> str:
+    """img/s, and the ratio to the best peer at that batch where one ran."""
+    ratio = r["speedup_vs_best_peer"]
+    text = f"{r['img_per_s']:.1f}" + (f"  {ratio:.2f}x best peer" if ratio is not None else "")
+    return text + ("  DIVERGED" if r["diverged"] else "")
+
+
+def _spread(r: dict) -> tuple[float, float]:
+    """How far the img/s of the p90 and p10 latencies lie below and above the median's (0, 0
+    where the JSON has no such quantiles)."""
+    lat = r["latency_ms"]
+    if "p10" not in lat or "p90" not in lat:
+        return 0.0, 0.0
+    slow, fast = 1e3 * r["batch_size"] / lat["p90"], 1e3 * r["batch_size"] / lat["p10"]
+    return max(r["img_per_s"] - slow, 0.0), max(fast - r["img_per_s"], 0.0)
+
+
+def figure(results: dict):
+    """Grouped bars: img/s per candidate for each batch size, coloured by
+    :func:`candidate_kind`, with the p10-p90 latency spread as an error bar, each labelled
+    with its img/s and its ratio to the best peer; a diverged row is hatched."""
     matplotlib = require("matplotlib", "bench", "plotting benchmark results")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     batches = sorted({r["batch_size"] for r in measured_rows(results)})
     names = list(dict.fromkeys(r["candidate"] for r in measured_rows(results)))
     by = {(r["candidate"], r["batch_size"]): r for r in measured_rows(results)}
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.5), squeeze=False)
     for ax, bs in zip(axes[0], batches):
-        vals = [by[(n, bs)]["img_per_s"] if (n, bs) in by else 0 for n in names]
-        colors = ["tab:red" if (n, bs) in by and by[(n, bs)]["diverged"]
-                  else ("tab:green" if n.startswith("resnet_fast") else "tab:gray") for n in names]
-        ax.barh(names, vals, color=colors)
+        rows = [by.get((n, bs)) for n in names]
+        vals = [r["img_per_s"] if r else 0 for r in rows]
+        spread = [_spread(r) if r else (0.0, 0.0) for r in rows]
+        bars = ax.barh(names, vals, color=[bar_color(n) for n in names],
+                       xerr=[[lo for lo, _ in spread], [hi for _, hi in spread]],
+                       error_kw={"ecolor": "black", "elinewidth": 0.8, "capsize": 2})
+        for bar, r in zip(bars, rows):
+            if r and r["diverged"]:
+                bar.set_hatch("//")
+        ax.bar_label(bars, labels=[_bar_label(r) if r else "" for r in rows], padding=3,
+                     fontsize=7)
         ax.set_title(f"batch {bs}")
-        ax.set_xlabel("images / s")
+        ax.set_xlabel("images / s (error bar: p10-p90 latency)")
+        ax.set_xlim(0, 1.6 * max(v + hi for v, (_, hi) in zip(vals, spread)) or 1)
         ax.invert_yaxis()
+    fig.legend(handles=[Patch(color=c, label=k) for k, c in KIND_COLORS.items()],
+               loc="lower center", ncol=len(KIND_COLORS), fontsize=8, frameon=False)
     what = {"train": " training step", "grad": " inference, autograd on"}.get(
         results.get("mode"), "")
     fig.suptitle(f"{results['arch']} {results['dtype']}{what} on {_where(results)}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def plot(results: dict, path: Path) -> None:
+    """Save :func:`figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
