@@ -221,6 +221,7 @@ TINY_TRAIN = ["--train", "--arch", "resnet18", "--batch", "2", "--repeats", "1",
               "--image-size", "64", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path, capsys):
     # compile is left out: compiling resnet18's forward and backward takes ~40 s on 2 cores.
     # The compiled training step is tested on its own below, on a tiny model.
@@ -250,6 +251,7 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
     assert "| eager_cl | 2 |" in block
 
 
+@pytest.mark.slow
 def test_a_train_step_updates_every_weight_with_eagers_gradients():
     reference = reference_model("resnet18")
     names = ("eager", "eager_cl", "resnet_fast")
@@ -368,6 +370,7 @@ def test_host_overhead_benchmark_end_to_end(tmp_path, capsys):
 
 # Peers: ONNX Runtime and OpenVINO on the same weights, built on their first call.
 
+@pytest.mark.slow
 def test_peers_run_on_the_same_weights_and_are_judged_like_every_candidate():
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
@@ -394,6 +397,7 @@ def test_peers_run_on_the_same_weights_and_are_judged_like_every_candidate():
     assert results["peer_settings"]["openvino"]["PERFORMANCE_HINT"] == "LATENCY"
 
 
+@pytest.mark.slow
 def test_bfloat16_peers_say_what_they_ran_in_or_why_they_did_not_run():
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
@@ -455,6 +459,7 @@ def test_the_collector_is_off_while_timing_and_back_on_after():
     assert timing.synchronized(fn, torch.device("cpu")) is fn
 
 
+@pytest.mark.slow
 def test_the_deployment_cli_does_not_import_the_benchmark():
     code = ("import sys, resnet_fast.deploy, resnet_fast.cli; "
             "print(sorted(m for m in sys.modules if m.startswith('resnet_fast.bench')))")
@@ -463,6 +468,7 @@ def test_the_deployment_cli_does_not_import_the_benchmark():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
     """benchmarks/profile_cpu.py on a tiny model: each runtime's per-forward time lands in
     kinds (conv among them) and per conv geometry, the JSON is written, a missing peer is
@@ -490,6 +496,7 @@ def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
                          and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                     reason="oneDNN runs no bf16 on this CPU (needs AVX-512 or AVX-NE-CONVERT)")
+@pytest.mark.slow
 def test_cpu_profile_script_in_bfloat16():
     """--dtype bfloat16: ours runs its bf16 oneDNN convs (each geometry timed), ONNX Runtime
     is said not to run (no bf16 CPU convolution), OpenVINO reports the precision it ran."""
