@@ -1,8 +1,10 @@
 // Operator schemas of the resnet_fast library and the Python module entry point.
 //
-// Schemas are defined once here; kernels register per dispatch key in csrc/cpu and
-// csrc/cuda; fake (meta) kernels, autograd and autocast are registered from Python
-// (resnet_fast/ops). Importing the module runs the static registrations; the ops are then
+// The schemas of the C++ ops are defined here, once; their kernels register per dispatch key
+// in csrc/cpu and csrc/cuda. Defined in Python instead: the composite batch_norm_act
+// (resnet_fast/ops/batch_norm_act.py, on the same library as a FRAGMENT, ops/_common.py) and
+// every *_triton variant (a torch.library.custom_op beside its op in resnet_fast/ops/). Fake
+// (meta) kernels, autograd and autocast are registered from Python (resnet_fast/ops). Importing the module runs the static registrations; the ops are then
 // reached through torch.ops.resnet_fast. Its one Python function is tensor_states (the
 // models' per-forward check of their plans, csrc/tensor_states.cpp).
 #include <Python.h>

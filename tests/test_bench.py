@@ -1,7 +1,7 @@
 """The model benchmark end to end on a tiny config, the calibration, divergence flagging,
 the compile candidates, the peers (ONNX Runtime, OpenVINO), the ratio columns, timing hygiene
-and the README's generated results block; the same for the training step benchmark
-(``--train``)."""
+and the generated results block of benchmarks/results/README.md; the same for the training
+step benchmark (``--train``)."""
 
 import copy
 import gc
@@ -133,12 +133,78 @@ def test_compile_with_freezing_candidate_matches_eager():
         torch.testing.assert_close(fn(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_readme_results_block_is_generated_from_the_committed_json():
-    readme = (ROOT / "README.md").read_text()
+def test_results_readme_block_is_generated_from_the_committed_json():
+    readme = (ROOT / "benchmarks" / "results" / "README.md").read_text()
     block = report.results_block(ROOT / "benchmarks" / "results")
-    assert "From `benchmarks/results/" in block  # there are committed model results
-    assert block in readme, ("README results block is stale: run `python -m "
-                             "resnet_fast.bench.report benchmarks/results --readme README.md`")
+    assert "From [`benchmarks/results/" in block  # there are committed model results
+    assert block in readme, ("benchmarks/results/README.md's results block is stale: run "
+                             "`python -m resnet_fast.bench.report benchmarks/results`")
+
+
+def test_update_readme_writes_the_block_into_the_results_folders_readme(tmp_path):
+    (tmp_path / "README.md").write_text(f"# results\n\n{report.BEGIN}\nold\n{report.END}\ntail\n")
+    for path in (ROOT / "benchmarks" / "results" / "h100").glob("resnet50_*.json"):
+        (tmp_path / "h100").mkdir(exist_ok=True)
+        (tmp_path / "h100" / path.name).write_text(path.read_text())
+    assert report.main([str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# results\n") and text.endswith("\ntail\n") and "\nold\n" not in text
+    assert "(h100/resnet50_bfloat16.json)" in text  # the link resolves from the README
+    assert not report.update_readme(tmp_path)  # up to date now
+
+
+def _plot_results() -> dict:
+    """A made-up result: every kind of candidate at two batch sizes, one of ours diverged."""
+    runs = []
+    for bs in (1, 4):
+        for name, ips, peer_ratio in (("eager", 10.0, 0.5), ("eager_cl", 12.0, 0.6),
+                                      ("compile", 20.0, 1.0), ("onnxruntime", 18.0, 0.9),
+                                      ("resnet_fast:cpu", 22.0, 1.1),
+                                      ("resnet_fast_nchw", 21.0, None), ("optimize", 24.0, 1.2)):
+            median = 1e3 * bs / ips
+            runs.append({"candidate": name, "batch_size": bs, "img_per_s": ips,
+                         "latency_ms": {"p10": 0.9 * median, "median": median,
+                                        "p90": 1.2 * median, "max": 2 * median},
+                         "speedup_vs_best_peer": peer_ratio,
+                         "diverged": name == "resnet_fast_nchw"})
+    return {"arch": "resnet18", "dtype": "float32", "runs": runs,
+            "environment": {"gpu": None, "cpu": "some CPU", "cpu_capability": "AVX2",
+                            "threads": 2}}
+
+
+def test_plot_colours_ours_peers_and_eager_apart_and_labels_each_bar():
+    from matplotlib.colors import to_rgba
+    from matplotlib.container import BarContainer
+
+    kinds = {name: report.candidate_kind(name) for name in (
+        "resnet_fast:cpu", "resnet_fast_nchw", "optimize", "eager", "eager_cl", "compile",
+        "compile_max_autotune", "onnxruntime", "openvino")}
+    assert kinds == {"resnet_fast:cpu": "ours", "resnet_fast_nchw": "ours", "optimize": "ours",
+                     "eager": "eager", "eager_cl": "eager", "compile": "peer",
+                     "compile_max_autotune": "peer", "onnxruntime": "peer", "openvino": "peer"}
+    assert len({report.bar_color(n) for n in ("optimize", "compile", "eager")}) == 3
+    results = _plot_results()
+    fig = report.figure(results)
+    try:
+        axes = [ax for ax in fig.axes if ax.get_title().startswith("batch")]
+        assert [ax.get_title() for ax in axes] == ["batch 1", "batch 4"]
+        for ax in axes:
+            bars = next(c for c in ax.containers if isinstance(c, BarContainer))
+            names = [t.get_text() for t in ax.get_yticklabels()]
+            assert names == list(dict.fromkeys(r["candidate"] for r in results["runs"]))
+            for bar, name in zip(bars, names):
+                assert bar.get_facecolor() == to_rgba(report.bar_color(name)), name
+                assert (bar.get_hatch() == "//") == (name == "resnet_fast_nchw")
+            labels = [t.get_text() for t in ax.texts]
+            assert labels[names.index("optimize")] == "24.0  1.20x best peer"
+            assert labels[names.index("resnet_fast_nchw")] == "21.0  DIVERGED"
+            # error bars: from the p90 latency's img/s to the p10 latency's
+            segments = bars.errorbar.lines[2][0].get_segments()
+            (lo, _), (hi, _) = segments[names.index("optimize")]
+            assert lo == pytest.approx(24.0 / 1.2) and hi == pytest.approx(24.0 / 0.9)
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
 
 
 def test_divergence_is_judged_against_eager_in_the_same_dtype():
@@ -155,6 +221,7 @@ TINY_TRAIN = ["--train", "--arch", "resnet18", "--batch", "2", "--repeats", "1",
               "--image-size", "64", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path, capsys):
     # compile is left out: compiling resnet18's forward and backward takes ~40 s on 2 cores.
     # The compiled training step is tested on its own below, on a tiny model.
@@ -178,11 +245,13 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| resnet_fast | 2 |" in (out / "resnet18_float32_train.md").read_text()
     block = report.results_block(tmp_path)
-    assert "From `benchmarks/results/cpu-test/resnet18_float32_train.json`" in block
+    assert ("From [`benchmarks/results/cpu-test/resnet18_float32_train.json`]"
+            "(cpu-test/resnet18_float32_train.json)") in block
     assert "training step (forward, cross-entropy, backward" in block
     assert "| eager_cl | 2 |" in block
 
 
+@pytest.mark.slow
 def test_a_train_step_updates_every_weight_with_eagers_gradients():
     reference = reference_model("resnet18")
     names = ("eager", "eager_cl", "resnet_fast")
@@ -301,6 +370,7 @@ def test_host_overhead_benchmark_end_to_end(tmp_path, capsys):
 
 # Peers: ONNX Runtime and OpenVINO on the same weights, built on their first call.
 
+@pytest.mark.slow
 def test_peers_run_on_the_same_weights_and_are_judged_like_every_candidate():
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
@@ -327,6 +397,7 @@ def test_peers_run_on_the_same_weights_and_are_judged_like_every_candidate():
     assert results["peer_settings"]["openvino"]["PERFORMANCE_HINT"] == "LATENCY"
 
 
+@pytest.mark.slow
 def test_bfloat16_peers_say_what_they_ran_in_or_why_they_did_not_run():
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
@@ -388,6 +459,7 @@ def test_the_collector_is_off_while_timing_and_back_on_after():
     assert timing.synchronized(fn, torch.device("cpu")) is fn
 
 
+@pytest.mark.slow
 def test_the_deployment_cli_does_not_import_the_benchmark():
     code = ("import sys, resnet_fast.deploy, resnet_fast.cli; "
             "print(sorted(m for m in sys.modules if m.startswith('resnet_fast.bench')))")
@@ -396,6 +468,7 @@ def test_the_deployment_cli_does_not_import_the_benchmark():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
     """benchmarks/profile_cpu.py on a tiny model: each runtime's per-forward time lands in
     kinds (conv among them) and per conv geometry, the JSON is written, a missing peer is
@@ -423,6 +496,7 @@ def test_cpu_profile_script_groups_every_runtimes_time(tmp_path):
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
                          and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                     reason="oneDNN runs no bf16 on this CPU (needs AVX-512 or AVX-NE-CONVERT)")
+@pytest.mark.slow
 def test_cpu_profile_script_in_bfloat16():
     """--dtype bfloat16: ours runs its bf16 oneDNN convs (each geometry timed), ONNX Runtime
     is said not to run (no bf16 CPU convolution), OpenVINO reports the precision it ran."""

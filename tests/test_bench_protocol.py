@@ -108,6 +108,7 @@ def _calls_of(fn):
     return call, counts
 
 
+@pytest.mark.slow
 def test_a_failing_candidate_is_a_row_that_says_why_and_the_others_still_run(tmp_path):
     truth = reference_model("resnet18")
 
@@ -169,6 +170,7 @@ def test_when_eager_fails_the_others_are_not_run_at_that_batch_size():
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_an_interrupted_run_writes_the_batch_sizes_it_finished(tmp_path, monkeypatch, capsys,
                                                                 how):
     build = inference.build_candidates

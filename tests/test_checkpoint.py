@@ -56,6 +56,7 @@ def test_missing_file_and_non_state_dict(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_reference_model_checks_class_count_and_architecture(tmp_path, state):
     path = tmp_path / "r18.pth"
     torch.save(state, path)

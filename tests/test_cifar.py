@@ -40,6 +40,7 @@ class _UnfusedBN(torch.nn.BatchNorm2d):
     """A BatchNorm the fused path does not recognise: the model then runs eager conv->BN."""
 
 
+@pytest.mark.slow
 def test_fused_eval_matches_unfused_eval_on_every_backend():
     torch.manual_seed(0)
     model = resnet_fast.resnet56(drop_path_rate=0.1)

@@ -36,6 +36,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"resnet-fast {resnet_fast.__version__}"
 
 
+@pytest.mark.slow
 def test_module_entry_points_and_bench_help_without_its_extras():
     # python -m resnet_fast bench --help, with tqdm and matplotlib unimportable: a run needs
     # them, its --help must not.

@@ -17,7 +17,8 @@ def _close(a, b, rel=1e-5):
 
 
 @pytest.mark.parametrize("source", ["torchvision", "resnet_fast"])
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow),
+                                  pytest.param("resnext50_32x4d", marks=pytest.mark.slow)])
 def test_fuse_bn_on_resnets(source, arch):
     torch.manual_seed(0)
     lib = torchvision.models if source == "torchvision" else resnet_fast
@@ -121,9 +122,10 @@ def test_fuse_bn_refuses_modules_called_more_than_once():
 
 
 @pytest.mark.parametrize("arch, kwargs", [
-    ("resnet18", {}), ("resnet50", {}), ("resnext50_32x4d", {}), ("wide_resnet50_2", {}),
-    ("resnet50", {"replace_stride_with_dilation": [False, True, True]}),
-    ("resnet34", {"num_classes": 10}),
+    ("resnet18", {}), pytest.param("resnet50", {}, marks=pytest.mark.slow),
+    pytest.param("resnext50_32x4d", {}, marks=pytest.mark.slow), pytest.param("wide_resnet50_2", {}, marks=pytest.mark.slow),
+    pytest.param("resnet50", {"replace_stride_with_dilation": [False, True, True]}, marks=pytest.mark.slow),
+    pytest.param("resnet34", {"num_classes": 10}, marks=pytest.mark.slow),
 ])
 def test_convert_torchvision_models(arch, kwargs):
     torch.manual_seed(0)
@@ -137,9 +139,9 @@ def test_convert_torchvision_models(arch, kwargs):
 
 
 @pytest.mark.parametrize("head", [
-    nn.Identity(),  # a feature extractor: (N, 512) embeddings
+    pytest.param(nn.Identity(), marks=pytest.mark.slow),  # a feature extractor: (N, 512) embeddings
     nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 7)),
-    nn.Linear(512, 5, bias=False),
+    pytest.param(nn.Linear(512, 5, bias=False), marks=pytest.mark.slow),
 ])
 def test_convert_keeps_a_replaced_fc_head(head):
     torch.manual_seed(0)
@@ -153,6 +155,7 @@ def test_convert_keeps_a_replaced_fc_head(head):
         _close(ours(x), tv(x), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_convert_keeps_each_modules_mode_and_each_parameters_requires_grad():
     torch.manual_seed(0)
     tv = calibrate_(torchvision.models.resnet18(), batch_size=2, image_size=32).double().train()
@@ -185,6 +188,7 @@ def test_convert_refuses_other_models():
     assert resnet_fast.convert(ours) is ours
 
 
+@pytest.mark.slow
 def test_optimize_a_torchvision_model():
     torch.manual_seed(0)
     tv = calibrate_(torchvision.models.resnet18(), batch_size=2, image_size=64)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 from resnet_fast.ops import add_relu, cpu_cache_bytes, empty_cpu_cache, scale_shift_act
@@ -64,6 +65,7 @@ def _run(code, **env):
                           env={**os.environ, **env}, timeout=120)
 
 
+@pytest.mark.slow
 def test_cap_from_the_environment():
     code = ("import torch, resnet_fast.ops as o; x = torch.randn(4, 64, 32, 32); "
             "y = o.add_relu(x, x, backend='cpu'); del y; print(o.cpu_cache_bytes())")
@@ -141,6 +143,7 @@ def test_a_smaller_output_reuses_a_slightly_larger_free_buffer():
     empty_cpu_cache()
 
 
+@pytest.mark.slow
 def test_at_the_cap_the_least_recently_freed_buffers_go_first():
     # A cap of 16 MiB; buffers of 4, 6 and 8 MiB freed in that order, then 8 MiB more: the 4
     # and 6 MiB ones (freed first) are evicted, and the newest stay.

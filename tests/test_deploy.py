@@ -31,9 +31,11 @@ def checkpoint(tmp_path_factory):
 
 
 # Each format once, the dtypes spread over them (aoti compiles C++: ~40 s on 2 cores).
+# The onnx one stays in the fast tier (make test-fast).
 @pytest.mark.parametrize("fmt, dtype, suffix", [
-    ("export", "float32", "pt2"), ("aoti", "float32", "pt2"), ("onnx", "float16", "onnx"),
-    ("torchscript", "bfloat16", "pt"),
+    pytest.param("export", "float32", "pt2", marks=pytest.mark.slow),
+    pytest.param("aoti", "float32", "pt2", marks=pytest.mark.slow), ("onnx", "float16", "onnx"),
+    pytest.param("torchscript", "bfloat16", "pt", marks=pytest.mark.slow),
 ])
 def test_fuse_exports_with_a_dynamic_batch_and_reloads_in_a_fresh_process(
         tmp_path, checkpoint, capsys, fmt, dtype, suffix):
@@ -57,6 +59,7 @@ def test_fuse_exports_with_a_dynamic_batch_and_reloads_in_a_fresh_process(
         assert load_artefact(fmt, str(out))(torch.randn(6, 3, 32, 32)).shape == (6, CLASSES)
 
 
+@pytest.mark.slow
 def test_a_non_finite_reload_error_fails_the_fuse(tmp_path, checkpoint, capsys):
     state = torch.load(checkpoint, weights_only=True)["model"]
     state["module.fc.weight"][0, 0] = float("nan")
@@ -75,6 +78,7 @@ def test_a_non_finite_reload_error_fails_the_fuse(tmp_path, checkpoint, capsys):
     assert not result["ok"] and reference["status"] == "fail" and reference["max_abs_err"] == "nan"
 
 
+@pytest.mark.slow
 def test_check_passes_on_every_backend(capsys):
     assert main(["check", "--arch", "resnet18", "--image-size", "64"]) == 0
     out = capsys.readouterr().out

@@ -4,6 +4,7 @@ nn.SyncBatchNorm.convert_sync_batchnorm."""
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -47,6 +48,7 @@ def _worker(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_step_matches_single_process(tmp_path):
     out = tmp_path / "ddp.pt"
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)

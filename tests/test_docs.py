@@ -1,16 +1,23 @@
-"""The READMEs name only command-line flags that exist: every ``--flag`` in them is accepted by
-one of our commands (or is one of the few other tools' flags they show)."""
+"""The READMEs and docs name only command-line flags that exist: every ``--flag`` in them is
+accepted by one of our commands (or is one of the few other tools' flags they show). README.md
+stays a few screens, and every relative link in it and in docs/ resolves."""
 
 import argparse
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from _examples import load_example, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "examples" / "README.md",
-           *sorted((ROOT / "benchmarks" / "results").glob("*/README.md"))]
+           ROOT / "benchmarks" / "results" / "README.md",
+           *sorted((ROOT / "benchmarks" / "results").glob("*/README.md")),
+           *sorted((ROOT / "docs").glob("*.md"))]
+# README.md holds what it is, the headline results, install, the make targets, a quickstart
+# and links; the rest lives in docs/ and benchmarks/results/README.md.
+README_MAX_CHARS = 8500
 # pytest-benchmark's and pip's, as the READMEs' commands use them.
 OTHER_TOOLS = {"--benchmark-disable", "--benchmark-json", "--no-build-isolation"}
 
@@ -61,3 +68,37 @@ def test_every_flag_the_readmes_name_exists(monkeypatch):
             named.setdefault(flag, readme.relative_to(ROOT))
     unknown = {f: str(where) for f, where in named.items() if f not in ours | OTHER_TOOLS}
     assert not unknown, f"flags named in the READMEs that no command accepts: {unknown}"
+
+
+def test_readme_stays_a_few_screens():
+    size = len((ROOT / "README.md").read_text())
+    assert size <= README_MAX_CHARS, (
+        f"README.md has {size} characters, over {README_MAX_CHARS}: move detail to docs/")
+
+
+# [text](target) and [text]: target, not images' or code's brackets followed by other text.
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|^\[[^\]]+\]:\s*(\S+)", re.M)
+
+
+def _relative_links(text: str) -> list[str]:
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # code blocks hold no links
+    targets = [a or b for a, b in _LINK.findall(text)]
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:|#", t)]  # scheme, anchor
+
+
+def test_relative_links_resolve():
+    docs = [ROOT / "README.md", ROOT / "benchmarks" / "results" / "README.md",
+            *sorted((ROOT / "docs").glob("*.md"))]
+    broken = {}
+    for doc in docs:
+        for target in _relative_links(doc.read_text()):
+            path = (doc.parent / unquote(target.split("#", 1)[0])).resolve()
+            if not path.exists():
+                broken.setdefault(str(doc.relative_to(ROOT)), []).append(target)
+    assert not broken, f"relative links to files that do not exist: {broken}"
+
+
+def test_the_link_check_sees_links():
+    text = ("[a](docs/ops.md#build) [b](https://x.org) [c](#install)\n[d]: ../x.md\n"
+            "```\n[e](in/code.md)\n```\n")
+    assert _relative_links(text) == ["docs/ops.md#build", "../x.md"]

@@ -75,6 +75,7 @@ def _direct_top1(state: dict[str, torch.Tensor], images: Path) -> list[int]:
         return model.eval()(batch).argmax(1).tolist()
 
 
+@pytest.mark.slow
 def test_command_prints_each_images_top_k_led_by_the_models_top1(images, checkpoint):
     weights, state = checkpoint
     env = {**os.environ,

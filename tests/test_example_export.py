@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 
@@ -23,6 +24,7 @@ def _load_example():
     return module
 
 
+@pytest.mark.slow
 def test_export_example_with_random_weights_and_a_fine_tuned_checkpoint(tmp_path, capsys):
     example = _load_example()
     out = tmp_path / "r18.pt2"

@@ -74,6 +74,7 @@ def _check_metrics(metrics: dict, out: Path) -> None:
     assert metrics["checkpoint"] == str(out) and metrics["classes"] == list(CLASSES)
 
 
+@pytest.mark.slow
 def test_finetune_one_epoch_writes_a_strictly_loadable_checkpoint(data_root, initial_weights,
                                                                   tmp_path):
     weights, start = initial_weights

@@ -56,6 +56,7 @@ def test_every_conv_is_fused_and_output_matches(arch, convs, monkeypatch):
     assert len(calls) == convs  # stem, every block conv, every downsample conv
 
 
+@pytest.mark.slow
 def test_train_mode_is_not_fused(monkeypatch):
     model, unfused = _pair()
     calls = _counting_conv_calls(monkeypatch)
@@ -72,6 +73,7 @@ def test_train_mode_is_not_fused(monkeypatch):
     assert len(calls) == 20 - 2  # that block's two convs ran unfused
 
 
+@pytest.mark.slow
 def test_folded_weights_are_refreshed_after_every_kind_of_change():
     model, unfused = _pair()
     x = torch.randn(2, 3, 64, 64)
@@ -116,6 +118,7 @@ def test_folded_weights_are_refreshed_after_every_kind_of_change():
         _close(model(x.double()), other_unfused(x.double()))
 
 
+@pytest.mark.slow
 def test_frozen_bn_finetuning_gradients_match_unfused():
     model, unfused = _pair()
     x = torch.randn(2, 3, 64, 64)
@@ -126,6 +129,7 @@ def test_frozen_bn_finetuning_gradients_match_unfused():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_inference_mode_then_autograd():
     model, unfused = _pair()
     x = torch.randn(2, 3, 64, 64)
@@ -138,6 +142,7 @@ def test_inference_mode_then_autograd():
     assert xg.grad is not None
 
 
+@pytest.mark.slow
 def test_two_threads_at_once():
     model, unfused = _pair()
     inputs = [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(6)]
@@ -158,6 +163,7 @@ def test_two_threads_at_once():
         assert [e for errors in pool.map(work, range(2)) for e in errors] == []
 
 
+@pytest.mark.slow
 def test_channels_last_input_stays_channels_last():
     model, unfused = _pair()
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
@@ -171,7 +177,9 @@ ALL_TORCHVISION = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                    "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
 
 
-@pytest.mark.parametrize("arch", ALL_TORCHVISION)
+# resnet18 in the fast tier; the rest (4 to 40 s each on 2 cores) in `make test` only.
+@pytest.mark.parametrize("arch", [a if a == "resnet18" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in ALL_TORCHVISION])
 def test_every_architecture_on_every_cpu_backend_matches_torchvision(arch):
     # fp32 CPU, calibrated weights. Rule (docs/design.md, Tolerances): our error vs an fp64
     # truth <= 2x the error of fp32 torchvision vs that truth, plus 1e-5 of the logit scale. A

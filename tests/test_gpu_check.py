@@ -43,6 +43,7 @@ def test_the_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+@pytest.mark.slow
 def test_two_calls_resume_where_the_first_stopped(tmp_path):
     # Simulated times: each stage its whole limit (the worst case).
     first = _call(tmp_path, "out1")

@@ -28,6 +28,7 @@ def _grads(model, x, loss=lambda y: y.square().mean()):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.slow
 def test_whole_model_gradients_are_torchvisions_in_float64_and_float32(arch):
     ours, tv = model_pair(arch)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -57,6 +58,7 @@ def test_whole_model_gradients_are_torchvisions_in_float64_and_float32(arch):
             raise AssertionError(f"{arch} {name}: {exc}") from None
 
 
+@pytest.mark.slow
 def test_plans_are_kept_across_forwards_and_rebuilt_after_a_step():
     ours, tv = model_pair("resnet50")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -95,6 +97,7 @@ def test_a_block_alone_with_a_downsample_gives_torchvisions_gradients():
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10 * e.abs().max().item())
 
 
+@pytest.mark.slow
 def test_frozen_parameters_saliency_and_partial_fine_tuning():
     ours, tv = model_pair("resnet18")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
@@ -114,6 +117,7 @@ def test_frozen_parameters_saliency_and_partial_fine_tuning():
                                atol=1e-5 * expected[0].abs().max().item())
 
 
+@pytest.mark.slow
 def test_create_graph_gives_torchvisions_second_order_gradients():
     ours, tv = (m.double() for m in model_pair("resnet18"))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -129,6 +133,7 @@ def test_create_graph_gives_torchvisions_second_order_gradients():
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9 * e.abs().max().item())
 
 
+@pytest.mark.slow
 def test_a_parameter_changed_in_place_before_backward_is_refused_as_torch_refuses_it():
     for model in model_pair("resnet18"):
         y = model(torch.randn(1, 3, 32, 32)).sum()

@@ -75,11 +75,13 @@ def cpu_only_wheel(tmp_path_factory):
     return wheel, log, site
 
 
+@pytest.mark.slow
 def test_cuda_home_without_nvcc_is_honoured(cpu_only_wheel):
     _, log, _ = cpu_only_wheel
     assert "no-cuda-toolkit has no bin/nvcc" in log and "building the CPU kernels only" in log
 
 
+@pytest.mark.slow
 def test_wheel_contents(cpu_only_wheel):
     wheel, _, _ = cpu_only_wheel
     with zipfile.ZipFile(wheel) as zf:
@@ -96,6 +98,7 @@ def test_wheel_contents(cpu_only_wheel):
     assert "resnet-fast = resnet_fast.cli:main" in entry_points
 
 
+@pytest.mark.slow
 def test_cpu_only_extension_loads(cpu_only_wheel):
     _, _, site = cpu_only_wheel
     out = _run([sys.executable, "-c", _CHECK_INSTALLED, str(site)], cwd=site.parent,

@@ -64,6 +64,7 @@ def _add_keys(path, start, count):
         _jsonfile.update(path, "test table", lambda t, i=i: t.update({str(i): i}))
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_no_entry(tmp_path):
     path = str(tmp_path / "t.json")
     threads = [threading.Thread(target=_add_keys, args=(path, 100 * k, 20)) for k in range(3)]

@@ -31,7 +31,13 @@ def _assert_same(ours, theirs, what):
     assert err <= 1e-5 * scale, f"{what}: max abs error {err:.3g} at scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("arch", TV_ARCHS)
+# resnet18 and wide_resnet50_2 in the fast tier (the bottleneck and ResNeXt families' fast
+# tests are test_fused_models' every-conv-fused ones); the rest in `make test` only.
+FAST_ARCHS = ("resnet18", "wide_resnet50_2")
+
+
+@pytest.mark.parametrize("arch", [a if a in FAST_ARCHS else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in TV_ARCHS])
 def test_matches_torchvision(arch):
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)()

@@ -50,6 +50,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_import_and_models_work_without_the_extension():
     result = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True,
                             text=True, timeout=300)

@@ -69,6 +69,7 @@ _MODES = {
 
 
 @pytest.mark.parametrize("mode", list(_MODES))
+@pytest.mark.slow
 def test_inductor_resnet18_matches_torchvision_both_layouts(mode):
     model, tv = _pair("resnet18")
     torch._dynamo.reset()
@@ -88,6 +89,7 @@ def test_inductor_resnet18_matches_torchvision_both_layouts(mode):
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d"])
+@pytest.mark.slow
 def test_inductor_bottleneck_models_match_torchvision(arch):
     model, tv = _pair(arch)
     torch._dynamo.reset()
@@ -96,6 +98,7 @@ def test_inductor_bottleneck_models_match_torchvision(arch):
         _close(torch.compile(model, fullgraph=True)(x), tv(x))
 
 
+@pytest.mark.slow
 def test_inductor_training_step_matches_eager():
     model, _ = _pair("resnet18")
     model = model.double().train()
@@ -114,6 +117,7 @@ def test_inductor_training_step_matches_eager():
         torch.testing.assert_close(b, c, msg=name)
 
 
+@pytest.mark.slow
 def test_export_with_a_dynamic_batch():
     model, tv = _pair("resnet18")
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -152,6 +156,7 @@ def test_every_op_under_inductor_matches_eager():
 
 # --- staleness: every way weights change ------------------------------------------------------
 
+@pytest.mark.slow
 def test_plans_follow_every_kind_of_weight_change():
     model, tv = _pair("resnet18")
     x = torch.randn(2, 3, 32, 32)
@@ -199,6 +204,7 @@ def test_plans_follow_every_kind_of_weight_change():
         _close(model(x.double()), tv(x.double()), rel=1e-10)
 
 
+@pytest.mark.slow
 def test_plans_follow_changes_to_the_model_itself():
     # After the plans exist: conv geometry edited (output-stride-16 surgery, as segmentation
     # backbones do), a block swapped out, a hook added, one block's backend changed.
@@ -282,6 +288,7 @@ def test_tensor_states_see_version_pointer_dtype_sizes_and_strides(impl):
             states([w, 3])
 
 
+@pytest.mark.slow
 def test_two_models_never_see_each_others_weights():
     a, tv_a = _pair("resnet18", seed=0)
     b, tv_b = _pair("resnet18", seed=5)
@@ -293,6 +300,7 @@ def test_two_models_never_see_each_others_weights():
 
 
 @needs_cpu
+@pytest.mark.slow
 def test_a_recycled_address_never_serves_a_stale_plan():
     # Weights freed and new ones allocated (often at the same address) in a loop: each forward
     # must use the weights it was given.
@@ -309,6 +317,7 @@ def test_a_recycled_address_never_serves_a_stale_plan():
             _close(model(x), tv(x))
 
 
+@pytest.mark.slow
 def test_the_same_address_and_version_with_new_data_is_not_stale():
     # Direct construction of the collision a (version, address) key alone would miss: a
     # weight replaced by a tensor at the old address with the same version.
@@ -334,6 +343,7 @@ def _kept_plans(model):
     return [p for m in model.modules() if Kept.of(m) is not None for p in Kept.of(m).plans()]
 
 
+@pytest.mark.slow
 def test_plans_do_not_grow_with_gradients_or_batch_sizes():
     model, tv = _pair("resnet18")
     x = torch.randn(1, 3, 32, 32, requires_grad=True)
@@ -346,6 +356,7 @@ def test_plans_do_not_grow_with_gradients_or_batch_sizes():
     assert len(sizes) == 20 and max(sizes) <= 4  # resnet18: 20 fused convs, one program
 
 
+@pytest.mark.slow
 def test_pickle_and_deepcopy_do_not_carry_plans():
     model, tv = _pair("resnet18")
     x = torch.randn(2, 3, 32, 32)
@@ -363,6 +374,7 @@ def test_pickle_and_deepcopy_do_not_carry_plans():
 
 # --- threads -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_four_threads_on_one_model_and_on_different_models():
     models = [_pair("resnet18", seed=s) for s in (0, 1)]
     inputs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i))
@@ -406,6 +418,7 @@ def _with(model_change, tv_change, expect_fused):
     assert _fused_calls(model, x) == expect_fused
 
 
+@pytest.mark.slow
 def test_hooks_fire_and_hooked_blocks_run_unfused():
     seen = []
     hook = lambda m, i, o: seen.append(o.shape)  # noqa: E731
@@ -417,6 +430,7 @@ def test_hooks_fire_and_hooked_blocks_run_unfused():
           lambda tv: tv.layer2[0].conv1.register_forward_hook(double), 20 - 3)
 
 
+@pytest.mark.slow
 def test_pruning_parametrizations_and_subclasses_run_unfused():
     def prune(m):
         torch.nn.utils.prune.l1_unstructured(m.layer1[0].conv1, "weight", amount=0.5)
@@ -450,6 +464,7 @@ def test_pruning_parametrizations_and_subclasses_run_unfused():
     _with(swap, swap, 20 - 3)
 
 
+@pytest.mark.slow
 def test_global_module_hooks_disable_fusion():
     seen = []
     handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(1))
@@ -463,6 +478,7 @@ def test_global_module_hooks_disable_fusion():
 # --- more silent-wrong paths ------------------------------------------------------------------
 
 @needs_cpu
+@pytest.mark.slow
 def test_nan_and_inf_propagate_like_torchvision():
     model, tv = _pair("resnet18")
     x = torch.randn(2, 3, 32, 32)
@@ -497,6 +513,7 @@ def test_non_contiguous_bias(bias):
     torch.testing.assert_close(out, torch.relu(F.conv2d(x, w, b, padding=1)))
 
 
+@pytest.mark.slow
 def test_model_built_under_inference_mode():
     with torch.inference_mode():
         model, tv = _pair("resnet18")
@@ -505,6 +522,7 @@ def test_model_built_under_inference_mode():
         _close(model(x), tv(x))
 
 
+@pytest.mark.slow
 def test_torch_func_ensembles_and_per_sample_grads():
     models = [_pair("resnet18", seed=s) for s in (0, 1)]
     ours = [m for m, _ in models]
@@ -655,6 +673,7 @@ def test_padded_stem_plan_on_triton_matches_the_unpadded_conv():
 
 
 @interpreter
+@pytest.mark.slow
 def test_a_model_with_a_padded_stem_matches_torchvisions_code():
     # fp16 on Triton's interpreter, the one program and block by block (a hooked block). Rule
     # as above, against the same model's torchvision code in fp16.
@@ -713,6 +732,7 @@ def _shortcuts(model):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+@pytest.mark.slow
 def test_downsample_bias_moves_into_the_last_conv(arch):
     model, tv = _pair(arch)
     x = torch.randn(2, 3, 32, 32)
@@ -746,6 +766,7 @@ def test_a_block_on_its_own_moves_the_bias_too():
         assert ds.bias is None and not ds.relu
 
 
+@pytest.mark.slow
 def test_frozen_bn_gradients_flow_into_both_biases():
     # With gradients into the parameters the summed bias is built with autograd: both BNs'
     # biases get torchvision's gradients.
@@ -761,6 +782,7 @@ def test_frozen_bn_gradients_flow_into_both_biases():
 # --- layouts: the input copied once, the head pooled in channels_last ---------------------
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.slow
 def test_a_forward_copies_the_input_once_and_pools_channels_last(backend):
     if not resnet_fast.available_backends()[backend].available:
         pytest.skip(f"{backend} is not available")
@@ -777,6 +799,7 @@ def test_a_forward_copies_the_input_once_and_pools_channels_last(backend):
         assert feats.is_contiguous()  # forward_features still answers in the input's layout
 
 
+@pytest.mark.slow
 def test_optimize_casts_and_lays_out_the_input_in_one_copy():
     _, tv = _pair("resnet18")
     optimized = resnet_fast.optimize(tv, dtype=torch.float64)

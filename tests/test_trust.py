@@ -74,6 +74,7 @@ def test_views_assigned_to_data_rebuild_the_plans(change):
 
 @pytest.mark.parametrize("where", ["block", "stem"])
 @pytest.mark.parametrize("replacement", [nn.SiLU, nn.Identity])
+@pytest.mark.slow
 def test_a_replaced_relu_runs_as_itself_in_eval_and_training(where, replacement):
     model, tv = _pair()
 
@@ -134,6 +135,7 @@ def _surgeries():
 
 
 @pytest.mark.parametrize("surgery", _surgeries(), ids=lambda f: f.__name__)
+@pytest.mark.slow
 def test_convert_and_optimize_keep_model_surgery(surgery):
     torch.manual_seed(0)
     tv = calibrate_(torchvision.models.resnet18(), batch_size=4, image_size=32, seed=0)
@@ -246,6 +248,7 @@ def _jvp(model, x, v):
 
 @pytest.mark.parametrize("grad_mode", [False, True])
 @pytest.mark.parametrize("training", [False, True])
+@pytest.mark.slow
 def test_forward_mode_ad_gives_torchvisions_jvp(grad_mode, training):
     model, tv = _pair()
     model.train(training)

@@ -11,9 +11,9 @@ is a row saying why, and an interrupted run keeps the batch sizes it finished.
 
 Where to read on: :mod:`.candidates` (what runs) and :mod:`.peers` (ONNX Runtime, OpenVINO),
 :mod:`.runner` (the run loop both modes share), :mod:`.inference` and :mod:`.training` (the
-two modes), :mod:`.cli` (arguments and outputs), :mod:`.report` (tables, plot, the README
-block), :mod:`.timing`, :mod:`.overhead` (host overhead per conv), :mod:`.conv_shapes` (the
-conv shapes of a ResNet).
+two modes), :mod:`.cli` (arguments and outputs), :mod:`.report` (tables, plot, the results
+block of benchmarks/results/README.md), :mod:`.timing`, :mod:`.overhead` (host overhead per
+conv), :mod:`.conv_shapes` (the conv shapes of a ResNet).
 """
 
 from .cli import main, write_outputs

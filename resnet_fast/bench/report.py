@@ -1,8 +1,9 @@
 """Tables and plots made from benchmark JSON (the JSON is the source of truth), and the
-README's results block generated from the committed result files.
+results block of benchmarks/results/README.md generated from the committed result files.
 
-``python -m resnet_fast.bench.report --readme README.md benchmarks/results`` rewrites the part
-of README.md between the results markers from every model-benchmark JSON under the folder.
+``python -m resnet_fast.bench.report benchmarks/results`` rewrites the part of
+benchmarks/results/README.md between the results markers from every model-benchmark JSON
+under the folder.
 """
 
 from __future__ import annotations
@@ -187,48 +188,106 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    """Grouped bars: img/s per candidate for each batch size."""
+# Bar colours: our candidates, the peers (torch.compile variants and runtimes), eager torch.
+KIND_COLORS = {"ours": "tab:green", "peer": "tab:blue", "eager": "tab:gray"}
+
+
+def candidate_kind(name: str) -> str:
+    """``ours`` (``resnet_fast*``, ``optimize*``), ``eager`` (``eager``, ``eager_cl``) or
+    ``peer`` (everything else: the torch.compile variants and the runtimes)."""
+    if name.startswith(("resnet_fast", "optimize")):
+        return "ours"
+    return "eager" if name.startswith("eager") else "peer"
+
+
+def bar_color(name: str) -> str:
+    """The plot's bar colour for a candidate: one per :func:`candidate_kind`."""
+    return KIND_COLORS[candidate_kind(name)]
+
+
+def _bar_label(r: dict) -> str:
+    """img/s, and the ratio to the best peer at that batch where one ran."""
+    ratio = r["speedup_vs_best_peer"]
+    text = f"{r['img_per_s']:.1f}" + (f"  {ratio:.2f}x best peer" if ratio is not None else "")
+    return text + ("  DIVERGED" if r["diverged"] else "")
+
+
+def _spread(r: dict) -> tuple[float, float]:
+    """How far the img/s of the p90 and p10 latencies lie below and above the median's (0, 0
+    where the JSON has no such quantiles)."""
+    lat = r["latency_ms"]
+    if "p10" not in lat or "p90" not in lat:
+        return 0.0, 0.0
+    slow, fast = 1e3 * r["batch_size"] / lat["p90"], 1e3 * r["batch_size"] / lat["p10"]
+    return max(r["img_per_s"] - slow, 0.0), max(fast - r["img_per_s"], 0.0)
+
+
+def figure(results: dict):
+    """Grouped bars: img/s per candidate for each batch size, coloured by
+    :func:`candidate_kind`, with the p10-p90 latency spread as an error bar, each labelled
+    with its img/s and its ratio to the best peer; a diverged row is hatched."""
     matplotlib = require("matplotlib", "bench", "plotting benchmark results")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     batches = sorted({r["batch_size"] for r in measured_rows(results)})
     names = list(dict.fromkeys(r["candidate"] for r in measured_rows(results)))
     by = {(r["candidate"], r["batch_size"]): r for r in measured_rows(results)}
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.5), squeeze=False)
     for ax, bs in zip(axes[0], batches):
-        vals = [by[(n, bs)]["img_per_s"] if (n, bs) in by else 0 for n in names]
-        colors = ["tab:red" if (n, bs) in by and by[(n, bs)]["diverged"]
-                  else ("tab:green" if n.startswith("resnet_fast") else "tab:gray") for n in names]
-        ax.barh(names, vals, color=colors)
+        rows = [by.get((n, bs)) for n in names]
+        vals = [r["img_per_s"] if r else 0 for r in rows]
+        spread = [_spread(r) if r else (0.0, 0.0) for r in rows]
+        bars = ax.barh(names, vals, color=[bar_color(n) for n in names],
+                       xerr=[[lo for lo, _ in spread], [hi for _, hi in spread]],
+                       error_kw={"ecolor": "black", "elinewidth": 0.8, "capsize": 2})
+        for bar, r in zip(bars, rows):
+            if r and r["diverged"]:
+                bar.set_hatch("//")
+        ax.bar_label(bars, labels=[_bar_label(r) if r else "" for r in rows], padding=3,
+                     fontsize=7)
         ax.set_title(f"batch {bs}")
-        ax.set_xlabel("images / s")
+        ax.set_xlabel("images / s (error bar: p10-p90 latency)")
+        ax.set_xlim(0, 1.6 * max(v + hi for v, (_, hi) in zip(vals, spread)) or 1)
         ax.invert_yaxis()
+    fig.legend(handles=[Patch(color=c, label=k) for k, c in KIND_COLORS.items()],
+               loc="lower center", ncol=len(KIND_COLORS), fontsize=8, frameon=False)
     what = {"train": " training step", "grad": " inference, autograd on"}.get(
         results.get("mode"), "")
     fig.suptitle(f"{results['arch']} {results['dtype']}{what} on {_where(results)}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def plot(results: dict, path: Path) -> None:
+    """Save :func:`figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def results_block(root: Path, shown_as: str = "benchmarks/results") -> str:
-    """The README block: one table per model-benchmark JSON under ``root``, inference or
-    training step (named in the text as ``shown_as/<device>/<file>``)."""
+    """The generated block of ``root``/README.md: one table per model-benchmark JSON under
+    ``root``, inference or training step, each under a link to its JSON (relative to ``root``,
+    where the README is; the text names it as ``shown_as/<device>/<file>``)."""
     parts = [BEGIN]
     for path in sorted(root.glob("*/*.json")):
         data = json.loads(path.read_text())
         if "runs" not in data or "arch" not in data:
             continue  # kernel-suite JSON (pytest-benchmark) has its own READMEs
-        parts += ["", f"From `{shown_as}/{path.parent.name}/{path.name}`:", "",
-                  markdown_table(data)]
+        rel = f"{path.parent.name}/{path.name}"
+        parts += ["", f"From [`{shown_as}/{rel}`]({rel}):", "", markdown_table(data)]
     parts += ["", END]
     return "\n".join(parts)
 
 
-def update_readme(readme: Path, root: Path) -> bool:
-    """Rewrite the block between the markers; returns whether the file changed."""
+def update_readme(root: Path, readme: Path | None = None) -> bool:
+    """Rewrite the block between the markers of ``readme`` (default ``root``/README.md, where
+    the block's links point from); returns whether the file changed."""
+    readme = root / "README.md" if readme is None else readme
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         raise ValueError(f"{readme} has no results markers ({BEGIN!r} ... {END!r})")
@@ -244,9 +303,11 @@ def update_readme(readme: Path, root: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_fast.bench.report")
     parser.add_argument("root", type=Path, help="results folder, e.g. benchmarks/results")
-    parser.add_argument("--readme", type=Path, required=True)
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="the file with the results markers (default: ROOT/README.md)")
     args = parser.parse_args(argv)
-    print("updated" if update_readme(args.readme, args.root) else "up to date", args.readme)
+    readme = args.root / "README.md" if args.readme is None else args.readme
+    print("updated" if update_readme(args.root, readme) else "up to date", readme)
     return 0
 
 
