@@ -7,11 +7,11 @@ oneDNN-packed per input size), the backend and the exact op resolved, the geomet
 takes it. Plans run as a program (``program.py``: one per ResNet, or per block called on its
 own), checked once per forward, after which each conv is one op call.
 
-When plans are rebuilt. Plans are kept (``program.Kept``) together with a key: each BN's eps, each conv's
-geometry (stride, padding, dilation, groups), the backend, and (version counter, data
-pointer, dtype, device, sizes and strides) of every tensor the fold reads (conv weight and
-bias, BN weight, bias, running stats, num_batches_tracked: BatchNorm's kernel updates the
-running stats without bumping their versions, but every such update increments
+When plans are rebuilt. Plans are kept (``program.Kept``) together with a key: each BN's
+eps, each conv's geometry (stride, padding, dilation, groups), the backend, and (version
+counter, data pointer, dtype, device, sizes and strides) of every tensor the fold reads (conv
+weight and bias, BN weight, bias, running stats, num_batches_tracked: BatchNorm's kernel
+updates the running stats without bumping their versions, but every such update increments
 num_batches_tracked in place), and the autocast dtype. The key is
 recomputed on every forward (the version/pointer part in one C++ call,
 ``resnet_fast._C.tensor_states``), so an optimizer step, ``load_state_dict``, any in-place

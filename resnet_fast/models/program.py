@@ -98,15 +98,17 @@ def pairs_of(module: nn.Module) -> Optional[list[tuple[nn.Module, nn.Module, boo
     return pairs if exact_relu(mods.get("relu")) else None
 
 
-def may_fuse(module: nn.Module) -> bool:
-    """Not inside a torch.func transform, no global module hooks, and in eval mode or in
-    training without an active regularizer (DropBlock, DropPath): a module in training fuses
-    only pairs that compute the same in both modes, a conv -> FrozenBatchNorm2d
-    (:func:`~._fused.add_pair` refuses a BatchNorm in training)."""
-    if in_functorch() or not no_global_hooks():
-        return False
+def fusable_mode(module: nn.Module) -> bool:
+    """In eval mode, or in training without an active regularizer (DropBlock, DropPath): a
+    module in training fuses only pairs that compute the same in both modes, a conv ->
+    FrozenBatchNorm2d (:func:`~._fused.add_pair` refuses a BatchNorm in training)."""
     return not module.training or (getattr(module, "drop_block", None) is None
                                    and getattr(module, "drop_path", None) is None)
+
+
+def may_fuse(module: nn.Module) -> bool:
+    """Not inside a torch.func transform, no global module hooks, and :func:`fusable_mode`."""
+    return not in_functorch() and no_global_hooks() and fusable_mode(module)
 
 
 class Kept:
@@ -124,7 +126,7 @@ class Kept:
 
     @staticmethod
     def program_for(holder: nn.Module, stem: Optional[Group],
-                blocks: Sequence[Group]) -> Optional[Program]:
+                    blocks: Sequence[Group]) -> Optional[Program]:
         """The program of ``stem`` and ``blocks``, kept in ``holder`` with its key; None if a
         pair is not foldable. Nothing is kept under torch.compile (the fold goes into the
         graph), under a FakeTensorMode (fake plans would poison later real forwards), under

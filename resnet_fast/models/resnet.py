@@ -7,8 +7,7 @@ program per ResNet, or per block called on its own on a channels_last input (``p
 a conv -> FrozenBatchNorm2d (detection backbones) fuses the same way in training too. In
 training every BN -> (add ->) ReLU is one fused ``batch_norm_act``. Both compute what
 torchvision computes. Where they could not (hooks, another norm layer, parametrized convs,
-torch.func
-transforms) and where a tool records the model (``torch.jit.script``, ``torch.jit.trace``,
+torch.func transforms) and where a tool records the model (``torch.jit.script``, ``torch.jit.trace``,
 ``torch.fx.symbolic_trace`` and so torchvision's feature extraction), the model runs
 torchvision's own module-by-module code: the recorded graph is torchvision's, with its node
 names, and needs nothing of resnet_fast to run. torch.compile records the fused path;
@@ -28,7 +27,7 @@ from ..backends import requested_backend
 from ..kernels.layout import layout_of
 from ._fused import exact_relu, in_functorch, no_global_hooks, no_hooks, recorded
 from .norm import bn_act, fusable_bn
-from .program import FusedEvalMixin, Kept, Program, may_fuse, pairs_of
+from .program import FusedEvalMixin, Kept, Program, fusable_mode, may_fuse, pairs_of
 from .regularizers import DropBlock2d, DropPath
 
 
@@ -256,14 +255,20 @@ class _Backbone(FusedEvalMixin, nn.Module):
         ``nn.ReLU``, none with hooks: the stem's BN -> ReLU is one fused batch_norm_act."""
         return fused_train_ok(self) and fusable_bn(self.bn1)
 
+    def _stem_group(self):
+        """The stem's group for :meth:`.program.Kept.program_for`; None where it must run as
+        modules (a torch.func transform, global hooks, a ReLU that is not exactly nn.ReLU)."""
+        if not may_fuse(self):
+            return None
+        stem = pairs_of(self)
+        return None if stem is None else (self.backend, stem, 1, None)
+
     def _fused_program(self, stages: list[nn.Module]) -> Optional[Program]:
         """The whole fused eval forward as one program (the stem's plan, then every block),
         checked once per forward instead of once per block; None where any module must run as
         a module (training, hooks, a block of another class, a pair that is not foldable),
         and the forward goes block by block."""
-        if not may_fuse(self):
-            return None
-        stem = pairs_of(self)
+        stem = self._stem_group()
         if stem is None:
             return None
         blocks = []
@@ -271,20 +276,19 @@ class _Backbone(FusedEvalMixin, nn.Module):
             if type(stage) is not nn.Sequential or not no_hooks(stage):
                 return None
             for block in stage._modules.values():
-                if type(block) not in _BLOCKS or not no_hooks(block) or not may_fuse(block):
+                if (type(block) not in _BLOCKS or not no_hooks(block)
+                        or not fusable_mode(block)):
                     return None
                 pairs = pairs_of(block)
                 if pairs is None:
                     return None
                 blocks.append(_block_group(block, pairs))
-        return Kept.program_for(self, (self.backend, stem, 1, None), blocks)
+        return Kept.program_for(self, stem, blocks)
 
     def _stem_program(self) -> Optional[Program]:
         """The stem alone as a program, for a forward that calls the blocks as modules."""
-        if not may_fuse(self):
-            return None
-        stem = pairs_of(self)
-        return None if stem is None else Kept.program_for(self, (self.backend, stem, 1, None), [])
+        stem = self._stem_group()
+        return None if stem is None else Kept.program_for(self, stem, [])
 
     @torch.jit.unused
     def _features(self, x: Tensor, keep_layout: bool = True) -> Tensor:
