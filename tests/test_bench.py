@@ -15,16 +15,17 @@ import torch
 import torchvision
 from _examples import load_script
 
-from resnet_fast.bench import candidates, cli, inference, peers, report, runner, timing, training
+from resnet_fast.bench import candidates, inference, peers, report, runner, timing, training
 from resnet_fast.calibrate import calibrate_, reference_model
+from resnet_fast.cli import bench as bench_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cli_end_to_end_writes_json_markdown_and_png(tmp_path, capsys):
-    rc = cli.main(["--arch", "resnet18", "--batch", "1", "--repeats", "1", "--warmup", "0",
-                     "--image-size", "64", "--candidates", "eager,eager_cl,resnet_fast",
-                     "--out", str(tmp_path), "--no-progress"])
+    rc = bench_cli.main(["--arch", "resnet18", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                         "--image-size", "64", "--candidates", "eager,eager_cl,resnet_fast",
+                         "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "resnet_fast:cpu" in out and "vs eager_cl" in out and "vs best peer" in out
@@ -57,9 +58,9 @@ def test_grad_cli_times_forwards_that_record_a_graph(tmp_path, capsys, monkeypat
         return cands, skipped
 
     monkeypatch.setattr(inference, "build_candidates", spying)
-    assert cli.main(["--grad", "--arch", "resnet18", "--batch", "1", "--repeats", "1",
-                     "--warmup", "0", "--image-size", "64", "--out", str(tmp_path),
-                     "--no-progress", "--no-plot"]) == 0
+    assert bench_cli.main(["--grad", "--arch", "resnet18", "--batch", "1", "--repeats", "1",
+                           "--warmup", "0", "--image-size", "64", "--out", str(tmp_path),
+                           "--no-progress", "--no-plot"]) == 0
     assert recorded and all(recorded)
     data = json.loads((tmp_path / "resnet18_float32_grad.json").read_text())
     assert data["mode"] == "grad"
@@ -75,7 +76,7 @@ def test_cli_rejects_bad_arguments(capsys):
                       (["--weights", "/nonexistent.pth"], "no such file"),
                       (["--weights", "/"], "expected a checkpoint file, got a directory")):
         with pytest.raises(SystemExit):
-            cli.main(argv)
+            bench_cli.main(argv)
         assert msg in capsys.readouterr().err
 
 
@@ -85,9 +86,9 @@ def test_cli_takes_a_fine_tuned_checkpoint_as_training_scripts_save_it(tmp_path,
                        image_size=32).state_dict()
     ckpt = tmp_path / "ft.pth"
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, ckpt)
-    assert cli.main(["--arch", "resnet18", "--batch", "1", "--repeats", "1", "--warmup", "0",
-                     "--image-size", "32", "--candidates", "eager,resnet_fast", "--weights",
-                     str(ckpt), "--out", str(tmp_path), "--no-progress", "--no-plot"]) == 0
+    assert bench_cli.main(["--arch", "resnet18", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                           "--image-size", "32", "--candidates", "eager,resnet_fast", "--weights",
+                           str(ckpt), "--out", str(tmp_path), "--no-progress", "--no-plot"]) == 0
     data = json.loads((tmp_path / "resnet18_float32.json").read_text())
     assert data["weights"] == str(ckpt)
     assert all(r["max_abs_err_vs_torchvision"] < 1e-3 for r in data["runs"])
@@ -226,8 +227,8 @@ def test_train_cli_end_to_end_writes_json_markdown_png_and_readme_block(tmp_path
     # compile is left out: compiling resnet18's forward and backward takes ~40 s on 2 cores.
     # The compiled training step is tested on its own below, on a tiny model.
     out = tmp_path / "cpu-test"
-    assert cli.main(TINY_TRAIN + ["--candidates", "eager,eager_cl,resnet_fast,resnet_fast_nchw",
-                                    "--out", str(out)]) == 0
+    assert bench_cli.main(TINY_TRAIN + [
+        "--candidates", "eager,eager_cl,resnet_fast,resnet_fast_nchw", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "training step" in printed and "resnet_fast" in printed and "DIVERGED" not in printed
     data = json.loads((out / "resnet18_float32_train.json").read_text())
@@ -331,7 +332,7 @@ def test_train_and_grad_cli_reject_candidates_they_cannot_run(capsys):
             (["--train"], "eager,fast", "unknown fast; expected some of eager, eager_cl"),
             (["--train"], "eager_cl,resnet_fast", "must include eager")):
         with pytest.raises(SystemExit):
-            cli.main([*flags, "--candidates", names])
+            bench_cli.main([*flags, "--candidates", names])
         assert msg in capsys.readouterr().err
 
 
@@ -460,9 +461,13 @@ def test_the_collector_is_off_while_timing_and_back_on_after():
 
 
 @pytest.mark.slow
-def test_the_deployment_cli_does_not_import_the_benchmark():
-    code = ("import sys, resnet_fast.deploy, resnet_fast.cli; "
-            "print(sorted(m for m in sys.modules if m.startswith('resnet_fast.bench')))")
+@pytest.mark.parametrize("imported, not_loaded", [
+    ("resnet_fast.deploy, resnet_fast.cli", "resnet_fast.bench"),  # only `bench` loads it
+    ("resnet_fast.bench", "resnet_fast.cli"),  # a library the CLI calls, never the reverse
+], ids=["deployment-cli-without-the-benchmark", "benchmark-without-the-cli"])
+def test_imports_go_one_way(imported, not_loaded):
+    code = (f"import sys, {imported}; "
+            f"print(sorted(m for m in sys.modules if m.startswith({not_loaded!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"

@@ -14,8 +14,9 @@ import pytest
 import torch
 import torchvision
 
-from resnet_fast.bench import candidates, cli, inference, peers, report, runner, timing
+from resnet_fast.bench import candidates, inference, outputs, peers, report, runner, timing
 from resnet_fast.calibrate import reference_model
+from resnet_fast.cli import bench as bench_cli
 
 CPU = torch.device("cpu")
 
@@ -149,7 +150,7 @@ def test_a_failing_candidate_is_a_row_that_says_why_and_the_others_still_run(tmp
             + " | ".join(["-"] * 8) + " |") in md
     assert "| first **FAILED** | 1 | failed: RuntimeError: no kernel for batch 1 second line \\| " \
         "of it |" in md  # a | in the message would split the cell
-    paths = cli.write_outputs(results, tmp_path)  # the plot leaves the failed rows out
+    paths = outputs.write_outputs(results, tmp_path)  # the plot leaves the failed rows out
     assert [p.suffix for p in paths] == [".json", ".md", ".png"]
     assert json.loads(paths[0].read_text())["runs"][2]["failed"].startswith("RuntimeError")
 
@@ -193,9 +194,9 @@ def test_an_interrupted_run_writes_the_batch_sizes_it_finished(tmp_path, monkeyp
     eager = None
     monkeypatch.setattr(inference, "build_candidates", with_interrupting)
     previous = signal.getsignal(signal.SIGTERM)
-    rc = cli.main(["--arch", "resnet18", "--batch", "1,2", "--repeats", "2", "--block", "1",
-                   "--warmup", "0", "--image-size", "32", "--candidates", "eager",
-                   "--out", str(tmp_path), "--no-progress", "--no-plot"])
+    rc = bench_cli.main(["--arch", "resnet18", "--batch", "1,2", "--repeats", "2", "--block", "1",
+                         "--warmup", "0", "--image-size", "32", "--candidates", "eager",
+                         "--out", str(tmp_path), "--no-progress", "--no-plot"])
     assert rc == 128 + getattr(signal, how)
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
     data = json.loads((tmp_path / "resnet18_float32.json").read_text())

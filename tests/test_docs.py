@@ -30,8 +30,8 @@ def _our_flags(monkeypatch) -> set[str]:
     """The option strings of every command's parser (and of its subcommands' parsers),
     captured as each main parses its args."""
     from resnet_fast import cli
-    from resnet_fast.bench import cli as bench_cli
     from resnet_fast.bench import overhead, report
+    from resnet_fast.cli import bench as bench_cli
 
     scripts = [*(load_example(name) for name in ("finetune", "classify", "export")),
                load_script(ROOT / "benchmarks" / "profile_cpu.py"),

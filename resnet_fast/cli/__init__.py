@@ -1,5 +1,9 @@
 """The ``resnet-fast`` command (also ``python -m resnet_fast``): ``bench``, ``check``, ``fuse``
-and ``backends``, each with ``--help``.
+and ``backends``, each with ``--help``. The command's argument parsing is all in this
+package: the command's own, ``check``'s, ``fuse``'s and ``backends``' here, ``bench``'s in
+:mod:`.bench` (imported only for that command: the others do not load the benchmark), the
+argument types they share in :mod:`.args`. The work is the libraries':
+:mod:`resnet_fast.deploy` and :mod:`resnet_fast.bench`.
 
 Exit status: 0 on success; 1 when a check fails or the command stops on an error, printed as
 one line ``resnet-fast <command>: error: ...`` (with the traceback under ``--debug``); 2 for
@@ -14,67 +18,16 @@ import math
 import pickle
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from . import __version__
+from .. import __version__
+from .args import DTYPES, at_least, positive_finite, torch_device
 
-# The --dtype names the commands accept.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What our code raises for a bad input or an environment that cannot run the command
 # (BackendUnavailableError is a RuntimeError; a missing optional package an ImportError naming
 # the extra to install): one line, no traceback.
 ERRORS = (ValueError, RuntimeError, OSError, ImportError, pickle.UnpicklingError)
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-    return parse
-
-
-def positive_finite(text: str) -> float:
-    """An argparse type: a finite number > 0 (a NaN tolerance would pass nothing, silently)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def batch_sizes(text: str) -> tuple[int, ...]:
-    """An argparse type: comma-separated integers >= 1."""
-    try:
-        sizes = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return sizes
-
-
-def torch_device(text: str) -> torch.device:
-    """An argparse type: cpu or cuda[:N] with that CUDA device visible."""
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
-    if dev.type == "cuda" and torch.cuda.device_count() <= (dev.index or 0):
-        raise argparse.ArgumentTypeError(f"expected a visible CUDA device, got {text!r} "
-                                         f"({torch.cuda.device_count()} visible)")
-    return dev
 
 
 def _json(obj) -> str:
@@ -96,8 +49,8 @@ def environment_report() -> dict:
     """Versions, CUDA, CPU capability, whether the C++ extension loaded (and why not), every
     backend with whether it works here, and the autotuning cache: what ``resnet-fast
     backends`` prints."""
-    from . import _extension, autotune, available_backends
-    from .bench.env import environment
+    from .. import _extension, autotune, available_backends
+    from ..bench.env import environment
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {**environment(dev),
@@ -130,7 +83,7 @@ def backends_main(args: argparse.Namespace) -> int:
 
 
 def check_main(args: argparse.Namespace) -> int:
-    from .deploy import check
+    from ..deploy import check
 
     result = check(args.arch, checkpoint=args.weights, num_classes=args.num_classes,
                    batch=args.batch, image_size=args.image_size, device=args.device,
@@ -155,7 +108,7 @@ def check_main(args: argparse.Namespace) -> int:
 
 
 def fuse_main(args: argparse.Namespace) -> int:
-    from .deploy import fuse
+    from ..deploy import fuse
 
     result = fuse(args.arch, args.out, fmt=args.format, checkpoint=args.weights,
                   num_classes=args.num_classes, dtype=DTYPES[args.dtype], device=args.device,
@@ -175,7 +128,7 @@ def fuse_main(args: argparse.Namespace) -> int:
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments ``check`` and ``fuse`` share: which torchvision model, with which weights."""
-    from .models import TORCHVISION_ARCHS
+    from ..models import TORCHVISION_ARCHS
 
     parser.add_argument("--arch", required=True, choices=TORCHVISION_ARCHS)
     parser.add_argument("--weights", default=None,
@@ -189,7 +142,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .deploy import FORMATS
+    from ..deploy import FORMATS
 
     parser = argparse.ArgumentParser(
         prog="resnet-fast", description="Fused-kernel ResNets: benchmark, parity check, BN-folded "
@@ -200,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error instead of one line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    # bench keeps its own parser (resnet_fast/bench/cli.py): its arguments go there untouched.
+    # bench has its own parser (.bench), built only for that command: its arguments go
+    # there untouched.
     commands.add_parser("bench", add_help=False,
                         help="benchmark ResNets: eager, torch.compile, ONNX Runtime, OpenVINO and "
                              "resnet_fast (resnet-fast bench --help)")

@@ -1,79 +1,27 @@
-"""``resnet-fast bench`` (also ``python -m resnet_fast.bench``, ``make bench``): arguments,
-then the inference or training run, then the outputs: a JSON file (the source of truth), a
-Markdown table and a PNG plot made from it, written after every batch size. Interrupted
-(Ctrl-C, SIGTERM), it writes what it finished, marked ``interrupted``, and exits 128 + the
-signal's number."""
+"""``resnet-fast bench`` (also ``python -m resnet_fast.bench``, ``make bench``): its arguments,
+checked and given this device's defaults, then the benchmark library's
+:func:`resnet_fast.bench.run_and_write` (inference or training, the outputs written after
+every batch size), then the table and the paths written. Interrupted (Ctrl-C, SIGTERM), it
+exits 128 + the signal's number."""
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import shlex
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..cli import DTYPES, at_least, batch_sizes, torch_device
+from ..bench import report, run, run_and_write, run_train
+from ..bench.candidates import CANDIDATES, GRAD_CANDIDATES
+from ..bench.training import TRAIN_CANDIDATES
 from ..models import TORCHVISION_ARCHS
-from .candidates import CANDIDATES, GRAD_CANDIDATES
-from .env import device_slug
-from .training import TRAIN_CANDIDATES
+from .args import DTYPES, at_least, batch_sizes, torch_device
 
 
-def write_outputs(results: dict, out_dir: Path, plot: bool = True) -> list[Path]:
-    """JSON (atomically), Markdown table and PNG plot, named <arch>_<dtype>.* (inference),
-    <arch>_<dtype>_grad.* (inference with autograd on) or <arch>_<dtype>_train.* (training
-    step); returns the paths written."""
-    from . import report
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['arch']}_{results['dtype']}"
-    if results.get("mode") in ("train", "grad"):
-        stem += "_" + results["mode"]
-    written = []
-    path = out_dir / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
-    written.append(path)
-    md = out_dir / f"{stem}.md"
-    md.write_text(report.markdown_table(results) + "\n")
-    written.append(md)
-    if plot and report.measured_rows(results):  # (nothing to draw when every candidate failed)
-        png = out_dir / f"{stem}.png"
-        report.plot(results, png)
-        written.append(png)
-    return written
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the run is, as Ctrl-C's KeyboardInterrupt is."""
-
-
-@contextmanager
-def sigterm_raises():
-    """SIGTERM raises :class:`Terminated` in the main thread while inside (a batch job's
-    time limit, ``kill``): the run then unwinds and writes what it finished, as on Ctrl-C."""
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from . import report
-    from .inference import run
-    from .training import run_train
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resnet-fast bench",
         description="Benchmark ResNets: eager, torch.compile, ONNX Runtime, OpenVINO and "
@@ -116,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="output folder (default: bench-results/<device>)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """``resnet-fast bench`` with the arguments after ``bench``; returns the exit status."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = str(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -152,38 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--weights: no such file {args.weights}")
     dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
 
-    # This call's own arguments, not sys.argv: from `resnet-fast bench` sys.argv also holds
-    # the subcommand, and a caller may pass argv explicitly.
-    command = "resnet-fast bench " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "resnet-fast bench " + " ".join(shlex.quote(a) for a in argv)
     bench = run_train if args.train else functools.partial(run, grad=args.grad)
-    written: dict = {}
-
-    def save(results: dict) -> None:
-        out_dir = args.out or Path("bench-results") / device_slug(results["environment"])
-        written["results"] = results
-        written["paths"] = write_outputs(results, out_dir, plot=not args.no_plot)
-
-    status = 0
-    try:
-        with sigterm_raises():
-            bench(args.arch, batches, dtype, names, repeats=repeats, block=block,
-                  warmup=args.warmup, device=device, image_size=args.image_size,
-                  weights=args.weights, progress=not args.no_progress, command=command,
-                  on_batch=save)
-    except KeyboardInterrupt as exc:
-        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
-        status = 128 + signum
-        if "results" not in written:
-            print(f"interrupted ({signum.name}) before the first batch size finished: "
-                  "nothing written", file=sys.stderr)
-            return status
-        results = written["results"]
-        done = sorted({r["batch_size"] for r in results["runs"]})
-        results["interrupted"] = (f"{signum.name} after batch size(s) "
-                                  f"{', '.join(map(str, done))} of {', '.join(map(str, batches))}")
-        save(results)
-    print(report.format_table(written["results"]))
-    for path in written["paths"]:
-        print(f"wrote {path}")
-    return status
+    written = run_and_write(bench, args.arch, batches, dtype, names, out_dir=args.out,
+                            plot=not args.no_plot, repeats=repeats, block=block,
+                            warmup=args.warmup, device=device, image_size=args.image_size,
+                            weights=args.weights, progress=not args.no_progress,
+                            command=command)
+    signum = written.interrupted_by
+    if written.results is None:
+        print(f"interrupted ({signum.name}) before the first batch size finished: "
+              "nothing written", file=sys.stderr)
+    else:
+        print(report.format_table(written.results))
+        for path in written.paths:
+            print(f"wrote {path}")
+    return 0 if signum is None else 128 + signum
