@@ -138,30 +138,37 @@ else:
         extra_link_args=link_flags,
     )
 
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt",
-              "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt"]
+# Per-file flags by file-name suffix, as PyTorch compiles its capability kernels.
+ISA_FLAGS = {
+    "_avx2.cpp": _AVX2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "_avx512.cpp": _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                            "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
 
 
 class BuildExt(BuildExtension):
     """torch's BuildExtension, plus per-file flags for the CPU-capability sources.
 
-    ``csrc/cpu/*_avx2.cpp`` is compiled on its own with -mavx2 (and friends), as PyTorch
-    compiles its own capability kernels, and linked in as extra objects; the code runs only
-    after ``use_avx2()`` said the CPU has it. (A ``#pragma GCC target`` in the file instead
+    ``csrc/cpu/*_avx2.cpp`` and ``*_avx512.cpp`` are compiled on their own with ISA_FLAGS,
+    as PyTorch compiles its own capability kernels, and linked in as extra objects; the code
+    runs only after ``use_avx2()`` / ``winograd_isa()`` said the CPU has it. (A ``#pragma GCC target`` in the file instead
     worked with GCC 12 but GCC 13 rejects it: libstdc++'s always_inline functions then have
     a target mismatch.) Not x86-64: the file compiles without the flags and aliases the
     portable kernels."""
 
     def build_extension(self, ext):
-        special = [s for s in ext.sources if s.endswith("_avx2.cpp")]
-        if special:
+        for suffix, flags in ISA_FLAGS.items():
+            special = [s for s in ext.sources if s.endswith(suffix)]
+            if not special:
+                continue
             ext.sources = [s for s in ext.sources if s not in special]
             args = ext.extra_compile_args
-            extra = AVX2_FLAGS if _X86_64 else []
+            extra = flags if _X86_64 else []
             post = ({k: list(v) + (extra if k == "cxx" else []) for k, v in args.items()}
                     if isinstance(args, dict) else list(args) + extra)
             objects = self.compiler.compile(
-                special, output_dir=os.path.join(self.build_temp, "avx2"),
+                special, output_dir=os.path.join(self.build_temp, suffix[1:-4]),
                 macros=ext.define_macros, include_dirs=ext.include_dirs,
                 debug=self.debug, extra_postargs=post, depends=ext.depends)
             ext.extra_objects = list(ext.extra_objects or []) + objects

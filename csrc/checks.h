@@ -105,8 +105,8 @@ inline std::vector<int64_t> check_conv_args(const at::Tensor& x, const at::Tenso
                                             const std::optional<at::Tensor>& bias,
                                             at::IntArrayRef stride, at::IntArrayRef padding,
                                             at::IntArrayRef dilation, int64_t groups,
-                                            const std::optional<at::Tensor>& residual) {
-  const char* op = "conv_bias_act";
+                                            const std::optional<at::Tensor>& residual,
+                                            const char* op = "conv_bias_act") {
   check_floating(x, op);
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected x of shape (N, C, H, W), got ", Shape{x.sizes()});
   TORCH_CHECK_VALUE(w.dim() == 4, op, ": expected weight of shape (K, C/groups, R, S), got ", Shape{w.sizes()});

@@ -28,6 +28,14 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def("conv_bias_act_packed(Tensor x, Tensor packed_weight, Tensor? bias, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups, Tensor? residual=None, bool relu=True) "
         "-> Tensor");
+  // The weight (K, C, 3, 3) transformed once for conv_bias_act_winograd on CPU: tile 2 is
+  // F(2x2,3x3), tile 4 F(4x4,3x3); a float32 tensor laid out for this CPU's vector width.
+  m.def("winograd_prepack(Tensor weight, int tile) -> Tensor");
+  // act(conv2d(x, weight, stride 1, padding) + bias (+ residual)) for a 3x3 weight, by
+  // Winograd's algorithm on packed_weight = winograd_prepack(weight) (inference: no
+  // autograd); float32 on CPU. weight itself is read only for tiles of non-finite input.
+  m.def("conv_bias_act_winograd(Tensor x, Tensor weight, Tensor packed_weight, Tensor bias, "
+        "int[2] padding, Tensor? residual=None, bool relu=True) -> Tensor");
   // Training BatchNorm (batch statistics) fused with (+ residual) and ReLU: returns
   // (out, mean, var) with the batch mean and biased variance per channel in float32 (float64
   // for float64 x). The running-stat update is left to the caller (resnet_fast.ops).

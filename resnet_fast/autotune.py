@@ -1,9 +1,11 @@
-"""The ``auto`` backend's per-layer choice on CUDA: time each candidate kernel once per layer
-key and keep the winner in memory and on disk.
+"""Per-layer kernel choices by measurement: the ``auto`` backend's on CUDA (cuDNN or Triton)
+and the CPU plans' (oneDNN or Winograd). Each candidate kernel is timed once per layer key
+and the winner kept in memory and on disk.
 
 A layer key is the op, the input's shape, dtype and layout, the weight's shape, the geometry,
 and whether a residual and a ReLU are fused; the full key adds the device name and the versions
-of torch, cuDNN, triton and resnet_fast, so a new driver stack or another GPU measures again.
+of torch, cuDNN, triton and resnet_fast, so a new driver stack or another GPU measures again
+(on CPU: the CPU model, torch's vector capability and the thread count).
 The table is ``autotune.json`` in ``$RESNET_FAST_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/resnet_fast``, else ``~/.cache/resnet_fast``: JSON written through
 ``_jsonfile.update`` (locked, atomic, merging, so concurrent writers lose nothing). A corrupt
@@ -83,6 +85,40 @@ def cuda_time_ms(fn: Callable[[], object]) -> float:
     from triton.testing import do_bench
     fn()
     return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
+
+
+def cpu_environment(device: torch.device) -> dict[str, Any]:
+    """The machine part of a CPU key: the CPU's model and the vector capability torch uses
+    (one model name covers AVX2 and AVX-512 machines), the threads, and library versions."""
+    return {"device": "cpu", "cpu": _cpu_model(), "capability":
+            torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "resnet_fast": __version__}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def cpu_time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of five calls of ``fn`` on the CPU (perf_counter), after one
+    untimed call that warms caches and thread pools."""
+    import statistics
+    import time
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 class Tuner:
@@ -167,13 +203,25 @@ class Tuner:
 
 
 _default: Optional[Tuner] = None
+_default_cpu: Optional[Tuner] = None
 _default_lock = threading.Lock()
 
 
 def default_tuner() -> Tuner:
-    """The process's tuner, made at the first layer that needs one (environment read then)."""
+    """The process's GPU tuner, made at the first layer that needs one (environment read
+    then)."""
     global _default
     with _default_lock:
         if _default is None:
             _default = Tuner()
         return _default
+
+
+def cpu_tuner() -> Tuner:
+    """The process's CPU tuner (the plans' choice between oneDNN and Winograd per layer):
+    the same table, keys naming the CPU (:func:`cpu_environment`), timed on the CPU."""
+    global _default_cpu
+    with _default_lock:
+        if _default_cpu is None:
+            _default_cpu = Tuner(environment=cpu_environment, timer=cpu_time_ms)
+        return _default_cpu

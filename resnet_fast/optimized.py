@@ -75,7 +75,8 @@ _ONEDNN_HALF = {torch.bfloat16: lambda: torch.backends.mkldnn.is_available()
 
 def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Optional[torch.dtype] = None,
              channels_last: bool = True, cuda_graphs: Optional[bool] = None,
-             example_input: Optional[torch.Tensor] = None) -> OptimizedModel:
+             example_input: Optional[torch.Tensor] = None,
+             winograd: Optional[bool] = None) -> OptimizedModel:
     """The fastest inference module this machine allows, in one call.
 
     Converts a torchvision ResNet (a copy; the argument is never modified), switches to eval
@@ -85,7 +86,9 @@ def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Option
     captured graph per input shape (re-captured for a new shape). On CPU, outputs come from
     the reused buffers of the conv kernels (see ``resnet_fast.ops.cpu_cache_bytes``). A
     half-precision ``dtype`` on a CPU where oneDNN has no convolution for it is a
-    RuntimeWarning: it runs emulated, slower than float32.
+    RuntimeWarning: it runs emulated, slower than float32. ``winograd``: the stride-1 3x3
+    convs' Winograd setting on CPU (``ResNet.set_winograd``): None measures F(2x2,3x3)
+    against oneDNN per layer, True also F(4x4,3x3) (about 10x the error), False never.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
@@ -94,6 +97,7 @@ def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Option
                         f"{type(model).__name__}")
     ours = convert(model) if isinstance(model, tv_resnet.ResNet) else copy.deepcopy(model)
     ours.set_backend(None if backend == "auto" else backend)
+    ours.set_winograd(winograd)
     if dtype is not None:
         ours.to(dtype)
     ours.eval()

@@ -7,6 +7,7 @@ TRITON_INTERPRET when triton is first imported: it is set here, before any test 
 (importing torch does not import triton)."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -24,6 +25,9 @@ if not torch.cuda.is_available():
 # per test shape made the gpu tier take 5 s a test. test_conv_bias_act checks every config of
 # the search list and the autotuned path on their own.
 os.environ.setdefault("RESNET_FAST_TRITON_AUTOTUNE", "0")
+# Layer choices measured by tests (the CPU plans' oneDNN or Winograd) go to a table of this
+# session's own, never the user's.
+os.environ.setdefault("RESNET_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="resnet_fast_tests_"))
 
 
 def pytest_collection_modifyitems(config, items):

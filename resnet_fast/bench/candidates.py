@@ -5,8 +5,9 @@
   ``compile_reduce_overhead`` (GPU: CUDA graphs) and ``compile_max_autotune`` (GPU:
   max-autotune + freezing);
 - ours: ``resnet_fast`` (our model on every available backend, NCHW input: the drop-in case)
-  and ``optimize`` (``resnet_fast.optimize`` of the torchvision model: auto backend, CUDA
-  graphs on GPU);
+  ``optimize`` (``resnet_fast.optimize`` of the torchvision model: auto backend, CUDA
+  graphs on GPU) and ``optimize_winograd`` (the same with ``winograd=True``: F(4x4,3x3) allowed
+  too, the opt-in with about 10x the error; CPU float32 only);
 - the runtimes a deployer would pick instead (:mod:`.peers`): ``onnxruntime`` and
   ``openvino``.
 
@@ -27,7 +28,8 @@ from ..backends import device_backends
 from . import peers
 
 CANDIDATES = ("eager", "eager_cl", "compile", "compile_freezing", "compile_reduce_overhead",
-              "compile_max_autotune", "resnet_fast", "optimize", "onnxruntime", "openvino")
+              "compile_max_autotune", "resnet_fast", "optimize", "optimize_winograd",
+              "onnxruntime", "openvino")
 # What ``resnet-fast bench --grad`` times: the modules autograd runs through.
 GRAD_CANDIDATES = ("eager", "eager_cl", "resnet_fast")
 PEERS = ("compile", "compile_freezing", "compile_reduce_overhead", "compile_max_autotune",
@@ -107,6 +109,13 @@ def build_candidates(names, arch: str, reference: torch.nn.Module, dtype: torch.
         elif name == "optimize":
             # resnet_fast.optimize() on the torchvision model: auto backend, CUDA graphs on GPU.
             out.append(Candidate(name, optimize(torchvision_copy(False), dtype=dtype), False))
+        elif name == "optimize_winograd":
+            if device.type != "cpu" or dtype != torch.float32:
+                skipped[name] = (f"Winograd runs on CPU in float32; this run is {device.type} "
+                                 f"{str(dtype).split('.')[-1]}")
+                continue
+            out.append(Candidate(name, optimize(torchvision_copy(False), dtype=dtype,
+                                                winograd=True), False))
         elif name == "onnxruntime":
             why = peers.onnxruntime_unsupported(device, dtype)
             if why:

@@ -53,7 +53,7 @@ from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .. import autotune
+from .. import _extension, autotune
 from ..backends import requested_backend, resolve, tuned_backends
 from ..kernels.layout import layout_of
 from ..ops import reference
@@ -199,11 +199,11 @@ class ConvPlan:
 
     __slots__ = ("weight", "bias", "geometry", "relu", "run", "dense_op", "packed_op", "pads",
                  "casts", "folds", "sources", "_packed", "_inner", "_tuned", "_candidates",
-                 "_default")
+                 "_default", "_tiles")
 
     def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor], relu: bool,
                  backend: Optional[str], differentiable: bool, casts: bool = False,
-                 folds: Optional[Folds] = None) -> None:
+                 folds: Optional[Folds] = None, winograd: Optional[bool] = None) -> None:
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         self.relu = relu
         chosen = resolve("conv_bias_act", weight.device, backend)
@@ -231,9 +231,10 @@ class ConvPlan:
             self.run = ConvPlan._measured
         elif (chosen == "cpu" and not differentiable and weight.dtype in onednn_dtypes()
                 and torch.backends.mkldnn.enabled):
-            self._packed: dict[torch.Size, Tensor] = {}
+            self._packed: dict[torch.Size, tuple[bool, Tensor]] = {}
             self.run = ConvPlan._onednn
             self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default
+            self._tiles = winograd_tiles(conv, weight, bias, winograd)
         self.casts = casts
         if self.pads or casts:
             self._inner, self.run = self.run, ConvPlan._adapted
@@ -290,17 +291,73 @@ class ConvPlan:
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None
                                                               and residual.requires_grad)):
             return self._dense(x, residual)  # the packed op has no autograd
-        packed = self._packed.get(x.shape)
-        if packed is None:
-            packed = torch.ops.resnet_fast.prepack_conv_weight.default(
-                self.weight, *self.geometry, list(x.shape))
+        entry = self._packed.get(x.shape)
+        if entry is None:
+            entry = self._prepare(x, residual)
             # Copy, change, assign: threads reading the old dict never see it change size.
             sizes = dict(self._packed)
             if len(sizes) >= _MAX_PACKED_SIZES:
                 del sizes[next(iter(sizes))]  # the oldest
-            sizes[x.shape] = packed
+            sizes[x.shape] = entry
             self._packed = sizes
+        return self._packed_call(x, residual, *entry)
+
+    def _packed_call(self, x: Tensor, residual: Optional[Tensor], winograd: bool,
+                     packed: Tensor) -> Tensor:
+        if winograd:
+            return torch.ops.resnet_fast.conv_bias_act_winograd.default(
+                x, self.weight, packed, self.bias, self.geometry[1], residual, self.relu)
         return self.packed_op(x, packed, self.bias, *self.geometry, residual, self.relu)
+
+    def _prepare(self, x: Tensor, residual: Optional[Tensor]) -> tuple[bool, Tensor]:
+        """(whether Winograd, the weight prepared for it) for x's shape: oneDNN's packed
+        weight, or where Winograd may run (``_tiles``) the faster of it and each Winograd
+        variant, measured once per layer key (``autotune.cpu_tuner``; the table on disk)."""
+        packed = torch.ops.resnet_fast.prepack_conv_weight.default(
+            self.weight, *self.geometry, list(x.shape))
+        if not self._tiles:
+            return False, packed
+        entries = {"onednn": (False, packed)}
+        for m in self._tiles:
+            entries[f"winograd{m}"] = (
+                True, torch.ops.resnet_fast.winograd_prepack.default(self.weight, m))
+        layer = {"op": "conv_bias_act_cpu", "x": list(x.shape),
+                 "dtype": str(x.dtype).split(".")[-1],
+                 "layout": "channels_last" if layout_of(x) == torch.channels_last else "nchw",
+                 "weight": list(self.weight.shape), "geometry": list(self.geometry),
+                 "residual": residual is not None, "relu": self.relu,
+                 "candidates": sorted(entries)}
+        runs = {name: functools.partial(self._packed_call, x, residual, *entry)
+                for name, entry in entries.items()}
+        with torch.no_grad():
+            name = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
+        return entries[name]
+
+
+def winograd_tiles(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
+                   winograd: Optional[bool]) -> tuple[int, ...]:
+    """The Winograd tile sizes a CPU plan measures against oneDNN: F(2x2,3x3) by default,
+    also F(4x4,3x3) with ``winograd=True`` (faster, and errs about 10x more: an opt-in),
+    none with ``winograd=False``; only for a float32 3x3 conv with stride 1, dilation 1, one
+    group and a (folded) bias, where this CPU runs the kernels (AVX2 or AVX-512)."""
+    if (winograd is False or bias is None or weight.dtype != torch.float32
+            or tuple(weight.shape[2:]) != (3, 3) or tuple(conv.stride) != (1, 1)
+            or tuple(conv.dilation) != (1, 1) or conv.groups != 1 or not winograd_runs()):
+        return ()
+    return (2, 4) if winograd else (2,)
+
+
+@functools.cache
+def winograd_runs() -> bool:
+    """Whether this CPU runs the Winograd kernels (AVX2 + FMA or AVX-512, and the C++
+    extension built with them)."""
+    if not _extension.has_kernel("conv_bias_act_winograd", "CPU"):
+        return False
+    try:
+        torch.ops.resnet_fast.winograd_prepack(torch.zeros(1, 1, 3, 3), 2)
+    except RuntimeError:
+        return False
+    return True
 
 
 def refold(terms: tuple[tuple[float, bool, bool], ...],
@@ -385,7 +442,8 @@ class _PlannedConv(torch.autograd.Function):
 
 
 def group_plans(backend: Optional[str], pairs: list, own: int, differentiable: bool,
-                cast: Optional[torch.dtype] = None) -> list[ConvPlan]:
+                cast: Optional[torch.dtype] = None,
+                winograd: Optional[bool] = None) -> list[ConvPlan]:
     """The plans of one group of pairs: a block's ``own`` pairs, then (if present) its
     downsample pair, or the stem alone.
 
@@ -394,17 +452,17 @@ def group_plans(backend: Optional[str], pairs: list, own: int, differentiable: b
     The downsample then runs as a plain conv (no bias pass, no epilogue). The two folded
     biases are added in float32 (float64 for float64), and the sum is rounded to the weights'
     dtype. ``cast`` (the autocast dtype): the folded weights and biases are then rounded to
-    it and the plans cast their inputs to it."""
+    it and the plans cast their inputs to it. ``winograd``: see :func:`winograd_tiles`."""
     if differentiable:
-        return _group_plans(backend, pairs, own, differentiable, cast)
+        return _group_plans(backend, pairs, own, differentiable, cast, winograd)
     # Normal (not inference) tensors even under inference_mode, so a later call with autograd
     # on (input gradients) may save the prepared weights for backward.
     with torch.inference_mode(False), torch.no_grad():
-        return _group_plans(backend, pairs, own, differentiable, cast)
+        return _group_plans(backend, pairs, own, differentiable, cast, winograd)
 
 
 def _group_plans(backend: Optional[str], pairs: list, own: int, differentiable: bool,
-                 cast: Optional[torch.dtype]) -> list[ConvPlan]:
+                 cast: Optional[torch.dtype], winograd: Optional[bool]) -> list[ConvPlan]:
     tensors = [(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
                for conv, bn, _ in pairs]
     folded = [fold_bn_tensors(*t, bn.eps) for t, (_, bn, _) in zip(tensors, pairs)]
@@ -420,7 +478,7 @@ def _group_plans(backend: Optional[str], pairs: list, own: int, differentiable: 
     if cast is not None:
         folded = [(w.to(cast), None if b is None else b.to(cast)) for w, b in folded]
     return [ConvPlan(conv, w, b, relu, backend, differentiable, casts=cast is not None,
-                     folds=(tuple(term), tensor))
+                     folds=(tuple(term), tensor), winograd=winograd)
             for (conv, _, relu), (w, b), term, tensor in zip(pairs, folded, terms, tensors)]
 
 

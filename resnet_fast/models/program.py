@@ -79,9 +79,10 @@ class Program(NamedTuple):
         return stem + [p for block in self.blocks for p in block.plans()]
 
 
-# A block group: (backend, (conv, bn, relu) pairs, how many are the block's own, the shortcut
-# module when it is not a fused pair); the stem group is (backend, pairs, 1, None).
-Group = tuple[Optional[str], list, int, Shortcut]
+# A block group: (backend, winograd, (conv, bn, relu) pairs, how many are the block's own, the
+# shortcut module when it is not a fused pair); the stem group is (backend, winograd, pairs, 1,
+# None). winograd: the module's setting (``_fused.winograd_tiles``).
+Group = tuple[Optional[str], Optional[bool], list, int, Shortcut]
 
 
 def pairs_of(module: nn.Module) -> Optional[list[tuple[nn.Module, nn.Module, bool]]]:
@@ -136,8 +137,8 @@ class Kept:
         groups = ([] if stem is None else [stem]) + list(blocks)
         key: list = [stem is None]
         sources: list[Tensor] = []
-        for backend, pairs, own, shortcut in groups:
-            key += (backend, own, shortcut)
+        for backend, winograd, pairs, own, shortcut in groups:
+            key += (backend, winograd, own, shortcut)
             for conv, bn, _ in pairs:
                 if not add_pair(conv, bn, key, sources):
                     return None
@@ -145,12 +146,12 @@ class Kept:
         key.append(cast)
 
         def build(differentiable: bool) -> Program:
-            plans = [group_plans(backend, pairs, own, differentiable, cast)
-                     for backend, pairs, own, _ in groups]
+            plans = [group_plans(backend, pairs, own, differentiable, cast, winograd)
+                     for backend, winograd, pairs, own, _ in groups]
             head = None if stem is None else plans.pop(0)[0]
             return Program(head, tuple(
                 Block(tuple(p[:own - 1]), p[own - 1], p[own] if len(p) > own else shortcut)
-                for p, (_, _, own, shortcut) in zip(plans, blocks)))
+                for p, (*_, own, shortcut) in zip(plans, blocks)))
 
         if torch.compiler.is_compiling() or faking() or (
                 cast is not None and torch.is_grad_enabled()
@@ -189,6 +190,7 @@ class FusedEvalMixin:
     """
 
     backend: Optional[str]
+    winograd: Optional[bool] = None
     _fold_spec: tuple[tuple[str, str, bool], ...]
 
     def _drop_plans(self) -> None:

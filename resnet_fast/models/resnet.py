@@ -261,7 +261,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
         if not may_fuse(self):
             return None
         stem = pairs_of(self)
-        return None if stem is None else (self.backend, stem, 1, None)
+        return None if stem is None else (self.backend, self.winograd, stem, 1, None)
 
     def _fused_program(self, stages: list[nn.Module]) -> Optional[Program]:
         """The whole fused eval forward as one program (the stem's plan, then every block),
@@ -349,6 +349,20 @@ class _Backbone(FusedEvalMixin, nn.Module):
         for m in self.modules():
             if isinstance(m, (_Block, _Backbone)):
                 m.backend = backend
+                m._drop_plans()
+        return self
+
+    def set_winograd(self, winograd: Optional[bool]) -> "_Backbone":
+        """Winograd for the fused eval path's stride-1 3x3 convs on CPU (float32, AVX2 or
+        AVX-512), each layer measured against oneDNN at its first call: None (the default)
+        lets F(2x2,3x3) in where it is faster (it errs no more than oneDNN's direct conv);
+        True also F(4x4,3x3), faster still and about 10x the error (docs/design.md gives the
+        measured bound); False keeps oneDNN everywhere."""
+        if not (winograd is None or isinstance(winograd, bool)):
+            raise TypeError(f"set_winograd: expected None, True or False, got {winograd!r}")
+        for m in self.modules():
+            if isinstance(m, (_Block, _Backbone)):
+                m.winograd = winograd
                 m._drop_plans()
         return self
 
@@ -509,10 +523,11 @@ _BLOCKS = (BasicBlock, Bottleneck)
 
 
 def _block_group(block: _Block, pairs: list):
-    """A block's group for :meth:`.program.Kept.program_for`: its backend, pairs, own pair count
-    and its downsample module where that is not a fused pair (None for the identity)."""
+    """A block's group for :meth:`.program.Kept.program_for`: its backend and Winograd setting,
+    pairs, own pair count and its downsample module where that is not a fused pair (None for
+    the identity)."""
     ds = block.downsample
-    return (block.backend, pairs, len(block._fold_spec),
+    return (block.backend, block.winograd, pairs, len(block._fold_spec),
             None if type(ds) is nn.Sequential else ds)
 
 

@@ -11,7 +11,10 @@ fake kernel and the reference path.
 On CPU, in float32 and, where oneDNN runs bf16 (:func:`onednn_dtypes`), in bfloat16, a
 weight can be prepared once: ``prepack_conv_weight`` reorders it into
 oneDNN's blocked layout for one input size and ``conv_bias_act_packed`` takes that packed
-weight (inference only; no autograd). The caller holds the packed weight (the models keep it in
+weight (inference only; no autograd). For a stride-1 3x3 conv in float32 on a CPU with AVX2 or
+AVX-512, ``winograd_prepack`` transforms the weight once for Winograd's F(2x2,3x3) or
+F(4x4,3x3) and ``conv_bias_act_winograd`` runs it (csrc/cpu/winograd_impl.h): fewer
+multiplications, the models' plans choose it per layer by measurement. The caller holds the packed weight (the models keep it in
 their per-layer plans): no op caches anything keyed by a tensor's identity, so every op is a
 pure function of its inputs under torch.compile, export and concurrent threads. A packed
 weight is an mkldnn-layout tensor, which fake tensors can carry (``conv_bias_act_packed`` has
@@ -183,6 +186,31 @@ if _extension.has_kernel("conv_bias_act_packed", "CPU"):
                      relu=True):
         return _fake(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu,
                      packed=True)
+
+
+if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
+    @functools.cache
+    def _winograd_k_block() -> int:
+        """Output channels per block of this CPU's Winograd weight layout (16 or 32): asked of
+        the real op (outside any fake mode the first caller runs under)."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily():
+            return torch.ops.resnet_fast.winograd_prepack(torch.zeros(1, 1, 3, 3), 2).shape[3]
+
+    @torch.library.register_fake("resnet_fast::winograd_prepack")
+    def _winograd_prepack_fake(weight, tile):
+        if tile not in (2, 4) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+            raise ValueError(f"winograd_prepack: expected a (K, C, 3, 3) weight and tile 2 or 4, "
+                             f"got {tuple(weight.shape)} and {tile}")
+        kb = _winograd_k_block()
+        k, c = weight.shape[:2]
+        return weight.new_empty(((tile + 2) ** 2, -(-k // kb), -(-c // (kb // 2)) * (kb // 2), kb))
+
+    @torch.library.register_fake("resnet_fast::conv_bias_act_winograd")
+    def _winograd_fake(x, weight, packed_weight, bias, padding, residual=None, relu=True):
+        *_, out_shape = check_conv(x, weight, bias, 1, padding, 1, 1, residual,
+                                   op="conv_bias_act_winograd")
+        return x.new_empty(out_shape).contiguous(memory_format=layout_of(x))
 
 
 @functools.cache

@@ -1,0 +1,125 @@
+// The Winograd ops on CPU (winograd.h says what the kernels compute): winograd_prepack, the
+// weight transformed once, and conv_bias_act_winograd, act(conv3x3(x, w) + bias (+ residual))
+// for stride 1, dilation 1, one group, float32. Checks, layout and allocation are here; the
+// arithmetic is in winograd_impl.h, compiled per instruction set.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "../checks.h"
+#include "buffer_pool.h"
+#include "kernels.h"
+#include "winograd.h"
+
+namespace resnet_fast::cpu {
+
+int winograd_isa() {
+  static const int isa = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (!use_avx2()) return 0;  // no AVX2, or ATEN_CPU_CAPABILITY=default
+    const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+    if (env != nullptr && (std::strcmp(env, "avx2") == 0 || std::strcmp(env, "AVX2") == 0))
+      return 256;
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return avx512 ? 512 : 256;
+#else
+    return 0;
+#endif
+  }();
+  return isa;
+}
+
+#if !(defined(__x86_64__) && defined(__GNUC__))
+// Not x86-64: the kernel files compiled empty. winograd_isa() is 0, so these never run.
+#define RESNET_FAST_NO_WINOGRAD(NS)                                                          \
+  int64_t NS::winograd_k_block() { return 0; }                                               \
+  void NS::winograd_weight_kernel(const at::Tensor&, int64_t, const at::Tensor&) {}          \
+  void NS::winograd_conv_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&,     \
+                                const at::Tensor&, const at::Tensor&, bool, int64_t, int64_t, \
+                                int64_t, const at::Tensor&) {}
+RESNET_FAST_NO_WINOGRAD(AVX2)
+RESNET_FAST_NO_WINOGRAD(AVX512)
+#undef RESNET_FAST_NO_WINOGRAD
+#endif
+
+namespace {
+
+int64_t k_block() {
+  return winograd_isa() == 512 ? AVX512::winograd_k_block() : AVX2::winograd_k_block();
+}
+
+void require_isa(const char* op) {
+  TORCH_CHECK(winograd_isa() != 0, op,
+              ": the Winograd kernels need a CPU with AVX2 and FMA (or AVX-512); this one has "
+              "neither, or ATEN_CPU_CAPABILITY=default asks for none");
+}
+
+at::Tensor winograd_prepack_cpu(const at::Tensor& w, int64_t tile) {
+  const char* op = "winograd_prepack";
+  require_isa(op);
+  TORCH_CHECK_VALUE(tile == 2 || tile == 4, op, ": expected tile 2 (F(2x2,3x3)) or 4 "
+                    "(F(4x4,3x3)), got ", tile);
+  TORCH_CHECK_VALUE(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.layout() == at::kStrided
+                        && w.device().is_cpu(), op, ": expected a strided CPU weight of shape "
+                    "(K, C, 3, 3), got ", Shape{w.sizes()}, " of layout ", w.layout(), " on ",
+                    w.device());
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, op, ": expected a float32 weight, got ",
+                   DType{w.scalar_type()});
+  const int64_t kb = k_block(), vl = kb / 2, K = w.size(0), C = w.size(1);
+  at::Tensor out = at::zeros({(tile + 2) * (tile + 2), (K + kb - 1) / kb, (C + vl - 1) / vl * vl,
+                              kb}, w.options());
+  if (w.numel() == 0) return out;
+  (winograd_isa() == 512 ? AVX512::winograd_weight_kernel : AVX2::winograd_weight_kernel)(
+      w.contiguous(), tile, out);
+  return out;
+}
+
+at::Tensor conv_bias_act_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                      const at::Tensor& packed, const at::Tensor& bias,
+                                      at::IntArrayRef padding,
+                                      const std::optional<at::Tensor>& residual, bool relu) {
+  const char* op = "conv_bias_act_winograd";
+  require_isa(op);
+  const auto out_shape = check_conv_args(x_in, weight, bias, {1, 1}, padding, {1, 1}, 1, residual,
+                                         op);
+  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, op, ": expected float32 x, got ",
+                   DType{x_in.scalar_type()});
+  TORCH_CHECK_VALUE(x_in.device().is_cpu() && weight.layout() == at::kStrided &&
+                        weight.size(2) == 3 && weight.size(3) == 3,
+                    op, ": expected CPU tensors and a strided 3x3 weight, got x on ",
+                    x_in.device(), " and a weight ", Shape{weight.sizes()}, " of layout ",
+                    weight.layout());
+  const int64_t kb = k_block(), vl = kb / 2, C = weight.size(1), K = weight.size(0);
+  const int64_t cp = (C + vl - 1) / vl * vl, kblocks = (K + kb - 1) / kb;
+  TORCH_CHECK_VALUE(packed.dim() == 4 && (packed.size(0) == 16 || packed.size(0) == 36) &&
+                        packed.size(1) == kblocks && packed.size(2) == cp && packed.size(3) == kb &&
+                        packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
+                        packed.device().is_cpu(),
+                    op, ": expected winograd_prepack(weight) on this CPU (float32 of shape (16 or "
+                    "36, ", kblocks, ", ", cp, ", ", kb, ")), got ", DType{packed.scalar_type()},
+                    " ", Shape{packed.sizes()});
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto fmt = layout_of(x_in);
+  at::Tensor out = empty_output(out_shape, x_in.options(), cl);
+  if (out.numel() > 0) {
+    (winograd_isa() == 512 ? AVX512::winograd_conv_kernel : AVX2::winograd_conv_kernel)(
+        dense_in(x_in, cl), weight.contiguous(), packed, bias.contiguous(),
+        residual.has_value() ? dense_in(*residual, cl) : at::Tensor(), relu,
+        packed.size(0) == 16 ? 2 : 4, padding[0], padding[1], out);
+  }
+  return fmt == cl ? out : out.contiguous(fmt);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("winograd_prepack", &winograd_prepack_cpu);
+  m.impl("conv_bias_act_winograd", &conv_bias_act_winograd_cpu);
+}
+
+}  // namespace resnet_fast::cpu

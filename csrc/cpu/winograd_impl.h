@@ -1,0 +1,315 @@
+// The Winograd kernels' bodies (winograd.h says what they compute). Included by
+// winograd_avx2.cpp and winograd_avx512.cpp, each compiled with its own CPU_CAPABILITY and
+// instruction-set flags (setup.py), so at::vec::Vectorized<float> is 8 or 16 lanes wide and
+// every function here exists once per instruction set, in its own namespace.
+//
+// Work is split into blocks of tiles sized so a block's transformed input V (E x T x Cp) and
+// its products M (E x T x Kp) stay in L2: a block is input-transformed, multiplied (E GEMMs
+// of T x Cp by Cp x Kp, in a register-blocked micro-kernel), and output-transformed with the
+// bias, residual and ReLU before the next block starts. No full-size transformed tensor
+// exists; each output element is written once.
+//
+// NaN and inf as in torch: the transforms mix a whole input tile into every output of the
+// tile (and inf - inf is NaN), so a tile whose input holds a NaN or an inf is computed by
+// direct convolution instead (direct_tile): torch's NaN and inf positions and values, not a
+// tile of NaN around them. Finding such tiles costs one multiply-add per loaded vector.
+//
+// Tile transforms (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks"):
+// F(2x2,3x3): B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5;
+//   .5 -.5 .5; 0 0 1], A^T = [1 1 1 0; 0 1 -1 -1].
+// F(4x4,3x3): B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0;
+//   0 2 -1 -2 1 0; 0 4 0 -5 0 1], G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6;
+//   1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1], A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0;
+//   0 1 1 4 4 0; 0 1 -1 8 -8 1].
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "winograd.h"
+
+namespace resnet_fast::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVl = Vec::size();
+constexpr int64_t kKb = 2 * kVl;                 // output channels per micro-kernel column block
+constexpr int64_t kRows = kVl == 16 ? 12 : 6;    // tiles per micro-kernel call (accumulators:
+                                                 // 24 of 32 zmm, 12 of 16 ymm registers)
+constexpr int64_t kBlockBytes = 768 * 1024;      // V + M of one block of tiles: within L2
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// B^T d along one dimension: A = m + 2 values in, A out.
+template <int M>
+inline void input_1d(const Vec* d, Vec* t) {
+  if constexpr (M == 2) {
+    t[0] = d[0] - d[2];
+    t[1] = d[1] + d[2];
+    t[2] = d[2] - d[1];
+    t[3] = d[1] - d[3];
+  } else {
+    const Vec d42 = d[4] - d[2], d31 = d[3] - d[1];
+    t[0] = at::vec::fmadd(Vec(-5.f), d[2], at::vec::fmadd(Vec(4.f), d[0], d[4]));
+    t[1] = at::vec::fmadd(Vec(-4.f), d[1] + d[2], d[3] + d[4]);
+    t[2] = at::vec::fmadd(Vec(4.f), d[1] - d[2], d[4] - d[3]);
+    t[3] = at::vec::fmadd(Vec(2.f), d31, d42);
+    t[4] = at::vec::fmadd(Vec(-2.f), d31, d42);
+    t[5] = at::vec::fmadd(Vec(-5.f), d[3], at::vec::fmadd(Vec(4.f), d[1], d[5]));
+  }
+}
+
+// A^T s along one dimension: A values in, M out.
+template <int M>
+inline void output_1d(const Vec* s, Vec* o) {
+  if constexpr (M == 2) {
+    o[0] = s[0] + s[1] + s[2];
+    o[1] = s[1] - s[2] - s[3];
+  } else {
+    const Vec p12 = s[1] + s[2], m12 = s[1] - s[2], p34 = s[3] + s[4], m34 = s[3] - s[4];
+    o[0] = s[0] + p12 + p34;
+    o[1] = at::vec::fmadd(Vec(2.f), m34, m12);
+    o[2] = at::vec::fmadd(Vec(4.f), p34, p12);
+    o[3] = at::vec::fmadd(Vec(8.f), m34, m12) + s[5];
+  }
+}
+
+// out[r][0:kKb] = sum_c v[r][c] * u[c][0:kKb] for R rows: R x 2 vector accumulators, one
+// broadcast of v per row and two loads of u per c.
+template <int R>
+inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp, float* out,
+                         int64_t ldo) {
+  Vec a0[R], a1[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = Vec(0.f);
+  for (int64_t c = 0; c < cp; ++c) {
+    const Vec u0 = Vec::loadu(u + c * kKb), u1 = Vec::loadu(u + c * kKb + kVl);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const Vec b(v[r * ldv + c]);
+      a0[r] = at::vec::fmadd(b, u0, a0[r]);
+      a1[r] = at::vec::fmadd(b, u1, a1[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    a0[r].store(out + r * ldo);
+    a1[r].store(out + r * ldo + kVl);
+  }
+}
+
+// One output tile by direct convolution (the tiles whose input is not all finite), float64
+// accumulation: out = act(bias + sum x * w (+ residual)), as torch computes it elementwise.
+void direct_tile(const float* x, const float* w, const float* bias, const float* res, bool relu,
+                 float* out, int64_t n, int64_t oh0, int64_t ow0, int64_t mh, int64_t mw,
+                 int64_t C, int64_t H, int64_t W, int64_t K, int64_t OH, int64_t OW, int64_t ph,
+                 int64_t pw) {
+  for (int64_t r = 0; r < mh; ++r) {
+    for (int64_t q = 0; q < mw; ++q) {
+      const int64_t off = ((n * OH + oh0 + r) * OW + ow0 + q) * K;
+      for (int64_t k = 0; k < K; ++k) {
+        double acc = 0;
+        for (int64_t dy = 0; dy < 3; ++dy) {
+          const int64_t ih = oh0 + r - ph + dy;
+          if (ih < 0 || ih >= H) continue;
+          for (int64_t dx = 0; dx < 3; ++dx) {
+            const int64_t iw = ow0 + q - pw + dx;
+            if (iw < 0 || iw >= W) continue;
+            const float* xp = x + ((n * H + ih) * W + iw) * C;
+            const float* wp = w + k * C * 9 + dy * 3 + dx;
+            for (int64_t c = 0; c < C; ++c) acc += double(xp[c]) * double(wp[c * 9]);
+          }
+        }
+        float v = static_cast<float>(acc) + bias[k];
+        if (res) v += res[off + k];
+        if (relu && !(v > 0.f || std::isnan(v))) v = 0.f;
+        out[off + k] = v;
+      }
+    }
+  }
+}
+
+// A thread's scratch (V and M of one block), kept between calls: a fresh megabyte per block
+// would be page-faulted in each time. Grown zeroed, so rows past a block's last tile hold
+// finite values from earlier blocks or zeros (they are multiplied and never read).
+float* scratch(size_t floats) {
+  struct Buffer {
+    float* p = nullptr;
+    size_t n = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  if (floats > buf.n) {
+    std::free(buf.p);
+    const size_t bytes = round_up(static_cast<int64_t>(floats * sizeof(float)), 64);
+    buf.p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(buf.p != nullptr, "conv_bias_act_winograd: out of memory for ", bytes,
+                " bytes of scratch");
+    std::memset(buf.p, 0, bytes);
+    buf.n = floats;
+  }
+  return buf.p;
+}
+
+template <int M>
+void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
+          const at::Tensor& bias_t,
+          const at::Tensor& res_t, bool relu, int64_t ph, int64_t pw, const at::Tensor& out_t) {
+  constexpr int A = M + 2, E = A * A;
+  const int64_t N = x_t.size(0), C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
+  const int64_t K = out_t.size(1), OH = out_t.size(2), OW = out_t.size(3);
+  const int64_t Kb = u_t.size(1), Cp = u_t.size(2), Kp = Kb * kKb;
+  const int64_t TH = (OH + M - 1) / M, TW = (OW + M - 1) / M, tiles = N * TH * TW;
+  const float* x = x_t.const_data_ptr<float>();
+  const float* u = u_t.const_data_ptr<float>();
+  const float* w = w_t.const_data_ptr<float>();
+  const float* bias = bias_t.const_data_ptr<float>();
+  const float* res = res_t.defined() ? res_t.const_data_ptr<float>() : nullptr;
+  float* out = out_t.mutable_data_ptr<float>();
+
+  // Tiles per block: within kBlockBytes, and no more than an equal share per thread.
+  const int64_t fit = std::max<int64_t>(1, kBlockBytes / (4 * E * (Cp + Kp)) / kRows);
+  const int64_t share = (tiles + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t T = kRows * std::max<int64_t>(1, std::min(fit, (share + kRows - 1) / kRows));
+  const int64_t blocks = (tiles + T - 1) / T;
+
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    float* V = scratch(static_cast<size_t>(E * T * (Cp + Kp)));
+    float* Mb = V + E * T * Cp;
+    std::vector<char> finite(T);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = b * T, nt = std::min(T, tiles - t0);
+      // Input transform: V[e][i][c] for the block's tiles, kVl channels at a time.
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t t = t0 + i, n = t / (TH * TW), th = t % (TH * TW) / TW, tw = t % TW;
+        const int64_t ih0 = th * M - ph, iw0 = tw * M - pw;
+        const bool inside = ih0 >= 0 && iw0 >= 0 && ih0 + A <= H && iw0 + A <= W;
+        const float* xt = x + ((n * H + ih0) * W + iw0) * C;
+        Vec nonfinite(0.f);  // NaN in a lane once a NaN or inf was loaded (v * 0)
+        for (int64_t c0 = 0; c0 < Cp; c0 += kVl) {
+          const int64_t cnt = std::min(kVl, C - c0);
+          Vec d[A][A], s[A][A];
+          for (int r = 0; r < A; ++r) {
+            for (int q = 0; q < A; ++q) {
+              const float* p = xt + (r * W + q) * C + c0;
+              if (inside || (ih0 + r >= 0 && ih0 + r < H && iw0 + q >= 0 && iw0 + q < W)) {
+                d[r][q] = cnt == kVl ? Vec::loadu(p) : Vec::loadu(p, cnt);
+                nonfinite = at::vec::fmadd(d[r][q], Vec(0.f), nonfinite);
+              } else {
+                d[r][q] = Vec(0.f);
+              }
+            }
+            input_1d<M>(d[r], s[r]);  // along the width
+          }
+          for (int q = 0; q < A; ++q) {  // along the height
+            Vec col[A], tcol[A];
+            for (int r = 0; r < A; ++r) col[r] = s[r][q];
+            input_1d<M>(col, tcol);
+            for (int r = 0; r < A; ++r) tcol[r].store(V + ((r * A + q) * T + i) * Cp + c0);
+          }
+        }
+        float lanes[kVl];
+        nonfinite.store(lanes);
+        finite[i] = std::none_of(lanes, lanes + kVl, [](float v) { return std::isnan(v); });
+      }
+      // The E products: M[e][i][k] = sum_c V[e][i][c] * U[e][c][k].
+      const int64_t rows = round_up(nt, kRows);
+      for (int e = 0; e < E; ++e) {
+        for (int64_t kb = 0; kb < Kb; ++kb) {
+          const float* ue = u + (e * Kb + kb) * Cp * kKb;
+          for (int64_t i = 0; i < rows; i += kRows) {
+            micro_kernel<kRows>(V + (e * T + i) * Cp, Cp, ue, Cp, Mb + (e * T + i) * Kp + kb * kKb,
+                                Kp);
+          }
+        }
+      }
+      // Output transform with bias, residual and ReLU, written once.
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t t = t0 + i, n = t / (TH * TW), th = t % (TH * TW) / TW, tw = t % TW;
+        const int64_t oh0 = th * M, ow0 = tw * M;
+        const int64_t mh = std::min<int64_t>(M, OH - oh0), mw = std::min<int64_t>(M, OW - ow0);
+        if (!finite[i]) {
+          direct_tile(x, w, bias, res, relu, out, n, oh0, ow0, mh, mw, C, H, W, K, OH, OW, ph, pw);
+          continue;
+        }
+        for (int64_t k0 = 0; k0 < K; k0 += kVl) {
+          const int64_t cnt = std::min(kVl, K - k0);
+          Vec s[A][M];
+          for (int r = 0; r < A; ++r) {
+            Vec row[A];
+            for (int q = 0; q < A; ++q) row[q] = Vec::loadu(Mb + ((r * A + q) * T + i) * Kp + k0);
+            output_1d<M>(row, s[r]);  // along the width
+          }
+          const Vec bv = cnt == kVl ? Vec::loadu(bias + k0) : Vec::loadu(bias + k0, cnt);
+          for (int q = 0; q < mw; ++q) {
+            Vec col[A], o[M];
+            for (int r = 0; r < A; ++r) col[r] = s[r][q];
+            output_1d<M>(col, o);  // along the height
+            for (int r = 0; r < mh; ++r) {
+              const int64_t off = ((n * OH + oh0 + r) * OW + ow0 + q) * K + k0;
+              Vec v = o[r] + bv;
+              if (res) v = v + (cnt == kVl ? Vec::loadu(res + off) : Vec::loadu(res + off, cnt));
+              if (relu) v = at::vec::maximum(v, Vec(0.f));  // NaN stays NaN, as torch.relu
+              v.store(out + off, cnt);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+int64_t winograd_k_block() { return kKb; }
+
+void winograd_weight_kernel(const at::Tensor& w_t, int64_t m, const at::Tensor& out_t) {
+  static const double G2[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
+  static const double G4[6][3] = {{1. / 4, 0, 0},         {-1. / 6, -1. / 6, -1. / 6},
+                                  {-1. / 6, 1. / 6, -1. / 6}, {1. / 24, 1. / 12, 1. / 6},
+                                  {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
+  const int A = static_cast<int>(m) + 2;
+  const int64_t K = w_t.size(0), C = w_t.size(1), Kb = out_t.size(1), Cp = out_t.size(2);
+  const float* w = w_t.const_data_ptr<float>();
+  float* out = out_t.mutable_data_ptr<float>();
+  auto g = [&](int i, int j) { return m == 2 ? G2[i][j] : G4[i][j]; };
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float* f = w + (k * C + c) * 9;
+        double gf[6][3];  // G f
+        for (int i = 0; i < A; ++i) {
+          for (int j = 0; j < 3; ++j) {
+            gf[i][j] = g(i, 0) * f[j] + g(i, 1) * f[3 + j] + g(i, 2) * f[6 + j];
+          }
+        }
+        for (int i = 0; i < A; ++i) {
+          for (int j = 0; j < A; ++j) {  // (G f G^T)[i][j]
+            const double v = gf[i][0] * g(j, 0) + gf[i][1] * g(j, 1) + gf[i][2] * g(j, 2);
+            out[((static_cast<int64_t>(i * A + j) * Kb + k / kKb) * Cp + c) * kKb + k % kKb] =
+                static_cast<float>(v);
+          }
+        }
+      }
+    }
+  });
+}
+
+void winograd_conv_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
+                          const at::Tensor& bias, const at::Tensor& residual, bool relu,
+                          int64_t m, int64_t pad_h, int64_t pad_w, const at::Tensor& out) {
+  if (m == 2) {
+    conv<2>(x, weight, packed, bias, residual, relu, pad_h, pad_w, out);
+  } else {
+    conv<4>(x, weight, packed, bias, residual, relu, pad_h, pad_w, out);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace resnet_fast::cpu
