@@ -12,12 +12,15 @@ reach it from seeded random images, bias and ReLU fused (as the model runs it). 
 (``resnet_fast.bench.timing``); a ratio is the median over rounds of oneDNN's time over the
 candidate's. Error: max |out - fp64 truth| over the layer's output for each candidate and for
 torch's own fp32 conv (``F.conv2d`` NCHW, then bias and ReLU), the truth being the same
-computation in float64.
+computation in float64. Then whole models (``--models``): the logits of 32 seeded images
+against the fp64 model's, with top-1 agreement, for torchvision fp32 and ``optimize`` with
+Winograd off, default (F(2x2,3x3) where measured faster) and on (F(4x4,3x3) allowed).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -94,19 +97,48 @@ def run(batches, repeats: int, block: int) -> list[dict]:
     return rows
 
 
+def model_errors(arch: str, images: int = 32, batch: int = 16) -> dict:
+    """Whole-model numerics on seeded images: max |logit - fp64 truth| of torchvision fp32
+    (NCHW and channels_last) and of ``optimize`` with each Winograd setting, and each one's
+    top-1 agreement with the truth."""
+    model = reference_model(arch)
+    truth_model = copy.deepcopy(model).double()
+    runs = {"torch_fp32": model,
+            "torch_fp32_channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last)}
+    for setting in (False, None, True):
+        runs[f"optimize_winograd={setting}"] = resnet_fast.optimize(model, winograd=setting)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, 3, 224, 224, generator=g) for _ in range(images // batch)]
+    with torch.no_grad():
+        truth = torch.cat([truth_model(x.double()) for x in xs])
+        out = {}
+        for name, m in runs.items():
+            logits = torch.cat([m(x) for x in xs]).double()
+            out[name] = {"max_abs_error": (logits - truth).abs().max().item(),
+                         "top1_agreement": (logits.argmax(1) == truth.argmax(1)).float().mean().item()}
+    out["logit_scale"] = truth.abs().max().item()
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--block", type=int, default=5)
     p.add_argument("--json", type=Path)
+    p.add_argument("--models", nargs="*", default=["resnet50"],
+                   help="whole-model logit error and top-1 agreement vs fp64 for these archs")
     args = p.parse_args(argv)
     rows = run(args.batch_sizes, args.repeats, args.block)
+    models = {arch: model_errors(arch) for arch in args.models}
+    for arch, errs in models.items():
+        print(arch, json.dumps(errs, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-            "environment": environment(torch.device("cpu")), "rows": rows}, indent=1) + "\n")
+            "environment": environment(torch.device("cpu")), "rows": rows,
+            "models": models}, indent=1) + "\n")
     return 0
 
 
