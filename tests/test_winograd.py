@@ -197,3 +197,33 @@ def test_winograd_false_keeps_onednn():
     assert _choices(model) and not any(_choices(model))
     with pytest.raises(TypeError, match="None, True or False"):
         model.set_winograd("yes")
+
+
+_AVX2_CHECK = """
+import torch, torch.nn.functional as F, resnet_fast
+op = torch.ops.resnet_fast
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 19, 9, 10, generator=g).contiguous(memory_format=torch.channels_last)
+w = torch.randn(21, 19, 3, 3, generator=g) / 13
+b = torch.randn(21, generator=g)
+truth = F.conv2d(x.double(), w.double(), b.double(), padding=1).relu()
+ref = (F.conv2d(x, w, b, padding=1).relu().double() - truth).abs().max().item()
+for tile, factor in ((2, 2), (4, 32)):
+    packed = op.winograd_prepack(w, tile)
+    assert packed.shape[3] == 16, packed.shape  # 2 x 8 lanes: the AVX2 build
+    err = (op.conv_bias_act_winograd(x, w, packed, b, [1, 1]).double() - truth).abs().max().item()
+    assert err <= factor * ref + 1e-6, (tile, err, ref)
+print("ok")
+"""
+
+
+def test_avx2_build_runs_where_avx512_is_turned_off():
+    """The AVX2 build, on any x86-64 host with AVX2: ATEN_CPU_CAPABILITY=avx2 selects it (as it
+    selects PyTorch's own AVX2 kernels), whose weight layout has 16-channel blocks."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

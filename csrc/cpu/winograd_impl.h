@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -80,27 +81,110 @@ inline void output_1d(const Vec* s, Vec* o) {
   }
 }
 
+// B^T d B for kVl channels of one tile: d from p (the tile's top-left input pixel; rows `row`
+// floats apart, pixels `pixel` apart), `cnt` channels (the rest read as 0), rows and columns
+// outside the input (clear bits of rows_in / cols_in) read as 0; kInside: all inside and cnt
+// is kVl, no checks. Stores tile element e at v + e * ve; returns `nonfinite` with d * 0
+// added (NaN in a lane once a NaN or inf was read).
+template <int M, bool kInside>
+inline Vec input_tile(const float* p, int64_t row, int64_t pixel, int64_t cnt, unsigned rows_in,
+                      unsigned cols_in, float* v, int64_t ve, Vec nonfinite) {
+  constexpr int A = M + 2;
+  Vec s[A][A];
+  for (int r = 0; r < A; ++r) {
+    Vec d[A];
+    const float* pr = p + r * row;
+    for (int q = 0; q < A; ++q) {
+      if (kInside) {
+        d[q] = Vec::loadu(pr + q * pixel);
+      } else if ((rows_in >> r) & (cols_in >> q) & 1u) {
+        d[q] = cnt == kVl ? Vec::loadu(pr + q * pixel) : Vec::loadu(pr + q * pixel, cnt);
+      } else {
+        d[q] = Vec(0.f);
+      }
+      nonfinite = at::vec::fmadd(d[q], Vec(0.f), nonfinite);
+    }
+    input_1d<M>(d, s[r]);  // along the width
+  }
+  for (int q = 0; q < A; ++q) {  // along the height
+    Vec col[A], tcol[A];
+    for (int r = 0; r < A; ++r) col[r] = s[r][q];
+    input_1d<M>(col, tcol);
+    for (int r = 0; r < A; ++r) tcol[r].store(v + (r * A + q) * ve);
+  }
+  return nonfinite;
+}
+
+// act(A^T m A + bias (+ residual)) for kVl channels of one tile: tile element e of m at
+// m + e * me; output (r, q) at out + r * row + q * pixel (the residual alike), the top-left
+// mh x mw outputs of the tile, cnt channels; kWhole: all M x M and cnt is kVl.
+template <int M, bool kWhole>
+inline void output_tile(const float* m, int64_t me, Vec bias, const float* res, bool relu,
+                        float* out, int64_t row, int64_t pixel, int64_t mh, int64_t mw,
+                        int64_t cnt) {
+  constexpr int A = M + 2;
+  Vec s[A][M];
+  for (int r = 0; r < A; ++r) {
+    Vec d[A];
+    for (int q = 0; q < A; ++q) d[q] = Vec::loadu(m + (r * A + q) * me);
+    output_1d<M>(d, s[r]);  // along the width
+  }
+  for (int q = 0; q < (kWhole ? M : mw); ++q) {
+    Vec col[A], o[M];
+    for (int r = 0; r < A; ++r) col[r] = s[r][q];
+    output_1d<M>(col, o);  // along the height
+    for (int r = 0; r < (kWhole ? M : mh); ++r) {
+      const int64_t at = r * row + q * pixel;
+      Vec v = o[r] + bias;
+      if (res) v = v + (kWhole ? Vec::loadu(res + at) : Vec::loadu(res + at, cnt));
+      if (relu) v = at::vec::maximum(v, Vec(0.f));  // NaN stays NaN, as torch.relu
+      if (kWhole) {
+        v.store(out + at);
+      } else {
+        v.store(out + at, cnt);
+      }
+    }
+  }
+}
+
+// The micro-kernel's vector type and its four operations, as raw intrinsics: with
+// at::vec::Vectorized accumulators GCC 13 kept storing all 2R of them to the stack on every
+// iteration (2.6x slower GEMM), raw __m512/__m256 stay in registers.
+#if defined(CPU_CAPABILITY_AVX512)
+using Raw = __m512;
+inline Raw raw_load(const float* p) { return _mm512_loadu_ps(p); }
+inline Raw raw_set1(float v) { return _mm512_set1_ps(v); }
+inline Raw raw_fmadd(Raw a, Raw b, Raw c) { return _mm512_fmadd_ps(a, b, c); }
+inline void raw_store(float* p, Raw v) { _mm512_storeu_ps(p, v); }
+#else
+using Raw = __m256;
+inline Raw raw_load(const float* p) { return _mm256_loadu_ps(p); }
+inline Raw raw_set1(float v) { return _mm256_set1_ps(v); }
+inline Raw raw_fmadd(Raw a, Raw b, Raw c) { return _mm256_fmadd_ps(a, b, c); }
+inline void raw_store(float* p, Raw v) { _mm256_storeu_ps(p, v); }
+#endif
+
 // out[r][0:kKb] = sum_c v[r][c] * u[c][0:kKb] for R rows: R x 2 vector accumulators, one
 // broadcast of v per row and two loads of u per c.
 template <int R>
 inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp, float* out,
                          int64_t ldo) {
-  Vec a0[R], a1[R];
+  Raw a0[R], a1[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = Vec(0.f);
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = raw_set1(0.f);
   for (int64_t c = 0; c < cp; ++c) {
-    const Vec u0 = Vec::loadu(u + c * kKb), u1 = Vec::loadu(u + c * kKb + kVl);
+    const Raw u0 = raw_load(u + c * kKb), u1 = raw_load(u + c * kKb + kVl);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const Vec b(v[r * ldv + c]);
-      a0[r] = at::vec::fmadd(b, u0, a0[r]);
-      a1[r] = at::vec::fmadd(b, u1, a1[r]);
+      const Raw b = raw_set1(v[r * ldv + c]);
+      a0[r] = raw_fmadd(b, u0, a0[r]);
+      a1[r] = raw_fmadd(b, u1, a1[r]);
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    a0[r].store(out + r * ldo);
-    a1[r].store(out + r * ldo + kVl);
+    raw_store(out + r * ldo, a0[r]);
+    raw_store(out + r * ldo + kVl, a1[r]);
   }
 }
 
@@ -190,29 +274,20 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
         const int64_t t = t0 + i, n = t / (TH * TW), th = t % (TH * TW) / TW, tw = t % TW;
         const int64_t ih0 = th * M - ph, iw0 = tw * M - pw;
         const bool inside = ih0 >= 0 && iw0 >= 0 && ih0 + A <= H && iw0 + A <= W;
+        unsigned rows_in = 0, cols_in = 0;  // bit r / q: that input row / column exists
+        for (int r = 0; r < A; ++r) {
+          rows_in |= unsigned(ih0 + r >= 0 && ih0 + r < H) << r;
+          cols_in |= unsigned(iw0 + r >= 0 && iw0 + r < W) << r;
+        }
         const float* xt = x + ((n * H + ih0) * W + iw0) * C;
         Vec nonfinite(0.f);  // NaN in a lane once a NaN or inf was loaded (v * 0)
         for (int64_t c0 = 0; c0 < Cp; c0 += kVl) {
           const int64_t cnt = std::min(kVl, C - c0);
-          Vec d[A][A], s[A][A];
-          for (int r = 0; r < A; ++r) {
-            for (int q = 0; q < A; ++q) {
-              const float* p = xt + (r * W + q) * C + c0;
-              if (inside || (ih0 + r >= 0 && ih0 + r < H && iw0 + q >= 0 && iw0 + q < W)) {
-                d[r][q] = cnt == kVl ? Vec::loadu(p) : Vec::loadu(p, cnt);
-                nonfinite = at::vec::fmadd(d[r][q], Vec(0.f), nonfinite);
-              } else {
-                d[r][q] = Vec(0.f);
-              }
-            }
-            input_1d<M>(d[r], s[r]);  // along the width
-          }
-          for (int q = 0; q < A; ++q) {  // along the height
-            Vec col[A], tcol[A];
-            for (int r = 0; r < A; ++r) col[r] = s[r][q];
-            input_1d<M>(col, tcol);
-            for (int r = 0; r < A; ++r) tcol[r].store(V + ((r * A + q) * T + i) * Cp + c0);
-          }
+          float* v = V + i * Cp + c0;
+          nonfinite = inside && cnt == kVl
+                          ? input_tile<M, true>(xt + c0, W * C, C, kVl, 0, 0, v, T * Cp, nonfinite)
+                          : input_tile<M, false>(xt + c0, W * C, C, cnt, rows_in, cols_in, v,
+                                                 T * Cp, nonfinite);
         }
         float lanes[kVl];
         nonfinite.store(lanes);
@@ -238,26 +313,18 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
           direct_tile(x, w, bias, res, relu, out, n, oh0, ow0, mh, mw, C, H, W, K, OH, OW, ph, pw);
           continue;
         }
+        const bool whole = mh == M && mw == M;
+        const int64_t off = ((n * OH + oh0) * OW + ow0) * K;
         for (int64_t k0 = 0; k0 < K; k0 += kVl) {
           const int64_t cnt = std::min(kVl, K - k0);
-          Vec s[A][M];
-          for (int r = 0; r < A; ++r) {
-            Vec row[A];
-            for (int q = 0; q < A; ++q) row[q] = Vec::loadu(Mb + ((r * A + q) * T + i) * Kp + k0);
-            output_1d<M>(row, s[r]);  // along the width
-          }
-          const Vec bv = cnt == kVl ? Vec::loadu(bias + k0) : Vec::loadu(bias + k0, cnt);
-          for (int q = 0; q < mw; ++q) {
-            Vec col[A], o[M];
-            for (int r = 0; r < A; ++r) col[r] = s[r][q];
-            output_1d<M>(col, o);  // along the height
-            for (int r = 0; r < mh; ++r) {
-              const int64_t off = ((n * OH + oh0 + r) * OW + ow0 + q) * K + k0;
-              Vec v = o[r] + bv;
-              if (res) v = v + (cnt == kVl ? Vec::loadu(res + off) : Vec::loadu(res + off, cnt));
-              if (relu) v = at::vec::maximum(v, Vec(0.f));  // NaN stays NaN, as torch.relu
-              v.store(out + off, cnt);
-            }
+          const float* mt = Mb + i * Kp + k0;
+          const float* rt = res ? res + off + k0 : nullptr;
+          if (whole && cnt == kVl) {
+            output_tile<M, true>(mt, T * Kp, Vec::loadu(bias + k0), rt, relu, out + off + k0,
+                                 OW * K, K, M, M, kVl);
+          } else {
+            output_tile<M, false>(mt, T * Kp, Vec::loadu(bias + k0, cnt), rt, relu,
+                                  out + off + k0, OW * K, K, mh, mw, cnt);
           }
         }
       }
