@@ -5,7 +5,7 @@ and the winner kept in memory and on disk.
 A layer key is the op, the input's shape, dtype and layout, the weight's shape, the geometry,
 and whether a residual and a ReLU are fused; the full key adds the device name and the versions
 of torch, cuDNN, triton and resnet_fast, so a new driver stack or another GPU measures again
-(on CPU: the CPU model, torch's vector capability and the thread count).
+(on CPU: the CPU model, torch's vector capability, the thread count and the extension's build).
 The table is ``autotune.json`` in ``$RESNET_FAST_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/resnet_fast``, else ``~/.cache/resnet_fast``: JSON written through
 ``_jsonfile.update`` (locked, atomic, merging, so concurrent writers lose nothing). A corrupt
@@ -89,10 +89,21 @@ def cuda_time_ms(fn: Callable[[], object]) -> float:
 
 def cpu_environment(device: torch.device) -> dict[str, Any]:
     """The machine part of a CPU key: the CPU's model and the vector capability torch uses
-    (one model name covers AVX2 and AVX-512 machines), the threads, and library versions."""
+    (one model name covers AVX2 and AVX-512 machines), the threads, library versions, and the
+    build of our extension (its file's size and time: a rebuilt kernel is measured again,
+    not judged by what an older build measured)."""
     return {"device": "cpu", "cpu": _cpu_model(), "capability":
             torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "resnet_fast": __version__}
+            "torch": torch.__version__, "resnet_fast": __version__, "build": _extension_build()}
+
+
+def _extension_build() -> Optional[str]:
+    try:
+        from . import _C
+        st = os.stat(_C.__file__)
+    except (ImportError, OSError, AttributeError):
+        return None
+    return f"{st.st_size}-{st.st_mtime_ns}"
 
 
 def _cpu_model() -> str:
