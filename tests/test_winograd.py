@@ -227,3 +227,25 @@ def test_avx2_build_runs_where_avx512_is_turned_off():
     done = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_compiled_model_with_winograd_on_matches_eager():
+    """torch.compile (inductor) of a model whose eager plans run Winograd: the compiled graph
+    folds BN itself and runs the convolutions inductor picks; its output matches the fp64
+    truth within the rule, and the eager plans keep working beside it."""
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    calibrate_(tv, batches=1, batch_size=4, image_size=64)
+    ours = resnet_fast.resnet18(num_classes=10)
+    ours.load_state_dict(tv.state_dict())
+    ours.eval().set_winograd(True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        eager = ours(x)
+        compiled = torch.compile(ours)(x)
+        truth = tv.double()(x.double())
+        want = tv.float()(x)
+        again = ours(x)
+    assert_within_reference_error(compiled, want, truth)
+    _assert_within_bound(4, eager, want, truth)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
