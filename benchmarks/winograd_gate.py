@@ -63,7 +63,9 @@ def layer_inputs(batch: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torc
 def errors(x, w, b, outs: dict[str, torch.Tensor]) -> dict[str, float]:
     truth = F.conv2d(x.double(), w.double(), b.double(), padding=1).relu()
     torch_fp32 = F.conv2d(x.contiguous(), w, b, padding=1).relu()
-    err = {"torch_fp32": (torch_fp32.double() - truth).abs().max().item()}
+    torch_cl = F.conv2d(x, w, b, padding=1).relu()
+    err = {"torch_fp32": (torch_fp32.double() - truth).abs().max().item(),
+           "torch_fp32_channels_last": (torch_cl.double() - truth).abs().max().item()}
     err.update({n: (o.double() - truth).abs().max().item() for n, o in outs.items()})
     return err
 
