@@ -7,7 +7,7 @@
 - ours: ``resnet_fast`` (our model on every available backend, NCHW input: the drop-in case)
   ``optimize`` (``resnet_fast.optimize`` of the torchvision model: auto backend, CUDA
   graphs on GPU) and ``optimize_winograd`` (the same with ``winograd=True``: F(4x4,3x3) allowed
-  too, the opt-in with about 10x the error; CPU float32 only);
+  too, the opt-in with 5-11x the error per layer; CPU float32 only);
 - the runtimes a deployer would pick instead (:mod:`.peers`): ``onnxruntime`` and
   ``openvino``.
 

@@ -337,7 +337,7 @@ class ConvPlan:
 def winograd_tiles(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
                    winograd: Optional[bool]) -> tuple[int, ...]:
     """The Winograd tile sizes a CPU plan measures against oneDNN: F(2x2,3x3) by default,
-    also F(4x4,3x3) with ``winograd=True`` (faster, and errs about 10x more: an opt-in),
+    also F(4x4,3x3) with ``winograd=True`` (faster, and errs 5-11x more: an opt-in),
     none with ``winograd=False``; only for a float32 3x3 conv with stride 1, dilation 1, one
     group and a (folded) bias, where this CPU runs the kernels (AVX2 or AVX-512)."""
     if (winograd is False or bias is None or weight.dtype != torch.float32

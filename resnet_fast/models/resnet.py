@@ -356,7 +356,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
         """Winograd for the fused eval path's stride-1 3x3 convs on CPU (float32, AVX2 or
         AVX-512), each layer measured against oneDNN at its first call: None (the default)
         lets F(2x2,3x3) in where it is faster (it errs no more than oneDNN's direct conv);
-        True also F(4x4,3x3), faster still and about 10x the error (docs/design.md gives the
+        True also F(4x4,3x3), faster still and 5-11x the error (docs/design.md gives the
         measured bound); False keeps oneDNN everywhere."""
         if not (winograd is None or isinstance(winograd, bool)):
             raise TypeError(f"set_winograd: expected None, True or False, got {winograd!r}")
