@@ -45,6 +45,9 @@ TORCH_LIBRARY(resnet_fast, m) {
   // dresidual); dresidual is the masked grad when residual_grad, else an empty tensor.
   m.def("bn_act_bwd(Tensor grad, Tensor x, Tensor out, Tensor? weight, Tensor mean, "
         "Tensor var, float eps, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Whether oneDNN runs convolutions in dtype on this CPU (torch's CPUID tests): the one
+  // answer that conv_bias_act's CPU kernels and Python (onednn_dtypes, optimize) share.
+  m.def("onednn_dtype_supported(ScalarType dtype) -> bool");
   // The CPU output-buffer cache (csrc/cpu/buffer_pool.h): free it, or read its size in bytes.
   m.def("cpu_buffer_cache_clear() -> int");
   m.def("cpu_buffer_cache_bytes() -> int");

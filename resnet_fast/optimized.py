@@ -16,6 +16,7 @@ from torch import nn
 from .convert import convert
 from .models import resnet as rf_resnet
 from .models.cifar import CifarResNet
+from .ops.conv_bias_act import onednn_dtype_supported
 
 
 class OptimizedModel(nn.Module):
@@ -66,13 +67,6 @@ class OptimizedModel(nn.Module):
         return graph, static_in, static_out
 
 
-# torch's own CPUID tests for oneDNN's half-precision convolutions.
-_ONEDNN_HALF = {torch.bfloat16: lambda: torch.backends.mkldnn.is_available()
-               and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-               torch.float16: lambda: torch.backends.mkldnn.is_available()
-               and torch.ops.mkldnn._is_mkldnn_fp16_supported()}
-
-
 def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Optional[torch.dtype] = None,
              channels_last: bool = True, cuda_graphs: Optional[bool] = None,
              example_input: Optional[torch.Tensor] = None,
@@ -102,7 +96,8 @@ def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Option
         ours.to(dtype)
     ours.eval()
     device = next(ours.parameters()).device
-    if device.type == "cpu" and dtype in _ONEDNN_HALF and not _ONEDNN_HALF[dtype]():
+    if (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+            and not onednn_dtype_supported(dtype)):
         warnings.warn(f"optimize: oneDNN has no {dtype} convolution for this CPU (bfloat16 "
                       f"needs AVX-512 or AVX-NE-CONVERT, float16 AVX512-FP16, AMX-FP16 or "
                       f"AVX-NE-CONVERT), so {dtype} runs emulated and slower than float32 "

@@ -20,7 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from resnet_fast._jsonfile import TableWarning
 from resnet_fast.bench.conv_shapes import distinct_convs
 from resnet_fast.ops import conv_bias_act, fold_bn, reference
-from resnet_fast.ops.conv_bias_act import onednn_dtypes
+from resnet_fast.ops.conv_bias_act import onednn_dtype_supported, onednn_dtypes
 
 # Every distinct conv of resnet18, resnet50 and resnext50_32x4d on 32x32 images, as
 # distinct_convs gives it (C_in, C_out, kernel, stride, padding, dilation, groups, H): written
@@ -653,6 +653,18 @@ def test_onednn_bf16_with_a_packed_weight(conv, batch, channels_last):
 def test_onednn_dtypes_follow_torchs_bf16_test():
     assert onednn_dtypes() == ((torch.float32, torch.bfloat16) if ONEDNN_BF16
                                else (torch.float32,))
+
+
+def test_onednn_dtype_supported_is_the_cpp_answer():
+    """One answer to "does oneDNN run this dtype here": the C++ op, which Python asks (for
+    onednn_dtypes and optimize's warning); it agrees with torch's own CPUID tests."""
+    onednn = torch.backends.mkldnn.is_available()
+    expected = {torch.float32: onednn, torch.bfloat16: ONEDNN_BF16,
+                torch.float16: onednn and torch.ops.mkldnn._is_mkldnn_fp16_supported(),
+                torch.float64: False, torch.int8: False}
+    for dtype, supported in expected.items():
+        assert torch.ops.resnet_fast.onednn_dtype_supported(dtype) is supported, dtype
+        assert onednn_dtype_supported(dtype) is supported, dtype
 
 
 def test_packed_fake_kernel():

@@ -1,6 +1,7 @@
 """The READMEs and docs name only command-line flags that exist: every ``--flag`` in them is
 accepted by one of our commands (or is one of the few other tools' flags they show). README.md
-stays a few screens, and every relative link in it and in docs/ resolves."""
+stays a few screens, every relative link in it and in docs/ resolves, and every number its
+Results state is in a committed result table."""
 
 import argparse
 import re
@@ -102,3 +103,50 @@ def test_the_link_check_sees_links():
     text = ("[a](docs/ops.md#build) [b](https://x.org) [c](#install)\n[d]: ../x.md\n"
             "```\n[e](in/code.md)\n```\n")
     assert _relative_links(text) == ["docs/ops.md#build", "../x.md"]
+
+
+# A number the README's results state: a ratio ("1.03x") or a plain decimal ("25.4").
+_NUMBER = re.compile(r"(?<![\w.])\d+\.\d+x?(?![\w.])")
+
+
+def _results_section(readme: str) -> str:
+    return readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _unsourced_numbers(section: str, base: Path) -> dict[str, list[str]]:
+    """The numbers of each paragraph or bullet of ``section`` that no committed result table
+    holds: the tables are the model benchmarks' (``resnet*.md``, written by ``resnet-fast
+    bench`` from the JSON beside them) in the folders of the files the item links to, and a
+    number counts where it is a cell of one of their rows. Keyed by the item's first words."""
+    items = re.split(r"\n(?=- )|\n\n", section)
+    missing = {}
+    for item in items:
+        numbers = _NUMBER.findall(re.sub(r"\[[^\]]*\]\([^)]*\)", "", item))
+        if not numbers:
+            continue
+        folders = {(base / unquote(t.split("#", 1)[0])).parent for t in _relative_links(item)}
+        cells = {cell.strip() for folder in folders for table in sorted(folder.glob("resnet*.md"))
+                 for line in table.read_text().splitlines() if line.startswith("|")
+                 for cell in line.split("|")}
+        absent = [n for n in numbers if n not in cells]
+        if absent:
+            missing[" ".join(item.split()[:6])] = absent
+    return missing
+
+
+def test_every_results_number_in_the_readme_is_in_a_committed_table():
+    section = _results_section((ROOT / "README.md").read_text())
+    assert len(_NUMBER.findall(section)) >= 10  # the check reads the section's numbers
+    missing = _unsourced_numbers(section, ROOT)
+    assert not missing, (f"README.md's Results state numbers that no linked result table "
+                         f"(benchmarks/results/<host>/resnet*.md) holds: {missing}")
+
+
+def test_the_results_check_catches_a_made_up_number():
+    section = _results_section((ROOT / "README.md").read_text())
+    assert "8.84x eager" in section
+    made_up = section.replace("8.84x eager", "8.85x eager")
+    assert list(_unsourced_numbers(made_up, ROOT).values()) == [["8.85x"]]
+    # a number in an item that links no result file has no source
+    unlinked = "- **Some host**: `optimize` is 1.03x the best peer.\n"
+    assert list(_unsourced_numbers(unlinked, ROOT).values()) == [["1.03x"]]

@@ -1,7 +1,8 @@
 // conv_bias_act on CPU: act(conv2d(x, w) + bias (+ residual)), and its prepacked-weight form.
 //
-// float32, and bfloat16 where oneDNN runs bf16 (torch's mkldnn::_is_mkldnn_bf16_supported:
-// AVX-512 BW/VL/DQ or AVX-NE-CONVERT; native bf16 arithmetic with AVX512-BF16/AMX): oneDNN
+// float32, and bfloat16 where oneDNN runs bf16 (onednn_dtype_supported below, asking torch's
+// mkldnn::_is_mkldnn_bf16_supported: AVX-512 BW/VL/DQ or AVX-NE-CONVERT; native bf16
+// arithmetic with AVX512-BF16/AMX): oneDNN
 // through the pointwise convolution ops PyTorch ships, accumulating in float32 and rounding the
 // output once. An output large enough for the buffer cache (buffer_pool.h) is filled with the
 // residual (or zeros) and the convolution accumulates into it in place with the bias and a sum
@@ -62,21 +63,41 @@ const c10::OperatorHandle& conv_op() {
   return op;
 }
 
-// torch's own test for oneDNN's bf16 convolutions (a CPUID check), asked once.
-bool onednn_bf16() {
-  static const bool supported = [] {
-    torch::jit::Stack stack;
-    c10::Dispatcher::singleton()
-        .findSchemaOrThrow("mkldnn::_is_mkldnn_bf16_supported", "")
-        .callBoxed(stack);
-    return stack.at(0).toBool();
-  }();
-  return supported;
+bool ask_torch(const char* test) {
+  torch::jit::Stack stack;
+  c10::Dispatcher::singleton().findSchemaOrThrow(test, "").callBoxed(stack);
+  return stack.at(0).toBool();
 }
 
-// The dtypes the oneDNN path (and prepack_conv_weight) takes on this CPU.
+// Whether oneDNN runs convolutions in `t` on this CPU: float32 wherever torch has oneDNN;
+// bfloat16 and float16 where torch's own CPUID tests say so (mkldnn::_is_mkldnn_bf16_supported:
+// AVX-512 BW/VL/DQ or AVX-NE-CONVERT; _is_mkldnn_fp16_supported: AVX512-FP16, AMX-FP16 or
+// AVX-NE-CONVERT), each asked once. The one answer to the question: Python asks it through
+// the op resnet_fast::onednn_dtype_supported (ops.conv_bias_act.onednn_dtype_supported, used
+// by onednn_dtypes and optimize's warning).
+bool onednn_dtype_supported(at::ScalarType t) {
+  if (!at::hasMKLDNN()) return false;
+  switch (t) {
+    case at::kFloat:
+      return true;
+    case at::kBFloat16: {
+      static const bool bf16 = ask_torch("mkldnn::_is_mkldnn_bf16_supported");
+      return bf16;
+    }
+    case at::kHalf: {
+      static const bool fp16 = ask_torch("mkldnn::_is_mkldnn_fp16_supported");
+      return fp16;
+    }
+    default:
+      return false;
+  }
+}
+
+// The dtypes the oneDNN path (and prepack_conv_weight) takes on this CPU: float32, and
+// bfloat16 where oneDNN runs it. float16 stays on ATen's convolution (which itself uses
+// oneDNN where onednn_dtype_supported(kHalf)).
 bool onednn_dtype(at::ScalarType t) {
-  return t == at::kFloat || (t == at::kBFloat16 && onednn_bf16());
+  return (t == at::kFloat || t == at::kBFloat16) && onednn_dtype_supported(t);
 }
 
 // act(out + bias (+ residual)) written over `out` (dense in fmt): our scale_shift_act kernel
@@ -88,9 +109,7 @@ void bias_act_inplace(const at::Tensor& out, const at::Tensor& bias, const at::T
                   fmt == at::MemoryFormat::ChannelsLast, out);
 }
 
-bool use_onednn(const at::Tensor& x) {
-  return at::hasMKLDNN() && onednn_dtype(x.scalar_type());
-}
+bool use_onednn(const at::Tensor& x) { return onednn_dtype(x.scalar_type()); }
 
 // The oneDNN path (float32, or bfloat16 where oneDNN runs it); `w` is a dense weight or a
 // prepacked (mkldnn-layout) one.
@@ -192,7 +211,7 @@ at::Tensor prepack_conv_weight_cpu(const at::Tensor& w, at::IntArrayRef stride,
   TORCH_CHECK_VALUE(w.device().is_cpu() && onednn_dtype(w.scalar_type()) && w.dim() == 4 &&
                         w.layout() == at::kStrided,
                     "prepack_conv_weight: expected a 4-D strided CPU weight (K, C/groups, R, S) "
-                    "in float32", onednn_bf16() ? " or bfloat16" : " (oneDNN runs no bfloat16 on "
+                    "in float32", onednn_dtype_supported(at::kBFloat16) ? " or bfloat16" : " (oneDNN runs no bfloat16 on "
                     "this CPU: it needs AVX-512 or AVX-NE-CONVERT, and "
                     "torch.ops.mkldnn._is_mkldnn_bf16_supported() is False here)",
                     ", got ", DType{w.scalar_type()}, " ", Shape{w.sizes()}, " of layout ",
@@ -225,6 +244,11 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("conv_bias_act", &conv_bias_act_cpu);
   m.impl("prepack_conv_weight", &prepack_conv_weight_cpu);
   m.impl("conv_bias_act_packed", &conv_bias_act_packed_cpu);
+}
+
+// No tensor argument: the dispatcher reaches it by the CompositeExplicitAutograd kernel.
+TORCH_LIBRARY_IMPL(resnet_fast, CompositeExplicitAutograd, m) {
+  m.impl("onednn_dtype_supported", &onednn_dtype_supported);
 }
 
 // The packed weight has the mkldnn layout: its dispatch key is MkldnnCPU, x's is CPU.

@@ -8,7 +8,8 @@ Variants: ``torch.ops.resnet_fast.conv_bias_act`` (C++: oneDNN on CPU, cuDNN on 
 its arguments once, where it runs: in C++ for the C++ op, in Python for the Triton op, the
 fake kernel and the reference path.
 
-On CPU, in float32 and, where oneDNN runs bf16 (:func:`onednn_dtypes`), in bfloat16, a
+On CPU, in float32 and, where oneDNN runs bf16 (:func:`onednn_dtypes`, from the C++
+extension's one answer :func:`onednn_dtype_supported`), in bfloat16, a
 weight can be prepared once: ``prepack_conv_weight`` reorders it into
 oneDNN's blocked layout for one input size and ``conv_bias_act_packed`` takes that packed
 weight (inference only; no autograd). For a stride-1 3x3 conv in float32 on a CPU with AVX2 or
@@ -214,18 +215,32 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
 
 
 @functools.cache
+def onednn_dtype_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs convolutions in ``dtype`` on this CPU: float32 wherever torch has
+    oneDNN, bfloat16 and float16 where torch's own CPUID tests say so (bf16: AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT, native arithmetic with AVX512-BF16/AMX; fp16: AVX512-FP16, AMX-FP16 or
+    AVX-NE-CONVERT). The one answer, shared with the C++ kernels: the op
+    ``resnet_fast::onednn_dtype_supported`` (csrc/cpu/conv_bias_act.cpp). Only without the
+    extension (or one built before the op) does Python ask torch's tests itself."""
+    if _extension.has_kernel("onednn_dtype_supported", "CompositeExplicitAutograd"):
+        return bool(torch.ops.resnet_fast.onednn_dtype_supported(dtype))
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return {torch.float32: lambda: True,
+            torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+            torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}.get(dtype, lambda: False)()
+
+
+@functools.cache
 def onednn_dtypes() -> tuple[torch.dtype, ...]:
     """The dtypes of the CPU oneDNN path (``prepack_conv_weight``, ``conv_bias_act_packed``)
-    on this machine: float32, and bfloat16 where torch's own CPUID test says oneDNN runs it
-    (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; native bf16 arithmetic with AVX512-BF16/AMX;
-    elsewhere oneDNN refuses bf16 and the op runs ATen's emulated bf16 convolution); none
-    without oneDNN or the C++ extension's CPU kernels."""
-    if not (torch.backends.mkldnn.is_available()
-            and _extension.has_kernel("conv_bias_act_packed", "CPU")):
+    on this machine: float32, and bfloat16 where oneDNN runs it
+    (:func:`onednn_dtype_supported`; elsewhere oneDNN refuses bf16 and the op runs ATen's
+    emulated bf16 convolution); none without oneDNN or the C++ extension's CPU kernels.
+    float16 is never on it: ATen's convolution runs it (through oneDNN where supported)."""
+    if not _extension.has_kernel("conv_bias_act_packed", "CPU"):
         return ()
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return (torch.float32, torch.bfloat16)
-    return (torch.float32,)
+    return tuple(d for d in (torch.float32, torch.bfloat16) if onednn_dtype_supported(d))
 
 
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padding=0,
