@@ -77,12 +77,18 @@ def test_plans_are_kept_across_forwards_and_rebuilt_after_a_step():
         opt_ours.step()
         opt_tv.step()
         before, (got, expected) = expected, (_grads(ours, x), _grads(tv, x))
-        # judged against each gradient's scale (fp32 sums over the batch in another order);
-        # the step itself moved the input's gradient by far more than that (stale plans fail)
+        truth = _grads(copy.deepcopy(tv).double(), x.double())
+        # judged against fp64: at most 2x torchvision's own fp32 error plus 1e-3 of each
+        # gradient's scale (fp32 sums over the batch in another order). Not against
+        # torchvision's fp32 gradients themselves: a ReLU whose input is within rounding of 0
+        # flips between computations, and after the first step torchvision's fp32 (and
+        # oneDNN's) layer2.0.conv1.weight gradient is 3.8% off fp64 where Winograd's is not.
+        # The step itself moved the input's gradient by far more (stale plans fail).
         moved = (expected[0] - before[0]).abs().max() / expected[0].abs().max()
         assert moved > 0.01, moved
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=0, atol=1e-3 * e.abs().max().item())
+        for g, e, t in zip(got, expected, truth):
+            err, ref = (g.double() - t).abs().max().item(), (e.double() - t).abs().max().item()
+            assert err <= 2 * ref + 1e-3 * t.abs().max().item(), (err, ref)
     assert all(a is not b for a, b in zip(_kept(ours), first))  # the step rebuilt the plans
 
 
