@@ -23,7 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
+import statistics
 import threading
+import time
 import warnings
 from typing import Any, Callable, Optional
 
@@ -92,7 +95,7 @@ def cpu_environment(device: torch.device) -> dict[str, Any]:
     (one model name covers AVX2 and AVX-512 machines), the threads, library versions, and the
     build of our extension (its file's size and time: a rebuilt kernel is measured again,
     not judged by what an older build measured)."""
-    return {"device": "cpu", "cpu": _cpu_model(), "capability":
+    return {"device": "cpu", "cpu": cpu_name(), "capability":
             torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "resnet_fast": __version__, "build": _extension_build()}
 
@@ -106,7 +109,8 @@ def _extension_build() -> Optional[str]:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
-def _cpu_model() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), as results and tuning keys name it."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -114,15 +118,12 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-    return platform.processor() or platform.machine()
+    return platform.processor() or "unknown"
 
 
 def cpu_time_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds of five calls of ``fn`` on the CPU (perf_counter), after one
     untimed call that warms caches and thread pools."""
-    import statistics
-    import time
     fn()
     times = []
     for _ in range(5):

@@ -14,10 +14,10 @@ from _numerics import assert_within_reference_error
 import resnet_fast
 from resnet_fast import autotune
 from resnet_fast.calibrate import calibrate_
-from resnet_fast.models import _fused
 from resnet_fast.models.program import Kept
+from resnet_fast.ops.conv_bias_act import winograd_k_block
 
-pytestmark = pytest.mark.skipif(not _fused.winograd_runs(),
+pytestmark = pytest.mark.skipif(not winograd_k_block(),
                                 reason="the Winograd kernels need AVX2+FMA or AVX-512")
 op = torch.ops.resnet_fast
 
@@ -170,6 +170,17 @@ class _Prefer:
         return 0.0 if winograd and packed.shape[0] == self.elements else 1.0
 
 
+def _resnet18_pair(winograd):
+    """(torchvision's calibrated resnet18 with 10 classes, ours with its weights and
+    ``set_winograd(winograd)``), both in eval mode."""
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    calibrate_(tv, batches=1, batch_size=4, image_size=64)
+    ours = resnet_fast.resnet18(num_classes=10)
+    ours.load_state_dict(tv.state_dict())
+    ours.eval().set_winograd(winograd)
+    return tv, ours
+
+
 def _choices(model):
     return [entry[0] for plan in Kept.of(model).plans() for entry in plan._packed.values()
             if getattr(plan, "_packed", None)]
@@ -181,11 +192,7 @@ def test_plans_choose_winograd_and_match_torchvision(tmp_path, monkeypatch, wino
     monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
         str(tmp_path / "t.json"), environment=autotune.cpu_environment, timer=timer,
         measure=True))
-    tv = torchvision.models.resnet18(num_classes=10).eval()
-    calibrate_(tv, batches=1, batch_size=4, image_size=64)
-    ours = resnet_fast.resnet18(num_classes=10)
-    ours.load_state_dict(tv.state_dict())
-    ours.eval().set_winograd(winograd)
+    tv, ours = _resnet18_pair(winograd)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         got = ours(x)
@@ -245,11 +252,7 @@ def test_compiled_model_with_winograd_on_matches_eager():
     """torch.compile (inductor) of a model whose eager plans run Winograd: the compiled graph
     folds BN itself and runs the convolutions inductor picks; its output matches the fp64
     truth within the rule, and the eager plans keep working beside it."""
-    tv = torchvision.models.resnet18(num_classes=10).eval()
-    calibrate_(tv, batches=1, batch_size=4, image_size=64)
-    ours = resnet_fast.resnet18(num_classes=10)
-    ours.load_state_dict(tv.state_dict())
-    ours.eval().set_winograd(True)
+    tv, ours = _resnet18_pair(True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         eager = ours(x)

@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from .. import __version__
+from ..autotune import cpu_name
 
 
 def _git_commit() -> str | None:
@@ -23,16 +24,6 @@ def _git_commit() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_isa() -> list[str]:

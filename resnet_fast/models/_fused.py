@@ -53,11 +53,11 @@ from torch.fx import _symbolic_trace
 from torch.nn.modules import module as _module
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .. import _extension, autotune
+from .. import autotune
 from ..backends import requested_backend, resolve, tuned_backends
 from ..kernels.layout import layout_of
 from ..ops import reference
-from ..ops.conv_bias_act import fold_bn_tensors, onednn_dtypes
+from ..ops.conv_bias_act import fold_bn_tensors, onednn_dtypes, winograd_k_block
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
@@ -277,15 +277,20 @@ class ConvPlan:
     def _choose(self, x: Tensor, residual: Optional[Tensor]) -> Callable[..., Tensor]:
         """The op for x's shape and layout: the candidates timed once per layer key (or the
         choice a table already holds for it)."""
-        layer = {"op": "conv_bias_act", "x": list(x.shape), "dtype": str(x.dtype).split(".")[-1],
-                 "layout": "channels_last" if layout_of(x) == torch.channels_last else "nchw",
-                 "weight": list(self.weight.shape), "geometry": list(self.geometry),
-                 "residual": residual is not None, "relu": self.relu}
+        layer = self._layer_key("conv_bias_act", x, residual)
         args = (x, self.weight, self.bias, *self.geometry, residual, self.relu)
         runs = {name: functools.partial(_conv_op(name), *args) for name in self._candidates}
         with torch.no_grad():
             name = autotune.default_tuner().choose(x.device, layer, runs, self._default)
         return _conv_op(name)
+
+    def _layer_key(self, op: str, x: Tensor, residual: Optional[Tensor]) -> dict:
+        """The layer part of a tuning key (``autotune``): the op, x's shape, dtype and layout,
+        the weight's shape, the geometry and the epilogue."""
+        return {"op": op, "x": list(x.shape), "dtype": str(x.dtype).split(".")[-1],
+                "layout": "channels_last" if layout_of(x) == torch.channels_last else "nchw",
+                "weight": list(self.weight.shape), "geometry": list(self.geometry),
+                "residual": residual is not None, "relu": self.relu}
 
     def _onednn(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None
@@ -321,11 +326,7 @@ class ConvPlan:
         for m in self._tiles:
             entries[f"winograd{m}"] = (
                 True, torch.ops.resnet_fast.winograd_prepack.default(self.weight, m))
-        layer = {"op": "conv_bias_act_cpu", "x": list(x.shape),
-                 "dtype": str(x.dtype).split(".")[-1],
-                 "layout": "channels_last" if layout_of(x) == torch.channels_last else "nchw",
-                 "weight": list(self.weight.shape), "geometry": list(self.geometry),
-                 "residual": residual is not None, "relu": self.relu,
+        layer = {**self._layer_key("conv_bias_act_cpu", x, residual),
                  "candidates": sorted(entries)}
         runs = {name: functools.partial(self._packed_call, x, residual, *entry)
                 for name, entry in entries.items()}
@@ -342,22 +343,9 @@ def winograd_tiles(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
     group and a (folded) bias, where this CPU runs the kernels (AVX2 or AVX-512)."""
     if (winograd is False or bias is None or weight.dtype != torch.float32
             or tuple(weight.shape[2:]) != (3, 3) or tuple(conv.stride) != (1, 1)
-            or tuple(conv.dilation) != (1, 1) or conv.groups != 1 or not winograd_runs()):
+            or tuple(conv.dilation) != (1, 1) or conv.groups != 1 or not winograd_k_block()):
         return ()
     return (2, 4) if winograd else (2,)
-
-
-@functools.cache
-def winograd_runs() -> bool:
-    """Whether this CPU runs the Winograd kernels (AVX2 + FMA or AVX-512, and the C++
-    extension built with them)."""
-    if not _extension.has_kernel("conv_bias_act_winograd", "CPU"):
-        return False
-    try:
-        torch.ops.resnet_fast.winograd_prepack(torch.zeros(1, 1, 3, 3), 2)
-    except RuntimeError:
-        return False
-    return True
 
 
 def refold(terms: tuple[tuple[float, bool, bool], ...],

@@ -189,21 +189,30 @@ if _extension.has_kernel("conv_bias_act_packed", "CPU"):
                      packed=True)
 
 
-if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
-    @functools.cache
-    def _winograd_k_block() -> int:
-        """Output channels per block of this CPU's Winograd weight layout (16 or 32): asked of
-        the real op (outside any fake mode the first caller runs under)."""
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
+@functools.cache
+def winograd_k_block() -> int:
+    """Output channels per block of this CPU's Winograd weight layout (16: AVX2, 32: AVX-512),
+    or 0 where the Winograd kernels do not run here (no AVX2+FMA, or an extension without
+    them). Asked of the real op once, outside any fake mode the first caller runs under."""
+    if not _extension.has_kernel("conv_bias_act_winograd", "CPU"):
+        return 0
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    try:
         with unset_fake_temporarily():
             return torch.ops.resnet_fast.winograd_prepack(torch.zeros(1, 1, 3, 3), 2).shape[3]
+    except RuntimeError:  # the op says this CPU has neither AVX2 nor AVX-512
+        return 0
 
+
+if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
     @torch.library.register_fake("resnet_fast::winograd_prepack")
     def _winograd_prepack_fake(weight, tile):
         if tile not in (2, 4) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
             raise ValueError(f"winograd_prepack: expected a (K, C, 3, 3) weight and tile 2 or 4, "
                              f"got {tuple(weight.shape)} and {tile}")
-        kb = _winograd_k_block()
+        kb = winograd_k_block()
+        torch._check(kb > 0, lambda: "winograd_prepack: the Winograd kernels need a CPU with "
+                                     "AVX2 and FMA (or AVX-512); this one has neither")
         k, c = weight.shape[:2]
         return weight.new_empty(((tile + 2) ** 2, -(-k // kb), -(-c // (kb // 2)) * (kb // 2), kb))
 
