@@ -356,6 +356,26 @@ def test_plans_do_not_grow_with_gradients_or_batch_sizes():
     assert len(sizes) == 20 and max(sizes) <= 4  # resnet18: 20 fused convs, one program
 
 
+@needs_cpu
+def test_weights_are_packed_again_for_another_thread_count():
+    # oneDNN lays a packed weight out for the thread count it was packed under (used under
+    # another it ran 12x slower): a plan keeps one per (input size, threads).
+    model, tv = _pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for n in (threads, 1, threads):
+                torch.set_num_threads(n)
+                _close(model(x), tv(x))
+    finally:
+        torch.set_num_threads(threads)
+    plans = [p for p in _kept_plans(model) if hasattr(p, "_packed")]
+    assert len(plans) == 20
+    for plan in plans:
+        assert sorted({n for _, n, _ in plan._packed}) == sorted({1, threads})
+
+
 @pytest.mark.slow
 def test_pickle_and_deepcopy_do_not_carry_plans():
     model, tv = _pair("resnet18")

@@ -3,6 +3,7 @@
 // for stride 1, dilation 1, one group, float32. Checks, layout and allocation are here; the
 // arithmetic is in winograd_impl.h, compiled per instruction set.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -41,7 +42,9 @@ int winograd_isa() {
   void NS::winograd_weight_kernel(const at::Tensor&, int64_t, const at::Tensor&) {}          \
   void NS::winograd_conv_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&,     \
                                 const at::Tensor&, const at::Tensor&, bool, int64_t, int64_t, \
-                                int64_t, const at::Tensor&) {}
+                                int64_t, const at::Tensor&) {}                                \
+  void NS::conv1x1_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&,           \
+                          const at::Tensor&, bool, int64_t, int64_t, const at::Tensor&) {}
 RESNET_FAST_NO_WINOGRAD(AVX2)
 RESNET_FAST_NO_WINOGRAD(AVX512)
 #undef RESNET_FAST_NO_WINOGRAD
@@ -79,11 +82,25 @@ at::Tensor winograd_prepack_cpu(const at::Tensor& w, int64_t tile) {
   return out;
 }
 
+// The output of an op of this file: a fresh channels_last tensor, or `into` (the in-place
+// variants' residual: act(conv(x) + bias + into) is written over it) after checking it is one
+// dense channels_last float32 tensor of the output's shape that x does not overlap.
+at::Tensor output_for(const at::Tensor& x, const std::vector<int64_t>& out_shape,
+                      const at::Tensor& into, const char* op) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  if (!into.defined()) return empty_output(out_shape, x.options(), cl);
+  TORCH_CHECK_VALUE(into.is_contiguous(cl) && at::has_internal_overlap(into) == at::MemOverlap::No &&
+                        at::get_overlap_status(into, x) == at::MemOverlapStatus::No,
+                    op, ": expected the residual (written in place) dense in channels_last and "
+                    "apart from x, got strides ", Shape{into.strides()});
+  return into;
+}
+
 at::Tensor conv_bias_act_winograd_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                       const at::Tensor& packed, const at::Tensor& bias,
                                       at::IntArrayRef padding,
-                                      const std::optional<at::Tensor>& residual, bool relu) {
-  const char* op = "conv_bias_act_winograd";
+                                      const std::optional<at::Tensor>& residual, bool relu,
+                                      const at::Tensor& into, const char* op) {
   require_isa(op);
   const auto out_shape = check_conv_args(x_in, weight, bias, {1, 1}, padding, {1, 1}, 1, residual,
                                          op);
@@ -104,22 +121,114 @@ at::Tensor conv_bias_act_winograd_cpu(const at::Tensor& x_in, const at::Tensor& 
                     "36, ", kblocks, ", ", cp, ", ", kb, ")), got ", DType{packed.scalar_type()},
                     " ", Shape{packed.sizes()});
   const auto cl = at::MemoryFormat::ChannelsLast;
-  const auto fmt = layout_of(x_in);
-  at::Tensor out = empty_output(out_shape, x_in.options(), cl);
+  at::Tensor out = output_for(x_in, out_shape, into, op);
   if (out.numel() > 0) {
     (winograd_isa() == 512 ? AVX512::winograd_conv_kernel : AVX2::winograd_conv_kernel)(
         dense_in(x_in, cl), weight.contiguous(), packed, bias.contiguous(),
         residual.has_value() ? dense_in(*residual, cl) : at::Tensor(), relu,
         packed.size(0) == 16 ? 2 : 4, padding[0], padding[1], out);
   }
-  return fmt == cl ? out : out.contiguous(fmt);
+  return out;
+}
+
+at::Tensor conv_bias_act_winograd_op(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& packed, const at::Tensor& bias,
+                                     at::IntArrayRef padding,
+                                     const std::optional<at::Tensor>& residual, bool relu) {
+  const at::Tensor out = conv_bias_act_winograd_cpu(x, weight, packed, bias, padding, residual,
+                                                    relu, at::Tensor(), "conv_bias_act_winograd");
+  const auto fmt = layout_of(x);
+  return fmt == at::MemoryFormat::ChannelsLast ? out : out.contiguous(fmt);
+}
+
+void conv_bias_act_winograd_inplace(const at::Tensor& x, const at::Tensor& weight,
+                                    const at::Tensor& packed, const at::Tensor& bias,
+                                    at::IntArrayRef padding, const at::Tensor& residual,
+                                    bool relu) {
+  conv_bias_act_winograd_cpu(x, weight, packed, bias, padding, residual, relu, residual,
+                             "conv_bias_act_winograd_");
+}
+
+at::Tensor conv1x1_prepack_cpu(const at::Tensor& w) {
+  const char* op = "conv1x1_prepack";
+  require_isa(op);
+  TORCH_CHECK_VALUE(w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1 && w.layout() == at::kStrided
+                        && w.device().is_cpu(), op, ": expected a strided CPU weight of shape "
+                    "(K, C, 1, 1), got ", Shape{w.sizes()}, " of layout ", w.layout(), " on ",
+                    w.device());
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, op, ": expected a float32 weight, got ",
+                   DType{w.scalar_type()});
+  const int64_t kb = k_block(), K = w.size(0), C = w.size(1), kblocks = (K + kb - 1) / kb;
+  return at::constant_pad_nd(w.reshape({K, C}), {0, 0, 0, kblocks * kb - K})
+      .view({kblocks, kb, C})
+      .permute({0, 2, 1})
+      .contiguous();
+}
+
+at::Tensor conv_bias_act_1x1_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                 const at::Tensor& packed, const at::Tensor& bias,
+                                 at::IntArrayRef stride,
+                                 const std::optional<at::Tensor>& residual, bool relu,
+                                 const at::Tensor& into, const char* op) {
+  require_isa(op);
+  const auto out_shape = check_conv_args(x_in, weight, bias, stride, {0, 0}, {1, 1}, 1, residual,
+                                         op);
+  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, op, ": expected float32 x, got ",
+                   DType{x_in.scalar_type()});
+  TORCH_CHECK_VALUE(x_in.device().is_cpu() && weight.layout() == at::kStrided &&
+                        weight.size(2) == 1 && weight.size(3) == 1,
+                    op, ": expected CPU tensors and a strided 1x1 weight, got x on ",
+                    x_in.device(), " and a weight ", Shape{weight.sizes()}, " of layout ",
+                    weight.layout());
+  const int64_t kb = k_block(), C = weight.size(1), kblocks = (weight.size(0) + kb - 1) / kb;
+  TORCH_CHECK_VALUE(packed.dim() == 3 && packed.size(0) == kblocks && packed.size(1) == C &&
+                        packed.size(2) == kb && packed.scalar_type() == at::kFloat &&
+                        packed.is_contiguous() && packed.device().is_cpu(),
+                    op, ": expected conv1x1_prepack(weight) on this CPU (float32 of shape (",
+                    kblocks, ", ", C, ", ", kb, ")), got ", DType{packed.scalar_type()}, " ",
+                    Shape{packed.sizes()});
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor out = output_for(x_in, out_shape, into, op);
+  if (out.numel() == 0) return out;
+  if (C == 0) {  // no input channels: the epilogue on a sum of nothing
+    at::Tensor v = bias.view({1, -1, 1, 1}).expand(out_shape);
+    if (residual.has_value()) v = v + *residual;
+    out.copy_(relu ? at::relu(v) : v);
+    return out;
+  }
+  (winograd_isa() == 512 ? AVX512::conv1x1_kernel : AVX2::conv1x1_kernel)(
+      dense_in(x_in, cl), packed, bias.contiguous(),
+      residual.has_value() ? dense_in(*residual, cl) : at::Tensor(), relu, stride[0], stride[1],
+      out);
+  return out;
+}
+
+at::Tensor conv_bias_act_1x1_op(const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& packed, const at::Tensor& bias,
+                                at::IntArrayRef stride, const std::optional<at::Tensor>& residual,
+                                bool relu) {
+  const at::Tensor out = conv_bias_act_1x1_cpu(x, weight, packed, bias, stride, residual, relu,
+                                               at::Tensor(), "conv_bias_act_1x1");
+  const auto fmt = layout_of(x);
+  return fmt == at::MemoryFormat::ChannelsLast ? out : out.contiguous(fmt);
+}
+
+void conv_bias_act_1x1_inplace(const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& packed, const at::Tensor& bias,
+                               at::IntArrayRef stride, const at::Tensor& residual, bool relu) {
+  conv_bias_act_1x1_cpu(x, weight, packed, bias, stride, residual, relu, residual,
+                        "conv_bias_act_1x1_");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("winograd_prepack", &winograd_prepack_cpu);
-  m.impl("conv_bias_act_winograd", &conv_bias_act_winograd_cpu);
+  m.impl("conv_bias_act_winograd", &conv_bias_act_winograd_op);
+  m.impl("conv_bias_act_winograd_", &conv_bias_act_winograd_inplace);
+  m.impl("conv1x1_prepack", &conv1x1_prepack_cpu);
+  m.impl("conv_bias_act_1x1", &conv_bias_act_1x1_op);
+  m.impl("conv_bias_act_1x1_", &conv_bias_act_1x1_inplace);
 }
 
 }  // namespace resnet_fast::cpu

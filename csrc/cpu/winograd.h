@@ -26,6 +26,11 @@ namespace resnet_fast::cpu {
                             const at::Tensor& packed, const at::Tensor& bias,                \
                             const at::Tensor& residual, bool relu, int64_t m, int64_t pad_h, \
                             int64_t pad_w, const at::Tensor& out);                           \
+  /* x: (N, C, H, W) channels_last float32; packed: (ceil(K / kKb), C, kKb); out written     \
+     once. */                                                                                \
+  void conv1x1_kernel(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,  \
+                      const at::Tensor& residual, bool relu, int64_t stride_h,               \
+                      int64_t stride_w, const at::Tensor& out);                              \
   }
 RESNET_FAST_WINOGRAD_KERNELS(AVX2)
 RESNET_FAST_WINOGRAD_KERNELS(AVX512)

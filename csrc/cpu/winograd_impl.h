@@ -155,24 +155,24 @@ using Raw = __m512;
 inline Raw raw_load(const float* p) { return _mm512_loadu_ps(p); }
 inline Raw raw_set1(float v) { return _mm512_set1_ps(v); }
 inline Raw raw_fmadd(Raw a, Raw b, Raw c) { return _mm512_fmadd_ps(a, b, c); }
+inline Raw raw_add(Raw a, Raw b) { return _mm512_add_ps(a, b); }
 inline void raw_store(float* p, Raw v) { _mm512_storeu_ps(p, v); }
 #else
 using Raw = __m256;
 inline Raw raw_load(const float* p) { return _mm256_loadu_ps(p); }
 inline Raw raw_set1(float v) { return _mm256_set1_ps(v); }
 inline Raw raw_fmadd(Raw a, Raw b, Raw c) { return _mm256_fmadd_ps(a, b, c); }
+inline Raw raw_add(Raw a, Raw b) { return _mm256_add_ps(a, b); }
 inline void raw_store(float* p, Raw v) { _mm256_storeu_ps(p, v); }
 #endif
 
-// out[r][0:kKb] = sum_c v[r][c] * u[c][0:kKb] for R rows: R x 2 vector accumulators, one
-// broadcast of v per row and two loads of u per c.
+// a0[r], a1[r] += sum_{c0 <= c < c1} v[r][c] * u[c][0:kKb] for R rows: one broadcast of v
+// per row and two loads of u per c. Always inlined, so the accumulators stay in registers.
 template <int R>
-inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp, float* out,
-                         int64_t ldo) {
-  Raw a0[R], a1[R];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = raw_set1(0.f);
-  for (int64_t c = 0; c < cp; ++c) {
+__attribute__((always_inline)) inline void accumulate(const float* v, int64_t ldv,
+                                                      const float* u, int64_t c0, int64_t c1,
+                                                      Raw* a0, Raw* a1) {
+  for (int64_t c = c0; c < c1; ++c) {
     const Raw u0 = raw_load(u + c * kKb), u1 = raw_load(u + c * kKb + kVl);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -181,11 +181,92 @@ inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp
       a1[r] = raw_fmadd(b, u1, a1[r]);
     }
   }
+}
+
+// out[r][0:kKb] = sum_c v[r][c] * u[c][0:kKb] for R rows: R x 2 vector accumulators.
+template <int R>
+inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp, float* out,
+                         int64_t ldo) {
+  Raw a0[R], a1[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = raw_set1(0.f);
+  accumulate<R>(v, ldv, u, 0, cp, a0, a1);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     raw_store(out + r * ldo, a0[r]);
     raw_store(out + r * ldo + kVl, a1[r]);
   }
+}
+
+// act(rows x kKb block of A U + bias (+ residual)) stored at out (rows ldo apart), `kcnt`
+// of the kKb columns: the 1x1 convolution's micro-kernel, the epilogue in registers. A's R
+// rows are ldv apart; u is the weight panel (cp x kKb).
+template <int R>
+inline void gemm_store(const float* v, int64_t ldv, const float* u, int64_t cp,
+                       const float* bias, const float* res, bool relu, float* out, int64_t ldo,
+                       int64_t kcnt) {
+  // The epilogue's lines requested now, to arrive while the products are summed.
+  for (int r = 0; r < R; ++r) {
+    const float* line = res ? res + r * ldo : out + r * ldo;
+    __builtin_prefetch(line, 1);
+    __builtin_prefetch(line + kKb - 1, 1);
+  }
+  // Summed in runs of kRun channels, the runs then added: a long sum's rounding error grows
+  // with its length (C = 2048 summed straight through erred 1.7x torch's channels_last conv,
+  // which sums in blocks too).
+  constexpr int64_t kRun = 512;
+  Raw a0[R], a1[R], t0[R], t1[R];
+  for (int64_t c0 = 0; c0 < cp; c0 += kRun) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = raw_set1(0.f);
+    const int64_t c1 = std::min(cp, c0 + kRun);
+    accumulate<R>(v, ldv, u, c0, c1, a0, a1);
+    if (c1 < cp || c0 > 0) {  // more than one run: the running total (spilled, once a run)
+      for (int r = 0; r < R; ++r) {
+        t0[r] = c0 == 0 ? a0[r] : raw_add(t0[r], a0[r]);
+        t1[r] = c0 == 0 ? a1[r] : raw_add(t1[r], a1[r]);
+      }
+    }
+  }
+  if (cp > kRun) {
+    for (int r = 0; r < R; ++r) {
+      a0[r] = t0[r];
+      a1[r] = t1[r];
+    }
+  }
+  const int64_t n0 = std::min(kVl, kcnt), n1 = kcnt - n0;
+  const Vec b0 = Vec::loadu(bias, n0), b1 = n1 > 0 ? Vec::loadu(bias + kVl, n1) : Vec(0.f);
+  for (int r = 0; r < R; ++r) {
+    Vec o0 = Vec(a0[r]) + b0, o1 = Vec(a1[r]) + b1;
+    if (res) {
+      o0 = o0 + Vec::loadu(res + r * ldo, n0);
+      if (n1 > 0) o1 = o1 + Vec::loadu(res + r * ldo + kVl, n1);
+    }
+    if (relu) {
+      o0 = at::vec::maximum(o0, Vec(0.f));  // NaN stays NaN, as torch.relu
+      o1 = at::vec::maximum(o1, Vec(0.f));
+    }
+    if (kcnt == kKb) {
+      o0.store(out + r * ldo);
+      o1.store(out + r * ldo + kVl);
+    } else {
+      o0.store(out + r * ldo, n0);
+      if (n1 > 0) o1.store(out + r * ldo + kVl, n1);
+    }
+  }
+}
+
+template <int R = kRows>
+inline void gemm_store_rows(int rows, const float* v, int64_t ldv, const float* u, int64_t cp,
+                            const float* bias, const float* res, bool relu, float* out,
+                            int64_t ldo, int64_t kcnt) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      gemm_store_rows<R - 1>(rows, v, ldv, u, cp, bias, res, relu, out, ldo, kcnt);
+      return;
+    }
+  }
+  gemm_store<R>(v, ldv, u, cp, bias, res, relu, out, ldo, kcnt);
 }
 
 // One output tile by direct convolution (the tiles whose input is not all finite), float64
@@ -332,7 +413,80 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
   });
 }
 
+// The 1x1 convolution: out (P x K, P = N * OH * OW pixels, channels_last) = act(A U + bias
+// (+ residual)), A the input pixels (stride s: every s-th row and column). Work is split into
+// chunks of rows (A's chunk within L2) and, where there are few chunks, groups of output
+// channel blocks; within a task the weight panel of one channel block stays in L1/L2 while
+// every row of the chunk passes it. Rows are read in place (C floats apart) unless the
+// stride skips pixels or rows 4 KiB apart would share one L1 set (C a multiple of 1024):
+// then a chunk is first copied, rows C + kVl floats apart.
+void conv1x1(const at::Tensor& x_t, const at::Tensor& u_t, const at::Tensor& bias_t,
+             const at::Tensor& res_t, bool relu, int64_t sh, int64_t sw,
+             const at::Tensor& out_t) {
+  const int64_t N = x_t.size(0), C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
+  const int64_t K = out_t.size(1), OH = out_t.size(2), OW = out_t.size(3);
+  const int64_t Kb = u_t.size(0), P = N * OH * OW;
+  const float* x = x_t.const_data_ptr<float>();
+  const float* u = u_t.const_data_ptr<float>();
+  const float* bias = bias_t.const_data_ptr<float>();
+  const float* res = res_t.defined() ? res_t.const_data_ptr<float>() : nullptr;
+  float* out = out_t.mutable_data_ptr<float>();
+  const bool copy = sh != 1 || sw != 1 || C % 1024 == 0;
+  const int64_t ld = copy ? C + kVl : C;
+  // Split so that each thread reads half of the larger operand: the rows when the input
+  // outweighs the weight (large batches), else the output channels (e.g. batch 1, 14x14).
+  const int64_t threads = at::get_num_threads();
+  const int64_t most = std::max<int64_t>(kRows, kBlockBytes / 2 / (4 * ld) / kRows * kRows);
+  const bool by_rows = P >= Kb * kKb;
+  int64_t chunks = (P + most - 1) / most;
+  if (by_rows) chunks = (chunks + threads - 1) / threads * threads;  // a whole number each
+  const int64_t rows = std::min(round_up((P + chunks - 1) / chunks, kRows), round_up(P, kRows));
+  chunks = (P + rows - 1) / rows;
+  const int64_t groups = by_rows ? 1 : std::min(Kb, threads);
+  const int64_t per_group = (Kb + groups - 1) / groups;
+  const bool panels_fit = per_group * C * kKb * 4 <= kBlockBytes / 2;  // a group's weight in L2
+  at::parallel_for(0, chunks * groups, 1, [&](int64_t t0, int64_t t1) {
+    float* A = copy ? scratch(static_cast<size_t>(rows * ld)) : nullptr;
+    int64_t copied = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t chunk = t % chunks, g = t / chunks;  // a thread's tasks share g
+      const int64_t p0 = chunk * rows, np = std::min(rows, P - p0);
+      const float* a = x + p0 * C;
+      if (copy) {
+        if (copied != chunk) {
+          for (int64_t i = 0; i < np; ++i) {
+            const int64_t p = p0 + i, n = p / (OH * OW), oh = p % (OH * OW) / OW, ow = p % OW;
+            std::memcpy(A + i * ld, x + ((n * H + oh * sh) * W + ow * sw) * C, C * sizeof(float));
+          }
+          copied = chunk;
+        }
+        a = A;
+      }
+      const int64_t kb0 = g * per_group, kb1 = std::min(Kb, kb0 + per_group);
+      auto tile = [&](int64_t kb, int64_t i) {
+        const int64_t k0 = kb * kKb, o = (p0 + i) * K + k0;
+        gemm_store_rows(static_cast<int>(std::min(kRows, np - i)), a + i * ld, ld,
+                        u + kb * C * kKb, C, bias + k0, res ? res + o : nullptr, relu, out + o,
+                        K, std::min(kKb, K - k0));
+      };
+      if (panels_fit) {  // each row tile's outputs (and residual) in one sequential pass
+        for (int64_t i = 0; i < np; i += kRows)
+          for (int64_t kb = kb0; kb < kb1; ++kb) tile(kb, i);
+      } else {  // each weight panel read once per chunk
+        for (int64_t kb = kb0; kb < kb1; ++kb)
+          for (int64_t i = 0; i < np; i += kRows) tile(kb, i);
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void conv1x1_kernel(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
+                    const at::Tensor& residual, bool relu, int64_t stride_h, int64_t stride_w,
+                    const at::Tensor& out) {
+  conv1x1(x, packed, bias, residual, relu, stride_h, stride_w, out);
+}
 
 int64_t winograd_k_block() { return kKb; }
 

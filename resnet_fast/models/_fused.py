@@ -64,7 +64,7 @@ _PLAIN_TENSORS = (nn.Parameter, Tensor)
 # Whether torch.fx.symbolic_trace is recording. Where torch has only is_fx_tracing, that is
 # also true under torch.export, which recorded() rules out first (torch.compiler.is_compiling).
 _fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
-_MAX_PACKED_SIZES = 4  # input sizes a CPU plan keeps packed weights for (oldest dropped)
+_MAX_PACKED_SIZES = 4  # (input size, threads) pairs a CPU plan keeps packed weights for (oldest dropped)
 
 
 def no_hooks(m: nn.Module) -> bool:
@@ -199,7 +199,7 @@ class ConvPlan:
 
     __slots__ = ("weight", "bias", "geometry", "relu", "run", "dense_op", "packed_op", "pads",
                  "casts", "folds", "sources", "_packed", "_inner", "_tuned", "_candidates",
-                 "_default", "_tiles")
+                 "_default", "_own")
 
     def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor], relu: bool,
                  backend: Optional[str], differentiable: bool, casts: bool = False,
@@ -231,10 +231,14 @@ class ConvPlan:
             self.run = ConvPlan._measured
         elif (chosen == "cpu" and not differentiable and weight.dtype in onednn_dtypes()
                 and torch.backends.mkldnn.enabled):
-            self._packed: dict[torch.Size, tuple[bool, Tensor]] = {}
+            # Keyed by input size and thread count: oneDNN lays a packed weight out for the
+            # threads it was packed under, and used under another count it runs 6-12x slower
+            # (ResNet-50's 256x14x14 -> 1024 1x1 at batch 1, Zen 4: 12.0 vs 0.93 ms on one
+            # thread with a weight packed on two).
+            self._packed: dict[tuple[torch.Size, int], tuple[str, Tensor]] = {}
             self.run = ConvPlan._onednn
             self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default
-            self._tiles = winograd_tiles(conv, weight, bias, winograd)
+            self._own = own_kernels(conv, weight, bias, winograd)
         self.casts = casts
         if self.pads or casts:
             self._inner, self.run = self.run, ConvPlan._adapted
@@ -244,11 +248,24 @@ class ConvPlan:
         self.folds, self.sources = (None, None) if (
             folds is None or differentiable or casts or self.pads) else folds
 
-    def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def __call__(self, x: Tensor, residual: Optional[Tensor] = None,
+                 overwrite: bool = False) -> Tensor:
+        """The plan on x (+ residual). ``overwrite``: the caller owns ``residual`` and reads it
+        no more, so where the chosen kernel is ours (Winograd, the 1x1 GEMM) the result is
+        written over it (no output buffer, no read for ownership of one) and it is returned;
+        elsewhere (oneDNN, autograd, a residual not dense channels_last float32) as without."""
         if torch.is_grad_enabled() and self.sources is not None and (
                 x.requires_grad or (residual is not None and residual.requires_grad)
                 or any(t is not None and t.requires_grad for t in self.sources)):
             return _PlannedConv.apply(self, x, residual, *self.sources)
+        if (overwrite and self.run is ConvPlan._onednn and self._own
+                and not torch.is_grad_enabled() and residual.dtype == torch.float32
+                and residual.is_contiguous(memory_format=torch.channels_last)):
+            kernel, packed = self._entry(x, residual, True)
+            if kernel != "onednn":
+                self._packed_call(x, residual, kernel, packed, True)
+                return residual
+            return self._packed_call(x, residual, kernel, packed)
         return self.run(self, x, residual)
 
     def _dense(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -296,56 +313,80 @@ class ConvPlan:
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None
                                                               and residual.requires_grad)):
             return self._dense(x, residual)  # the packed op has no autograd
-        entry = self._packed.get(x.shape)
+        return self._packed_call(x, residual, *self._entry(x, residual, False))
+
+    def _entry(self, x: Tensor, residual: Optional[Tensor], in_place: bool) -> tuple[str, Tensor]:
+        """(kernel, its prepared weight) for x's shape and the thread count: oneDNN lays a
+        packed weight out for the threads it was packed under (under another count the
+        256x14x14 -> 1024 1x1 at batch 1 ran 12x slower, Zen 4), so both key it."""
+        key = (x.shape, torch.get_num_threads(), in_place)
+        entry = self._packed.get(key)
         if entry is None:
-            entry = self._prepare(x, residual)
+            entry = self._prepare(x, residual, in_place)
             # Copy, change, assign: threads reading the old dict never see it change size.
             sizes = dict(self._packed)
             if len(sizes) >= _MAX_PACKED_SIZES:
                 del sizes[next(iter(sizes))]  # the oldest
-            sizes[x.shape] = entry
+            sizes[key] = entry
             self._packed = sizes
-        return self._packed_call(x, residual, *entry)
+        return entry
 
-    def _packed_call(self, x: Tensor, residual: Optional[Tensor], winograd: bool,
-                     packed: Tensor) -> Tensor:
-        if winograd:
-            return torch.ops.resnet_fast.conv_bias_act_winograd.default(
-                x, self.weight, packed, self.bias, self.geometry[1], residual, self.relu)
+    def _packed_call(self, x: Tensor, residual: Optional[Tensor], kernel: str, packed: Tensor,
+                     in_place: bool = False):
+        """The prepared kernel on x (``in_place``: written over the residual, returns None)."""
+        ops = torch.ops.resnet_fast
+        if kernel == "winograd":
+            op = ops.conv_bias_act_winograd_ if in_place else ops.conv_bias_act_winograd
+            return op.default(x, self.weight, packed, self.bias, self.geometry[1], residual,
+                              self.relu)
+        if kernel == "gemm":
+            op = ops.conv_bias_act_1x1_ if in_place else ops.conv_bias_act_1x1
+            return op.default(x, self.weight, packed, self.bias, self.geometry[0], residual,
+                              self.relu)
         return self.packed_op(x, packed, self.bias, *self.geometry, residual, self.relu)
 
-    def _prepare(self, x: Tensor, residual: Optional[Tensor]) -> tuple[bool, Tensor]:
-        """(whether Winograd, the weight prepared for it) for x's shape: oneDNN's packed
-        weight, or where Winograd may run (``_tiles``) the faster of it and each Winograd
-        variant, measured once per layer key (``autotune.cpu_tuner``; the table on disk)."""
+    def _prepare(self, x: Tensor, residual: Optional[Tensor], in_place: bool) -> tuple[str, Tensor]:
+        """(kernel, its prepared weight) for x's shape: oneDNN's packed weight, or where our
+        own kernels may run (``_own``) the fastest of oneDNN and each of them, measured once
+        per layer key (``autotune.cpu_tuner``; the table on disk). ``in_place``: ours are
+        timed writing over a copy of the residual, as ``overwrite`` calls run them."""
         packed = torch.ops.resnet_fast.prepack_conv_weight.default(
             self.weight, *self.geometry, list(x.shape))
-        if not self._tiles:
-            return False, packed
-        entries = {"onednn": (False, packed)}
-        for m in self._tiles:
-            entries[f"winograd{m}"] = (
-                True, torch.ops.resnet_fast.winograd_prepack.default(self.weight, m))
+        if not self._own:
+            return "onednn", packed
+        entries = {"onednn": ("onednn", packed)}
+        for name in self._own:
+            entries[name] = (("gemm", torch.ops.resnet_fast.conv1x1_prepack.default(self.weight))
+                             if name == "gemm" else ("winograd", torch.ops.resnet_fast
+                                                     .winograd_prepack.default(self.weight,
+                                                                               int(name[-1]))))
         layer = {**self._layer_key("conv_bias_act_cpu", x, residual),
-                 "candidates": sorted(entries)}
-        runs = {name: functools.partial(self._packed_call, x, residual, *entry)
-                for name, entry in entries.items()}
+                 "candidates": sorted(entries), "in_place": in_place}
+        scratch = residual.clone() if in_place else None  # each timed call writes over it
+        runs = {name: functools.partial(self._packed_call, x, residual, *entry) if (
+            name == "onednn" or not in_place) else functools.partial(
+                self._packed_call, x, scratch, *entry, True)
+            for name, entry in entries.items()}
         with torch.no_grad():
             name = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
         return entries[name]
 
 
-def winograd_tiles(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
-                   winograd: Optional[bool]) -> tuple[int, ...]:
-    """The Winograd tile sizes a CPU plan measures against oneDNN: F(2x2,3x3) by default,
-    also F(4x4,3x3) with ``winograd=True`` (faster, and errs 5-11x more: an opt-in),
-    none with ``winograd=False``; only for a float32 3x3 conv with stride 1, dilation 1, one
-    group and a (folded) bias, where this CPU runs the kernels (AVX2 or AVX-512)."""
-    if (winograd is False or bias is None or weight.dtype != torch.float32
-            or tuple(weight.shape[2:]) != (3, 3) or tuple(conv.stride) != (1, 1)
-            or tuple(conv.dilation) != (1, 1) or conv.groups != 1 or not winograd_k_block()):
+def own_kernels(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
+                winograd: Optional[bool]) -> tuple[str, ...]:
+    """Our own CPU kernels a plan measures against oneDNN, for a float32 conv with one group,
+    dilation 1 and a (folded) bias where this CPU runs them (AVX2 or AVX-512): the 1x1 GEMM
+    (``gemm``) for an unpadded 1x1 conv of any stride; for a stride-1 3x3 conv Winograd
+    F(2x2,3x3) (``winograd2``) by default, also F(4x4,3x3) (``winograd4``: faster, and errs
+    5-11x more: an opt-in) with ``winograd=True``, neither with ``winograd=False``."""
+    if (bias is None or weight.dtype != torch.float32 or tuple(conv.dilation) != (1, 1)
+            or conv.groups != 1 or not winograd_k_block()):
         return ()
-    return (2, 4) if winograd else (2,)
+    if tuple(weight.shape[2:]) == (1, 1) and tuple(conv.padding) == (0, 0):
+        return ("gemm",)
+    if winograd is False or tuple(weight.shape[2:]) != (3, 3) or tuple(conv.stride) != (1, 1):
+        return ()
+    return ("winograd2", "winograd4") if winograd else ("winograd2",)
 
 
 def refold(terms: tuple[tuple[float, bool, bool], ...],
@@ -440,7 +481,7 @@ def group_plans(backend: Optional[str], pairs: list, own: int, differentiable: b
     The downsample then runs as a plain conv (no bias pass, no epilogue). The two folded
     biases are added in float32 (float64 for float64), and the sum is rounded to the weights'
     dtype. ``cast`` (the autocast dtype): the folded weights and biases are then rounded to
-    it and the plans cast their inputs to it. ``winograd``: see :func:`winograd_tiles`."""
+    it and the plans cast their inputs to it. ``winograd``: see :func:`own_kernels`."""
     if differentiable:
         return _group_plans(backend, pairs, own, differentiable, cast, winograd)
     # Normal (not inference) tensors even under inference_mode, so a later call with autograd

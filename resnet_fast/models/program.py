@@ -33,6 +33,9 @@ from ._fused import (
     no_hooks,
 )
 
+# Pools whose output is a new tensor no one else sees (without hooks), or their input.
+_OWN_POOLS = (nn.MaxPool2d, nn.Identity)
+
 # A block's shortcut: None is the identity, a ConvPlan the fused downsample pair, anything else
 # the block's downsample module (e.g. CIFAR's PadShortcut), called as it is.
 Shortcut = Optional[Callable[[Tensor], Tensor]]
@@ -44,11 +47,16 @@ class Block(NamedTuple):
     last: ConvPlan
     shortcut: Shortcut
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, owned: bool = False) -> Tensor:
+        """``owned``: the caller owns x and reads it no more (a program's block after its
+        stem), so with an identity shortcut the last conv may write over x; over a fused
+        downsample's output it always may (nothing else sees that tensor)."""
         identity = x if self.shortcut is None else self.shortcut(x)
         out = x
         for plan in self.head:
             out = plan(out)
+        if owned if self.shortcut is None else isinstance(self.shortcut, ConvPlan):
+            return self.last(out, identity, True)
         return self.last(out, identity)
 
     def plans(self) -> list[ConvPlan]:
@@ -64,13 +72,19 @@ class Program(NamedTuple):
 
     def __call__(self, x: Tensor, pool: Optional[nn.Module] = None) -> Tensor:
         """The program on x; ``pool`` (the model's maxpool, looked up by the caller on every
-        forward) runs after the stem."""
-        if self.stem is not None:
+        forward) runs after the stem. The program owns every activation after the stem's (a
+        block writes over its input where its kernel can, :meth:`Block.__call__`), except
+        where a pool that is not exactly a hook-free ``nn.MaxPool2d`` or ``nn.Identity`` may
+        have handed its output elsewhere; never the caller's x."""
+        owned = self.stem is not None
+        if owned:
             x = self.stem(x if self.stem.pads else x.contiguous(memory_format=torch.channels_last))
         if pool is not None:
             x = pool(x)
+            owned = owned and type(pool) in _OWN_POOLS and no_hooks(pool)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, owned)
+            owned = True
         return x
 
     def plans(self) -> list[ConvPlan]:
@@ -81,7 +95,7 @@ class Program(NamedTuple):
 
 # A block group: (backend, winograd, (conv, bn, relu) pairs, how many are the block's own, the
 # shortcut module when it is not a fused pair); the stem group is (backend, winograd, pairs, 1,
-# None). winograd: the module's setting (``_fused.winograd_tiles``).
+# None). winograd: the module's setting (``_fused.own_kernels``).
 Group = tuple[Optional[str], Optional[bool], list, int, Shortcut]
 
 

@@ -357,7 +357,8 @@ class _Backbone(FusedEvalMixin, nn.Module):
         AVX-512), each layer measured against oneDNN at its first call: None (the default)
         lets F(2x2,3x3) in where it is faster (it errs no more than oneDNN's direct conv);
         True also F(4x4,3x3), faster still and 5-11x the error (docs/design.md gives the
-        measured bound); False keeps oneDNN everywhere."""
+        measured bound); False keeps Winograd out (the 3x3s run oneDNN; the 1x1 convs still
+        weigh our GEMM against oneDNN: its arithmetic is a direct conv's)."""
         if not (winograd is None or isinstance(winograd, bool)):
             raise TypeError(f"set_winograd: expected None, True or False, got {winograd!r}")
         for m in self.modules():

@@ -15,7 +15,12 @@ oneDNN's blocked layout for one input size and ``conv_bias_act_packed`` takes th
 weight (inference only; no autograd). For a stride-1 3x3 conv in float32 on a CPU with AVX2 or
 AVX-512, ``winograd_prepack`` transforms the weight once for Winograd's F(2x2,3x3) or
 F(4x4,3x3) and ``conv_bias_act_winograd`` runs it (csrc/cpu/winograd_impl.h): fewer
-multiplications, the models' plans choose it per layer by measurement. The caller holds the packed weight (the models keep it in
+multiplications. A 1x1 conv has our own GEMM (same micro-kernel, bias, residual and the
+NaN-keeping ReLU in its stores): ``conv1x1_prepack`` lays the weight out once,
+``conv_bias_act_1x1`` runs it. The models' plans choose among oneDNN and these per layer by
+measurement. ``conv_bias_act_winograd_`` and ``conv_bias_act_1x1_`` write over the residual
+(no output buffer, no read for ownership of one): for a caller that owns the residual and
+reads it no more, as the models' programs own a block's input. The caller holds the packed weight (the models keep it in
 their per-layer plans): no op caches anything keyed by a tensor's identity, so every op is a
 pure function of its inputs under torch.compile, export and concurrent threads. A packed
 weight is an mkldnn-layout tensor, which fake tensors can carry (``conv_bias_act_packed`` has
@@ -221,6 +226,31 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
         *_, out_shape = check_conv(x, weight, bias, 1, padding, 1, 1, residual,
                                    op="conv_bias_act_winograd")
         return x.new_empty(out_shape).contiguous(memory_format=layout_of(x))
+
+    @torch.library.register_fake("resnet_fast::conv_bias_act_winograd_")
+    def _winograd_inplace_fake(x, weight, packed_weight, bias, padding, residual, relu=True):
+        check_conv(x, weight, bias, 1, padding, 1, 1, residual, op="conv_bias_act_winograd_")
+
+    @torch.library.register_fake("resnet_fast::conv1x1_prepack")
+    def _conv1x1_prepack_fake(weight):
+        if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
+            raise ValueError(f"conv1x1_prepack: expected a (K, C, 1, 1) weight, got "
+                             f"{tuple(weight.shape)}")
+        kb = winograd_k_block()
+        torch._check(kb > 0, lambda: "conv1x1_prepack: our CPU kernels need a CPU with AVX2 "
+                                     "and FMA (or AVX-512); this one has neither")
+        k, c = weight.shape[:2]
+        return weight.new_empty((-(-k // kb), c, kb))
+
+    @torch.library.register_fake("resnet_fast::conv_bias_act_1x1")
+    def _conv1x1_fake(x, weight, packed_weight, bias, stride, residual=None, relu=True):
+        *_, out_shape = check_conv(x, weight, bias, stride, 0, 1, 1, residual,
+                                   op="conv_bias_act_1x1")
+        return x.new_empty(out_shape).contiguous(memory_format=layout_of(x))
+
+    @torch.library.register_fake("resnet_fast::conv_bias_act_1x1_")
+    def _conv1x1_inplace_fake(x, weight, packed_weight, bias, stride, residual, relu=True):
+        check_conv(x, weight, bias, stride, 0, 1, 1, residual, op="conv_bias_act_1x1_")
 
 
 @functools.cache
