@@ -51,10 +51,13 @@ from resnet_fast.bench.peers import (
 from resnet_fast.bench.timing import block_sizes, rotation
 from resnet_fast.calibrate import calibrate_
 
-# Our ops by kind; anything else is "other".
-_WINOGRAD = "resnet_fast::conv_bias_act_winograd"
+# Our ops by kind; anything else is "other". Our own conv kernels (Winograd, the 1x1 GEMM;
+# the trailing _: written over the residual) run no aten op beneath them.
+_OWN_CONVS = {f"resnet_fast::{name}" for name in (
+    "conv_bias_act_winograd", "conv_bias_act_winograd_", "conv_bias_act_1x1",
+    "conv_bias_act_1x1_")}
 _OURS = {"mkldnn::_convolution_pointwise_": "conv", "mkldnn::_convolution_pointwise": "conv",
-         _WINOGRAD: "conv",
+         **dict.fromkeys(_OWN_CONVS, "conv"),
          "aten::copy_": "residual copy",
          "aten::fill_": "zero fill", "aten::zero_": "zero fill", "aten::clamp_min_": "relu pass",
          "aten::relu_": "relu pass", "aten::max_pool2d_with_indices": "maxpool",
@@ -100,11 +103,11 @@ class Ours:
         ops: dict[str, float] = defaultdict(float)
         layers: dict[str, float] = defaultdict(float)
         for event in prof.key_averages(group_by_input_shape=True):
-            # Our ops' frames: the children of the oneDNN path count; the Winograd kernel is
-            # our own code (no aten children), so its frame is the time.
-            if not event.key.startswith("resnet_fast::") or event.key == _WINOGRAD:
+            # Our ops' frames: the children of the oneDNN path count; our own kernels' code
+            # runs in their own frames (no aten children), so those frames are the time.
+            if not event.key.startswith("resnet_fast::") or event.key in _OWN_CONVS:
                 ops[event.key] += event.self_cpu_time_total / 1e3
-            if event.key in ("resnet_fast::conv_bias_act_packed", _WINOGRAD):
+            if event.key == "resnet_fast::conv_bias_act_packed" or event.key in _OWN_CONVS:
                 layers[_layer(*event.input_shapes[:2])] += event.cpu_time_total / 1e3
         self.forwards.append((dict(ops), dict(layers)))
 
