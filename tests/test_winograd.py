@@ -101,12 +101,14 @@ def test_matches_fp64_direct(tile, shape, residual, relu, channels_last):
 
 
 @pytest.mark.parametrize("tile", [2, 4])
-def test_nan_and_inf_where_torch_puts_them(tile):
-    x, weight, bias, r = _case(2, 19, 21, 11, 10, True)
+@pytest.mark.parametrize("shape", [(2, 19, 21, 11, 10), (1, 19, 70, 6, 5)],
+                         ids=["tiles split", "channels split"])  # fewer tiles than channels
+def test_nan_and_inf_where_torch_puts_them(tile, shape):
+    x, weight, bias, r = _case(*shape, True)
     x = x.contiguous(memory_format=torch.channels_last)
-    x[0, 3, 4, 5] = float("nan")
-    x[1, 7, 0, 9] = float("inf")
-    x[1, 2, 6, 2] = float("-inf")
+    x[0, 3, 4, 3] = float("nan")
+    x[-1, 7, 0, 4] = float("inf")
+    x[-1, 2, 5, 2] = float("-inf")
     out = op.conv_bias_act_winograd(x, weight, op.winograd_prepack(weight, tile), bias, [1, 1],
                                     r, True)
     truth = _direct(x.double(), weight.double(), bias.double(), 1, r.double(), True)

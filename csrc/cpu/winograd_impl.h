@@ -274,11 +274,11 @@ inline void gemm_store_rows(int rows, const float* v, int64_t ldv, const float* 
 void direct_tile(const float* x, const float* w, const float* bias, const float* res, bool relu,
                  float* out, int64_t n, int64_t oh0, int64_t ow0, int64_t mh, int64_t mw,
                  int64_t C, int64_t H, int64_t W, int64_t K, int64_t OH, int64_t OW, int64_t ph,
-                 int64_t pw) {
+                 int64_t pw, int64_t k_begin, int64_t k_end) {
   for (int64_t r = 0; r < mh; ++r) {
     for (int64_t q = 0; q < mw; ++q) {
       const int64_t off = ((n * OH + oh0 + r) * OW + ow0 + q) * K;
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = k_begin; k < k_end; ++k) {
         double acc = 0;
         for (int64_t dy = 0; dy < 3; ++dy) {
           const int64_t ih = oh0 + r - ph + dy;
@@ -338,20 +338,31 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
   const float* res = res_t.defined() ? res_t.const_data_ptr<float>() : nullptr;
   float* out = out_t.mutable_data_ptr<float>();
 
-  // Tiles per block: within kBlockBytes, and no more than an equal share per thread.
-  const int64_t fit = std::max<int64_t>(1, kBlockBytes / (4 * E * (Cp + Kp)) / kRows);
-  const int64_t share = (tiles + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t T = kRows * std::max<int64_t>(1, std::min(fit, (share + kRows - 1) / kRows));
-  const int64_t blocks = (tiles + T - 1) / T;
+  // Tiles per block: within kBlockBytes. The threads split the larger operand: the blocks of
+  // tiles (a whole number each) when the transformed input outweighs the transformed weight,
+  // else the output channel blocks (few tiles, e.g. batch 1 at 14x14 and 7x7: splitting 49
+  // tiles by rows left one thread 36 and the other 13, and both read the whole weight).
+  const int64_t threads = at::get_num_threads();
+  const int64_t fit = kRows * std::max<int64_t>(1, kBlockBytes / (4 * E * (Cp + Kp)) / kRows);
+  const bool by_tiles = tiles >= Kp;
+  int64_t blocks = (tiles + fit - 1) / fit;
+  if (by_tiles) blocks = (blocks + threads - 1) / threads * threads;
+  const int64_t T = std::min(round_up((tiles + blocks - 1) / blocks, kRows), round_up(tiles, kRows));
+  blocks = (tiles + T - 1) / T;
+  const int64_t groups = by_tiles ? 1 : std::min(Kb, threads);
+  const int64_t per_group = (Kb + groups - 1) / groups;
 
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks * groups, 1, [&](int64_t b0, int64_t b1) {
     float* V = scratch(static_cast<size_t>(E * T * (Cp + Kp)));
     float* Mb = V + E * T * Cp;
     std::vector<char> finite(T);
-    for (int64_t b = b0; b < b1; ++b) {
+    int64_t transformed = -1;
+    for (int64_t task = b0; task < b1; ++task) {
+      const int64_t b = task % blocks, g = task / blocks;  // a thread's tasks share g
+      const int64_t kb0 = g * per_group, kb1 = std::min(Kb, kb0 + per_group);
       const int64_t t0 = b * T, nt = std::min(T, tiles - t0);
       // Input transform: V[e][i][c] for the block's tiles, kVl channels at a time.
-      for (int64_t i = 0; i < nt; ++i) {
+      for (int64_t i = 0; i < nt && transformed != b; ++i) {
         const int64_t t = t0 + i, n = t / (TH * TW), th = t % (TH * TW) / TW, tw = t % TW;
         const int64_t ih0 = th * M - ph, iw0 = tw * M - pw;
         const bool inside = ih0 >= 0 && iw0 >= 0 && ih0 + A <= H && iw0 + A <= W;
@@ -374,10 +385,12 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
         nonfinite.store(lanes);
         finite[i] = std::none_of(lanes, lanes + kVl, [](float v) { return std::isnan(v); });
       }
-      // The E products: M[e][i][k] = sum_c V[e][i][c] * U[e][c][k].
+      transformed = b;
+      // The E products for this task's output channel blocks: M[e][i][k] = sum_c V[e][i][c]
+      // * U[e][c][k].
       const int64_t rows = round_up(nt, kRows);
       for (int e = 0; e < E; ++e) {
-        for (int64_t kb = 0; kb < Kb; ++kb) {
+        for (int64_t kb = kb0; kb < kb1; ++kb) {
           const float* ue = u + (e * Kb + kb) * Cp * kKb;
           for (int64_t i = 0; i < rows; i += kRows) {
             micro_kernel<kRows>(V + (e * T + i) * Cp, Cp, ue, Cp, Mb + (e * T + i) * Kp + kb * kKb,
@@ -385,19 +398,21 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
           }
         }
       }
-      // Output transform with bias, residual and ReLU, written once.
+      // Output transform with bias, residual and ReLU, written once: this task's channels.
+      const int64_t k_begin = kb0 * kKb, k_end = std::min(K, kb1 * kKb);
       for (int64_t i = 0; i < nt; ++i) {
         const int64_t t = t0 + i, n = t / (TH * TW), th = t % (TH * TW) / TW, tw = t % TW;
         const int64_t oh0 = th * M, ow0 = tw * M;
         const int64_t mh = std::min<int64_t>(M, OH - oh0), mw = std::min<int64_t>(M, OW - ow0);
         if (!finite[i]) {
-          direct_tile(x, w, bias, res, relu, out, n, oh0, ow0, mh, mw, C, H, W, K, OH, OW, ph, pw);
+          direct_tile(x, w, bias, res, relu, out, n, oh0, ow0, mh, mw, C, H, W, K, OH, OW, ph, pw,
+                      k_begin, k_end);
           continue;
         }
         const bool whole = mh == M && mw == M;
         const int64_t off = ((n * OH + oh0) * OW + ow0) * K;
-        for (int64_t k0 = 0; k0 < K; k0 += kVl) {
-          const int64_t cnt = std::min(kVl, K - k0);
+        for (int64_t k0 = k_begin; k0 < k_end; k0 += kVl) {
+          const int64_t cnt = std::min(kVl, k_end - k0);
           const float* mt = Mb + i * Kp + k0;
           const float* rt = res ? res + off + k0 : nullptr;
           if (whole && cnt == kVl) {
