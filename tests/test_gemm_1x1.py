@@ -93,6 +93,11 @@ def test_in_place_writes_the_result_over_the_residual(stride):
     into = r.clone()
     assert op.conv_bias_act_1x1_(x, weight, packed, bias, [stride, stride], into, True) is None
     torch.testing.assert_close(into, want, rtol=0, atol=0)
+    # x in another layout or a view is read through a dense copy: still apart from the residual
+    for other in (x.contiguous(), x[:, :, :, :]):
+        into = r.clone()
+        op.conv_bias_act_1x1_(other, weight, packed, bias, [stride, stride], into, True)
+        torch.testing.assert_close(into, want, rtol=0, atol=0)
 
 
 def test_winograd_in_place_writes_the_result_over_the_residual():
@@ -155,6 +160,16 @@ def test_bad_arguments_say_what_was_expected():
         op.conv_bias_act_1x1_(x, weight, packed, bias, [1, 1], r.contiguous(), True)
     with pytest.raises(ValueError, match="apart from x"):  # the residual is x itself
         op.conv_bias_act_1x1_(x, weight, packed, bias, [1, 1], x, True)
+    # The fake kernels (torch.compile, export) refuse what the ops refuse.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fx, fw, fp, fb, fr = (mode.from_tensor(t) for t in (x, weight, packed, bias, r))
+        with pytest.raises(ValueError, match="dense in channels_last"):
+            op.conv_bias_act_1x1_(fx, fw, fp, fb, [1, 1], fr.contiguous(), True)
+        with pytest.raises(ValueError, match="1x1"):
+            op.conv_bias_act_1x1(fx, mode.from_tensor(torch.randn(8, 8, 3, 3)), fp, fb, [1, 1])
+        with pytest.raises(TypeError, match="float32"):
+            op.conv_bias_act_1x1(fx.double(), fw.double(), fp, fb.double(), [1, 1])
 
 
 class _PreferOurs:

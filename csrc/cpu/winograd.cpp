@@ -84,15 +84,18 @@ at::Tensor winograd_prepack_cpu(const at::Tensor& w, int64_t tile) {
 
 // The output of an op of this file: a fresh channels_last tensor, or `into` (the in-place
 // variants' residual: act(conv(x) + bias + into) is written over it) after checking it is one
-// dense channels_last float32 tensor of the output's shape that x does not overlap.
+// dense channels_last tensor (its shape and dtype are checked with the other arguments) that
+// x, the dense input the kernel reads, does not overlap.
 at::Tensor output_for(const at::Tensor& x, const std::vector<int64_t>& out_shape,
                       const at::Tensor& into, const char* op) {
   const auto cl = at::MemoryFormat::ChannelsLast;
   if (!into.defined()) return empty_output(out_shape, x.options(), cl);
-  TORCH_CHECK_VALUE(into.is_contiguous(cl) && at::has_internal_overlap(into) == at::MemOverlap::No &&
-                        at::get_overlap_status(into, x) == at::MemOverlapStatus::No,
-                    op, ": expected the residual (written in place) dense in channels_last and "
-                    "apart from x, got strides ", Shape{into.strides()});
+  TORCH_CHECK_VALUE(into.is_contiguous(cl), op, ": expected the residual (written in place) "
+                    "dense in channels_last, got sizes ", Shape{into.sizes()}, " and strides ",
+                    Shape{into.strides()});
+  TORCH_CHECK_VALUE(at::get_overlap_status(into, x) == at::MemOverlapStatus::No, op,
+                    ": expected the residual (written in place) apart from x, got two tensors "
+                    "sharing memory");
   return into;
 }
 
@@ -121,10 +124,11 @@ at::Tensor conv_bias_act_winograd_cpu(const at::Tensor& x_in, const at::Tensor& 
                     "36, ", kblocks, ", ", cp, ", ", kb, ")), got ", DType{packed.scalar_type()},
                     " ", Shape{packed.sizes()});
   const auto cl = at::MemoryFormat::ChannelsLast;
-  at::Tensor out = output_for(x_in, out_shape, into, op);
+  const at::Tensor x = dense_in(x_in, cl);
+  at::Tensor out = output_for(x, out_shape, into, op);
   if (out.numel() > 0) {
     (winograd_isa() == 512 ? AVX512::winograd_conv_kernel : AVX2::winograd_conv_kernel)(
-        dense_in(x_in, cl), weight.contiguous(), packed, bias.contiguous(),
+        x, weight.contiguous(), packed, bias.contiguous(),
         residual.has_value() ? dense_in(*residual, cl) : at::Tensor(), relu,
         packed.size(0) == 16 ? 2 : 4, padding[0], padding[1], out);
   }
@@ -188,7 +192,8 @@ at::Tensor conv_bias_act_1x1_cpu(const at::Tensor& x_in, const at::Tensor& weigh
                     kblocks, ", ", C, ", ", kb, ")), got ", DType{packed.scalar_type()}, " ",
                     Shape{packed.sizes()});
   const auto cl = at::MemoryFormat::ChannelsLast;
-  at::Tensor out = output_for(x_in, out_shape, into, op);
+  const at::Tensor x = dense_in(x_in, cl);
+  at::Tensor out = output_for(x, out_shape, into, op);
   if (out.numel() == 0) return out;
   if (C == 0) {  // no input channels: the epilogue on a sum of nothing
     at::Tensor v = bias.view({1, -1, 1, 1}).expand(out_shape);
@@ -197,7 +202,7 @@ at::Tensor conv_bias_act_1x1_cpu(const at::Tensor& x_in, const at::Tensor& weigh
     return out;
   }
   (winograd_isa() == 512 ? AVX512::conv1x1_kernel : AVX2::conv1x1_kernel)(
-      dense_in(x_in, cl), packed, bias.contiguous(),
+      x, packed, bias.contiguous(),
       residual.has_value() ? dense_in(*residual, cl) : at::Tensor(), relu, stride[0], stride[1],
       out);
   return out;

@@ -209,7 +209,7 @@ inline void gemm_store(const float* v, int64_t ldv, const float* u, int64_t cp,
   for (int r = 0; r < R; ++r) {
     const float* line = res ? res + r * ldo : out + r * ldo;
     __builtin_prefetch(line, 1);
-    __builtin_prefetch(line + kKb - 1, 1);
+    __builtin_prefetch(line + kcnt - 1, 1);
   }
   // Summed in runs of kRun channels, the runs then added: a long sum's rounding error grows
   // with its length (C = 2048 summed straight through erred 1.7x torch's channels_last conv,
@@ -301,8 +301,9 @@ void direct_tile(const float* x, const float* w, const float* bias, const float*
 }
 
 // A thread's scratch (V and M of one block), kept between calls: a fresh megabyte per block
-// would be page-faulted in each time. Grown zeroed, so rows past a block's last tile hold
-// finite values from earlier blocks or zeros (they are multiplied and never read).
+// would be page-faulted in each time. Rows past a block's last tile hold whatever an earlier
+// block or kernel left there (zeros when grown): they are multiplied and never read, and each
+// row's sums are its own.
 float* scratch(size_t floats) {
   struct Buffer {
     float* p = nullptr;
@@ -349,8 +350,9 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
   if (by_tiles) blocks = (blocks + threads - 1) / threads * threads;
   const int64_t T = std::min(round_up((tiles + blocks - 1) / blocks, kRows), round_up(tiles, kRows));
   blocks = (tiles + T - 1) / T;
-  const int64_t groups = by_tiles ? 1 : std::min(Kb, threads);
+  int64_t groups = by_tiles ? 1 : std::min(Kb, threads);
   const int64_t per_group = (Kb + groups - 1) / groups;
+  groups = (Kb + per_group - 1) / per_group;  // none left empty (e.g. 5 blocks, 4 threads)
 
   at::parallel_for(0, blocks * groups, 1, [&](int64_t b0, int64_t b1) {
     float* V = scratch(static_cast<size_t>(E * T * (Cp + Kp)));
@@ -457,8 +459,9 @@ void conv1x1(const at::Tensor& x_t, const at::Tensor& u_t, const at::Tensor& bia
   if (by_rows) chunks = (chunks + threads - 1) / threads * threads;  // a whole number each
   const int64_t rows = std::min(round_up((P + chunks - 1) / chunks, kRows), round_up(P, kRows));
   chunks = (P + rows - 1) / rows;
-  const int64_t groups = by_rows ? 1 : std::min(Kb, threads);
+  int64_t groups = by_rows ? 1 : std::min(Kb, threads);
   const int64_t per_group = (Kb + groups - 1) / groups;
+  groups = (Kb + per_group - 1) / per_group;  // none left empty (e.g. 5 blocks, 4 threads)
   const bool panels_fit = per_group * C * kKb * 4 <= kBlockBytes / 2;  // a group's weight in L2
   at::parallel_for(0, chunks * groups, 1, [&](int64_t t0, int64_t t1) {
     float* A = copy ? scratch(static_cast<size_t>(rows * ld)) : nullptr;

@@ -258,7 +258,7 @@ class ConvPlan:
                 x.requires_grad or (residual is not None and residual.requires_grad)
                 or any(t is not None and t.requires_grad for t in self.sources)):
             return _PlannedConv.apply(self, x, residual, *self.sources)
-        if (overwrite and self.run is ConvPlan._onednn and self._own
+        if (overwrite and residual is not None and self.run is ConvPlan._onednn and self._own
                 and not torch.is_grad_enabled() and residual.dtype == torch.float32
                 and residual.is_contiguous(memory_format=torch.channels_last)):
             kernel, packed = self._entry(x, residual, True)

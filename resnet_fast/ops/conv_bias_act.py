@@ -225,17 +225,39 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
     def _winograd_fake(x, weight, packed_weight, bias, padding, residual=None, relu=True):
         *_, out_shape = check_conv(x, weight, bias, 1, padding, 1, 1, residual,
                                    op="conv_bias_act_winograd")
+        _own_kernel_args(x, weight, 3, "conv_bias_act_winograd")
         return x.new_empty(out_shape).contiguous(memory_format=layout_of(x))
+
+    def _own_kernel_args(x, weight, kernel, op):
+        """What the C++ ops of our own kernels check beyond check_conv: float32, the kernel
+        size."""
+        if x.dtype != torch.float32:
+            raise TypeError(f"{op}: expected float32 x, got {x.dtype}")
+        if weight.dim() == 4 and tuple(weight.shape[2:]) != (kernel, kernel):
+            raise ValueError(f"{op}: expected a {kernel}x{kernel} weight, got "
+                             f"{tuple(weight.shape)}")
+
+    def _into(residual, op):
+        """The in-place variants' residual, which they write over: dense channels_last."""
+        if not residual.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"{op}: expected the residual (written in place) dense in "
+                             f"channels_last, got sizes {tuple(residual.shape)} and strides "
+                             f"{residual.stride()}")
 
     @torch.library.register_fake("resnet_fast::conv_bias_act_winograd_")
     def _winograd_inplace_fake(x, weight, packed_weight, bias, padding, residual, relu=True):
-        check_conv(x, weight, bias, 1, padding, 1, 1, residual, op="conv_bias_act_winograd_")
+        op = "conv_bias_act_winograd_"
+        check_conv(x, weight, bias, 1, padding, 1, 1, residual, op=op)
+        _own_kernel_args(x, weight, 3, op)
+        _into(residual, op)
 
     @torch.library.register_fake("resnet_fast::conv1x1_prepack")
     def _conv1x1_prepack_fake(weight):
         if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
             raise ValueError(f"conv1x1_prepack: expected a (K, C, 1, 1) weight, got "
                              f"{tuple(weight.shape)}")
+        if weight.dtype != torch.float32:
+            raise TypeError(f"conv1x1_prepack: expected a float32 weight, got {weight.dtype}")
         kb = winograd_k_block()
         torch._check(kb > 0, lambda: "conv1x1_prepack: our CPU kernels need a CPU with AVX2 "
                                      "and FMA (or AVX-512); this one has neither")
@@ -246,11 +268,15 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
     def _conv1x1_fake(x, weight, packed_weight, bias, stride, residual=None, relu=True):
         *_, out_shape = check_conv(x, weight, bias, stride, 0, 1, 1, residual,
                                    op="conv_bias_act_1x1")
+        _own_kernel_args(x, weight, 1, "conv_bias_act_1x1")
         return x.new_empty(out_shape).contiguous(memory_format=layout_of(x))
 
     @torch.library.register_fake("resnet_fast::conv_bias_act_1x1_")
     def _conv1x1_inplace_fake(x, weight, packed_weight, bias, stride, residual, relu=True):
-        check_conv(x, weight, bias, stride, 0, 1, 1, residual, op="conv_bias_act_1x1_")
+        op = "conv_bias_act_1x1_"
+        check_conv(x, weight, bias, stride, 0, 1, 1, residual, op=op)
+        _own_kernel_args(x, weight, 1, op)
+        _into(residual, op)
 
 
 @functools.cache
