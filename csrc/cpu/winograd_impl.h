@@ -198,6 +198,20 @@ inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp
   }
 }
 
+// micro_kernel for the first `rows` (<= R) rows only: a block's last, partial row tile
+// (at batch 1, 49 tiles would otherwise be multiplied as 60 rows, 16 as 24).
+template <int R = kRows>
+inline void micro_kernel_rows(int rows, const float* v, int64_t ldv, const float* u,
+                              int64_t cp, float* out, int64_t ldo) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      micro_kernel_rows<R - 1>(rows, v, ldv, u, cp, out, ldo);
+      return;
+    }
+  }
+  micro_kernel<R>(v, ldv, u, cp, out, ldo);
+}
+
 // act(rows x kKb block of A U + bias (+ residual)) stored at out (rows ldo apart), `kcnt`
 // of the kKb columns: the 1x1 convolution's micro-kernel, the epilogue in registers. A's R
 // rows are ldv apart; u is the weight panel (cp x kKb).
@@ -301,9 +315,8 @@ void direct_tile(const float* x, const float* w, const float* bias, const float*
 }
 
 // A thread's scratch (V and M of one block), kept between calls: a fresh megabyte per block
-// would be page-faulted in each time. Rows past a block's last tile hold whatever an earlier
-// block or kernel left there (zeros when grown): they are multiplied and never read, and each
-// row's sums are its own.
+// would be page-faulted in each time. Grown zeroed; nothing past a block's last tile is
+// multiplied or read.
 float* scratch(size_t floats) {
   struct Buffer {
     float* p = nullptr;
@@ -390,13 +403,12 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
       transformed = b;
       // The E products for this task's output channel blocks: M[e][i][k] = sum_c V[e][i][c]
       // * U[e][c][k].
-      const int64_t rows = round_up(nt, kRows);
       for (int e = 0; e < E; ++e) {
         for (int64_t kb = kb0; kb < kb1; ++kb) {
           const float* ue = u + (e * Kb + kb) * Cp * kKb;
-          for (int64_t i = 0; i < rows; i += kRows) {
-            micro_kernel<kRows>(V + (e * T + i) * Cp, Cp, ue, Cp, Mb + (e * T + i) * Kp + kb * kKb,
-                                Kp);
+          for (int64_t i = 0; i < nt; i += kRows) {  // the last call: only the rows left
+            micro_kernel_rows(static_cast<int>(std::min(kRows, nt - i)), V + (e * T + i) * Cp,
+                              Cp, ue, Cp, Mb + (e * T + i) * Kp + kb * kKb, Kp);
           }
         }
       }
