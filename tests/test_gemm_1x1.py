@@ -248,21 +248,16 @@ def test_a_hooked_maxpools_output_is_not_written(prefer_ours):
 
 def test_a_block_on_its_own_never_writes_the_callers_tensor(prefer_ours):
     tv, ours = _pair("resnet18")
-    x = torch.randn(2, 64, 16, 16).contiguous(memory_format=torch.channels_last)
-    before = x.clone()
-    with torch.no_grad():
-        got = ours.layer1[0](x)
-        want = tv.layer1[0](x)
-    assert torch.equal(x, before)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # With a fused downsample, the block writes over the downsample's own output instead.
-    x = torch.randn(2, 64, 16, 16).contiguous(memory_format=torch.channels_last)
-    before = x.clone()
-    with torch.no_grad():
-        got = ours.layer2[0](x)
-        want = tv.layer2[0](x)
-    assert torch.equal(x, before)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # layer1[0] adds the caller's x itself; layer2[0] a fused downsample's output, which the
+    # block writes over instead.
+    for name in ("layer1", "layer2"):
+        x = torch.randn(2, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+        before = x.clone()
+        with torch.no_grad():
+            got = getattr(ours, name)[0](x)
+            want = getattr(tv, name)[0](x)
+        assert torch.equal(x, before)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert _kernels(ours.layer2[0]).get(("winograd", True)) == 1
 
 

@@ -141,8 +141,7 @@ at::Tensor conv_bias_act_winograd_op(const at::Tensor& x, const at::Tensor& weig
                                      const std::optional<at::Tensor>& residual, bool relu) {
   const at::Tensor out = conv_bias_act_winograd_cpu(x, weight, packed, bias, padding, residual,
                                                     relu, at::Tensor(), "conv_bias_act_winograd");
-  const auto fmt = layout_of(x);
-  return fmt == at::MemoryFormat::ChannelsLast ? out : out.contiguous(fmt);
+  return dense_in(out, layout_of(x));
 }
 
 void conv_bias_act_winograd_inplace(const at::Tensor& x, const at::Tensor& weight,
@@ -214,8 +213,7 @@ at::Tensor conv_bias_act_1x1_op(const at::Tensor& x, const at::Tensor& weight,
                                 bool relu) {
   const at::Tensor out = conv_bias_act_1x1_cpu(x, weight, packed, bias, stride, residual, relu,
                                                at::Tensor(), "conv_bias_act_1x1");
-  const auto fmt = layout_of(x);
-  return fmt == at::MemoryFormat::ChannelsLast ? out : out.contiguous(fmt);
+  return dense_in(out, layout_of(x));
 }
 
 void conv_bias_act_1x1_inplace(const at::Tensor& x, const at::Tensor& weight,

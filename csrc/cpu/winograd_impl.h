@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "winograd.h"
@@ -198,18 +199,18 @@ inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp
   }
 }
 
-// micro_kernel for the first `rows` (<= R) rows only: a block's last, partial row tile
-// (at batch 1, 49 tiles would otherwise be multiplied as 60 rows, 16 as 24).
-template <int R = kRows>
-inline void micro_kernel_rows(int rows, const float* v, int64_t ldv, const float* u,
-                              int64_t cp, float* out, int64_t ldo) {
+// f(std::integral_constant<int, rows>{}) for 1 <= rows <= R: a micro-kernel instantiated for
+// a last, partial row tile's rows only (at batch 1, 49 Winograd tiles would otherwise be
+// multiplied as 60 rows, 16 as 24).
+template <int R = kRows, typename F>
+inline void with_rows(int rows, F&& f) {
   if constexpr (R > 1) {
     if (rows < R) {
-      micro_kernel_rows<R - 1>(rows, v, ldv, u, cp, out, ldo);
+      with_rows<R - 1>(rows, f);
       return;
     }
   }
-  micro_kernel<R>(v, ldv, u, cp, out, ldo);
+  f(std::integral_constant<int, R>{});
 }
 
 // act(rows x kKb block of A U + bias (+ residual)) stored at out (rows ldo apart), `kcnt`
@@ -270,17 +271,28 @@ inline void gemm_store(const float* v, int64_t ldv, const float* u, int64_t cp,
   }
 }
 
-template <int R = kRows>
-inline void gemm_store_rows(int rows, const float* v, int64_t ldv, const float* u, int64_t cp,
-                            const float* bias, const float* res, bool relu, float* out,
-                            int64_t ldo, int64_t kcnt) {
-  if constexpr (R > 1) {
-    if (rows < R) {
-      gemm_store_rows<R - 1>(rows, v, ldv, u, cp, bias, res, relu, out, ldo, kcnt);
-      return;
-    }
-  }
-  gemm_store<R>(v, ldv, u, cp, bias, res, relu, out, ldo, kcnt);
+// How the threads share a kernel's work: `items` rows of A (tiles, pixels), in chunks of at
+// most `most` (a multiple of kRows), times Kb blocks of output channels. They split the larger
+// operand: whole chunks, a whole number per thread, when A outweighs the weight (items >=
+// output channels: large batches); else the channel blocks, each thread taking every chunk
+// and its share of the weight (batch 1 at 14x14 and 7x7: dealing 49 Winograd tiles in chunks
+// left one thread 36 and the other 13, and both read the whole weight). Task t is chunk t %
+// chunks of channel group t / chunks, so a thread's tasks share their group.
+struct Split {
+  int64_t rows, chunks, groups, per_group;  // rows per chunk, channel blocks per group
+};
+
+Split split_work(int64_t items, int64_t most, int64_t Kb) {
+  const int64_t threads = at::get_num_threads();
+  const bool by_rows = items >= Kb * kKb;
+  int64_t chunks = (items + most - 1) / most;
+  if (by_rows) chunks = round_up(chunks, threads);
+  const int64_t rows = std::min(round_up((items + chunks - 1) / chunks, kRows),
+                                round_up(items, kRows));
+  const int64_t groups = by_rows ? 1 : std::min(Kb, threads);
+  const int64_t per_group = (Kb + groups - 1) / groups;
+  // Recounted: no chunk or group left empty (e.g. 5 channel blocks for 4 threads).
+  return {rows, (items + rows - 1) / rows, (Kb + per_group - 1) / per_group, per_group};
 }
 
 // One output tile by direct convolution (the tiles whose input is not all finite), float64
@@ -352,28 +364,18 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
   const float* res = res_t.defined() ? res_t.const_data_ptr<float>() : nullptr;
   float* out = out_t.mutable_data_ptr<float>();
 
-  // Tiles per block: within kBlockBytes. The threads split the larger operand: the blocks of
-  // tiles (a whole number each) when the transformed input outweighs the transformed weight,
-  // else the output channel blocks (few tiles, e.g. batch 1 at 14x14 and 7x7: splitting 49
-  // tiles by rows left one thread 36 and the other 13, and both read the whole weight).
-  const int64_t threads = at::get_num_threads();
-  const int64_t fit = kRows * std::max<int64_t>(1, kBlockBytes / (4 * E * (Cp + Kp)) / kRows);
-  const bool by_tiles = tiles >= Kp;
-  int64_t blocks = (tiles + fit - 1) / fit;
-  if (by_tiles) blocks = (blocks + threads - 1) / threads * threads;
-  const int64_t T = std::min(round_up((tiles + blocks - 1) / blocks, kRows), round_up(tiles, kRows));
-  blocks = (tiles + T - 1) / T;
-  int64_t groups = by_tiles ? 1 : std::min(Kb, threads);
-  const int64_t per_group = (Kb + groups - 1) / groups;
-  groups = (Kb + per_group - 1) / per_group;  // none left empty (e.g. 5 blocks, 4 threads)
+  // Blocks of T tiles, each within kBlockBytes, shared by the threads as split_work says.
+  const Split split = split_work(
+      tiles, kRows * std::max<int64_t>(1, kBlockBytes / (4 * E * (Cp + Kp)) / kRows), Kb);
+  const int64_t T = split.rows, blocks = split.chunks, per_group = split.per_group;
 
-  at::parallel_for(0, blocks * groups, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks * split.groups, 1, [&](int64_t b0, int64_t b1) {
     float* V = scratch(static_cast<size_t>(E * T * (Cp + Kp)));
     float* Mb = V + E * T * Cp;
     std::vector<char> finite(T);
     int64_t transformed = -1;
     for (int64_t task = b0; task < b1; ++task) {
-      const int64_t b = task % blocks, g = task / blocks;  // a thread's tasks share g
+      const int64_t b = task % blocks, g = task / blocks;
       const int64_t kb0 = g * per_group, kb1 = std::min(Kb, kb0 + per_group);
       const int64_t t0 = b * T, nt = std::min(T, tiles - t0);
       // Input transform: V[e][i][c] for the block's tiles, kVl channels at a time.
@@ -407,8 +409,10 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
         for (int64_t kb = kb0; kb < kb1; ++kb) {
           const float* ue = u + (e * Kb + kb) * Cp * kKb;
           for (int64_t i = 0; i < nt; i += kRows) {  // the last call: only the rows left
-            micro_kernel_rows(static_cast<int>(std::min(kRows, nt - i)), V + (e * T + i) * Cp,
-                              Cp, ue, Cp, Mb + (e * T + i) * Kp + kb * kKb, Kp);
+            with_rows(static_cast<int>(std::min(kRows, nt - i)), [&](auto r) {
+              micro_kernel<decltype(r)::value>(V + (e * T + i) * Cp, Cp, ue, Cp,
+                                               Mb + (e * T + i) * Kp + kb * kKb, Kp);
+            });
           }
         }
       }
@@ -462,24 +466,16 @@ void conv1x1(const at::Tensor& x_t, const at::Tensor& u_t, const at::Tensor& bia
   float* out = out_t.mutable_data_ptr<float>();
   const bool copy = sh != 1 || sw != 1 || C % 1024 == 0;
   const int64_t ld = copy ? C + kVl : C;
-  // Split so that each thread reads half of the larger operand: the rows when the input
-  // outweighs the weight (large batches), else the output channels (e.g. batch 1, 14x14).
-  const int64_t threads = at::get_num_threads();
-  const int64_t most = std::max<int64_t>(kRows, kBlockBytes / 2 / (4 * ld) / kRows * kRows);
-  const bool by_rows = P >= Kb * kKb;
-  int64_t chunks = (P + most - 1) / most;
-  if (by_rows) chunks = (chunks + threads - 1) / threads * threads;  // a whole number each
-  const int64_t rows = std::min(round_up((P + chunks - 1) / chunks, kRows), round_up(P, kRows));
-  chunks = (P + rows - 1) / rows;
-  int64_t groups = by_rows ? 1 : std::min(Kb, threads);
-  const int64_t per_group = (Kb + groups - 1) / groups;
-  groups = (Kb + per_group - 1) / per_group;  // none left empty (e.g. 5 blocks, 4 threads)
+  // Chunks of rows, each within half of kBlockBytes, shared by the threads as split_work says.
+  const Split split = split_work(
+      P, std::max<int64_t>(kRows, kBlockBytes / 2 / (4 * ld) / kRows * kRows), Kb);
+  const int64_t rows = split.rows, chunks = split.chunks, per_group = split.per_group;
   const bool panels_fit = per_group * C * kKb * 4 <= kBlockBytes / 2;  // a group's weight in L2
-  at::parallel_for(0, chunks * groups, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, chunks * split.groups, 1, [&](int64_t t0, int64_t t1) {
     float* A = copy ? scratch(static_cast<size_t>(rows * ld)) : nullptr;
     int64_t copied = -1;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t chunk = t % chunks, g = t / chunks;  // a thread's tasks share g
+      const int64_t chunk = t % chunks, g = t / chunks;
       const int64_t p0 = chunk * rows, np = std::min(rows, P - p0);
       const float* a = x + p0 * C;
       if (copy) {
@@ -495,9 +491,11 @@ void conv1x1(const at::Tensor& x_t, const at::Tensor& u_t, const at::Tensor& bia
       const int64_t kb0 = g * per_group, kb1 = std::min(Kb, kb0 + per_group);
       auto tile = [&](int64_t kb, int64_t i) {
         const int64_t k0 = kb * kKb, o = (p0 + i) * K + k0;
-        gemm_store_rows(static_cast<int>(std::min(kRows, np - i)), a + i * ld, ld,
-                        u + kb * C * kKb, C, bias + k0, res ? res + o : nullptr, relu, out + o,
-                        K, std::min(kKb, K - k0));
+        with_rows(static_cast<int>(std::min(kRows, np - i)), [&](auto r) {
+          gemm_store<decltype(r)::value>(a + i * ld, ld, u + kb * C * kKb, C, bias + k0,
+                                         res ? res + o : nullptr, relu, out + o, K,
+                                         std::min(kKb, K - k0));
+        });
       };
       if (panels_fit) {  // each row tile's outputs (and residual) in one sequential pass
         for (int64_t i = 0; i < np; i += kRows)

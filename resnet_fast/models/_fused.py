@@ -64,7 +64,7 @@ _PLAIN_TENSORS = (nn.Parameter, Tensor)
 # Whether torch.fx.symbolic_trace is recording. Where torch has only is_fx_tracing, that is
 # also true under torch.export, which recorded() rules out first (torch.compiler.is_compiling).
 _fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
-_MAX_PACKED_SIZES = 4  # (input size, threads) pairs a CPU plan keeps packed weights for (oldest dropped)
+_MAX_PACKED_SIZES = 4  # keys of ConvPlan._entry a CPU plan keeps prepared weights for (oldest dropped)
 
 
 def no_hooks(m: nn.Module) -> bool:
@@ -231,11 +231,7 @@ class ConvPlan:
             self.run = ConvPlan._measured
         elif (chosen == "cpu" and not differentiable and weight.dtype in onednn_dtypes()
                 and torch.backends.mkldnn.enabled):
-            # Keyed by input size and thread count: oneDNN lays a packed weight out for the
-            # threads it was packed under, and used under another count it runs 6-12x slower
-            # (ResNet-50's 256x14x14 -> 1024 1x1 at batch 1, Zen 4: 12.0 vs 0.93 ms on one
-            # thread with a weight packed on two).
-            self._packed: dict[tuple[torch.Size, int], tuple[str, Tensor]] = {}
+            self._packed: dict[tuple[torch.Size, int, bool], tuple[str, Tensor]] = {}
             self.run = ConvPlan._onednn
             self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default
             self._own = own_kernels(conv, weight, bias, winograd)
@@ -316,9 +312,11 @@ class ConvPlan:
         return self._packed_call(x, residual, *self._entry(x, residual, False))
 
     def _entry(self, x: Tensor, residual: Optional[Tensor], in_place: bool) -> tuple[str, Tensor]:
-        """(kernel, its prepared weight) for x's shape and the thread count: oneDNN lays a
-        packed weight out for the threads it was packed under (under another count the
-        256x14x14 -> 1024 1x1 at batch 1 ran 12x slower, Zen 4), so both key it."""
+        """(kernel, its prepared weight) for x's shape, the thread count and ``in_place``
+        (whether the kernel writes over the residual). The thread count: oneDNN lays a packed
+        weight out for the threads it was packed under, and under another count it runs 6-12x
+        slower (ResNet-50's 256x14x14 -> 1024 1x1 at batch 1, Zen 4: 12.0 vs 0.93 ms on one
+        thread with a weight packed on two)."""
         key = (x.shape, torch.get_num_threads(), in_place)
         entry = self._packed.get(key)
         if entry is None:
@@ -354,19 +352,21 @@ class ConvPlan:
             self.weight, *self.geometry, list(x.shape))
         if not self._own:
             return "onednn", packed
+        ops = torch.ops.resnet_fast
         entries = {"onednn": ("onednn", packed)}
-        for name in self._own:
-            entries[name] = (("gemm", torch.ops.resnet_fast.conv1x1_prepack.default(self.weight))
-                             if name == "gemm" else ("winograd", torch.ops.resnet_fast
-                                                     .winograd_prepack.default(self.weight,
-                                                                               int(name[-1]))))
+        for name in self._own:  # "gemm", "winograd2", "winograd4"
+            entries[name] = (("gemm", ops.conv1x1_prepack.default(self.weight)) if name == "gemm"
+                             else ("winograd", ops.winograd_prepack.default(self.weight,
+                                                                            int(name[-1]))))
         layer = {**self._layer_key("conv_bias_act_cpu", x, residual),
                  "candidates": sorted(entries), "in_place": in_place}
         scratch = residual.clone() if in_place else None  # each timed call writes over it
-        runs = {name: functools.partial(self._packed_call, x, residual, *entry) if (
-            name == "onednn" or not in_place) else functools.partial(
-                self._packed_call, x, scratch, *entry, True)
-            for name, entry in entries.items()}
+        runs = {}
+        for name, (kernel, weight) in entries.items():
+            if in_place and kernel != "onednn":
+                runs[name] = functools.partial(self._packed_call, x, scratch, kernel, weight, True)
+            else:
+                runs[name] = functools.partial(self._packed_call, x, residual, kernel, weight)
         with torch.no_grad():
             name = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
         return entries[name]

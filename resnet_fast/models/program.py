@@ -55,9 +55,8 @@ class Block(NamedTuple):
         out = x
         for plan in self.head:
             out = plan(out)
-        if owned if self.shortcut is None else isinstance(self.shortcut, ConvPlan):
-            return self.last(out, identity, True)
-        return self.last(out, identity)
+        mine = owned if self.shortcut is None else isinstance(self.shortcut, ConvPlan)
+        return self.last(out, identity, mine)
 
     def plans(self) -> list[ConvPlan]:
         """Every plan the block runs, the downsample's last."""
