@@ -144,6 +144,8 @@ ISA_FLAGS = {
     "_avx2.cpp": _AVX2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "_avx512.cpp": _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                             "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "_avx512bf16.cpp": _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                "-mavx512bf16"],
 }
 
 

@@ -1,7 +1,8 @@
 """Our own 1x1 convolution on CPU (``conv1x1_prepack``, ``conv_bias_act_1x1``) against an fp64
 convolution, on channel counts that are not multiples of the vector width (and C multiples of
 1024, whose rows are copied first), strides 1 and 2, with and without residual and ReLU,
-channels_last and NCHW; NaN and inf where torch puts them; the in-place variants
+channels_last and NCHW, in float32 and (AVX512-BF16) bfloat16; NaN and inf where torch puts
+them; the in-place variants
 (``conv_bias_act_1x1_``, ``conv_bias_act_winograd_``) that write over the residual; and the
 models' programs, which write over a residual only where they own it."""
 
@@ -17,7 +18,7 @@ import resnet_fast
 from resnet_fast import autotune
 from resnet_fast.calibrate import calibrate_
 from resnet_fast.models.program import Kept
-from resnet_fast.ops.conv_bias_act import winograd_k_block
+from resnet_fast.ops.conv_bias_act import gemm_bf16_supported, winograd_k_block
 
 pytestmark = pytest.mark.skipif(not winograd_k_block(),
                                 reason="our CPU kernels need AVX2+FMA or AVX-512")
@@ -70,6 +71,76 @@ def test_matches_fp64(shape, residual, relu, channels_last):
     assert out.shape == (n, k, (h - 1) // stride + 1, (w - 1) // stride + 1)
     assert out.is_contiguous(memory_format=fmt)
     _check(out, x, weight, bias, stride, r, relu)
+
+
+needs_bf16 = pytest.mark.skipif(not gemm_bf16_supported(),
+                                reason="the bfloat16 GEMM needs AVX-512 and AVX512-BF16")
+BF16_SHAPES = [  # odd C (its last pair padded in a copy), C = 2048 (copied), stride 2
+    (1, 3, 5, 7, 9, 1),
+    (3, 17, 33, 10, 11, 1),
+    (2, 20, 40, 5, 4, 2),
+    (1, 64, 70, 14, 13, 1),
+    (2, 2048, 36, 3, 5, 1),
+]
+
+
+@needs_bf16
+@pytest.mark.parametrize("shape", BF16_SHAPES)
+@pytest.mark.parametrize("residual,relu,channels_last",
+                         list(itertools.product([False, True], [False, True], [False, True])))
+def test_bf16_matches_fp64(shape, residual, relu, channels_last):
+    n, c, k, h, w, stride = shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, weight, bias, r = (None if t is None else t.bfloat16()
+                          for t in _case(n, c, k, h, w, stride, residual))
+    x = x.contiguous(memory_format=fmt)
+    r = None if r is None else r.contiguous(memory_format=fmt)
+    packed = op.conv1x1_prepack(weight)
+    assert packed.dtype == torch.bfloat16 and packed.shape == (-(-k // 32), -(-c // 2), 64)
+    out = op.conv_bias_act_1x1(x, weight, packed, bias, [stride, stride], r, relu)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=fmt)
+    _check(out, x, weight, bias, stride, r, relu)
+
+
+@needs_bf16
+def test_bf16_opcheck_nan_inf_and_in_place():
+    x, weight, bias, r = (t.bfloat16() for t in _case(2, 19, 21, 6, 5, 1, True))
+    x, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, r))
+    packed = op.conv1x1_prepack(weight)
+    torch.library.opcheck(op.conv1x1_prepack, (weight,))
+    torch.library.opcheck(op.conv_bias_act_1x1, (x, weight, packed, bias, [2, 2], r[:, :, ::2, ::2],
+                                                 True))
+    torch.library.opcheck(op.conv_bias_act_1x1_, (x, weight, packed, bias, [1, 1], r.clone(),
+                                                  True))
+    x[0, 3, 4, 2] = float("nan")
+    x[1, :, 0, 4] = float("inf")
+    x[1, 2, 3, 2] = float("-inf")
+    out = op.conv_bias_act_1x1(x, weight, packed, bias, [1, 1], r, True)
+    truth = _direct(x.double(), weight.double(), bias.double(), 1, r.double(), True)
+    assert torch.isnan(truth).any() and torch.isinf(truth).any()
+    # The reference: torch in float32 on the same values, rounded once (torch's own bf16 conv
+    # puts a NaN where the truth is finite here).
+    ref = _direct(x.float(), weight.float(), bias.float(), 1, r.float(), True).bfloat16()
+    assert_within_reference_error(out, ref, truth)
+    into = r.clone()
+    op.conv_bias_act_1x1_(x, weight, packed, bias, [1, 1], into, True)
+    torch.testing.assert_close(into, out, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="conv1x1_prepack"):  # a float32 packing
+        op.conv_bias_act_1x1(x, weight, op.conv1x1_prepack(weight.float()), bias, [1, 1])
+
+
+@needs_bf16
+def test_bf16_model_runs_the_gemm_in_place_and_matches_torchvision(prefer_ours):
+    tv, ours = _pair("resnet50")
+    tv, ours = tv.bfloat16(), ours.bfloat16()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ours(x.bfloat16())
+        want = tv(x.bfloat16().contiguous(memory_format=torch.channels_last))
+        truth = tv.double()(x.bfloat16().double())
+    kernels = _kernels(ours)
+    assert kernels["gemm", True] == 16 and kernels["gemm", False] == 16, kernels
+    assert_within_reference_error(got, want, truth)
 
 
 def test_nan_and_inf_where_torch_puts_them():
@@ -275,6 +346,11 @@ for s in (1, 2):
     assert packed.shape[2] == 16, packed.shape  # 2 x 8 lanes: the AVX2 build
     err = (op.conv_bias_act_1x1(x, w, packed, b, [s, s]).double() - truth).abs().max().item()
     assert err <= 2 * ref + 1e-6, (s, err, ref)
+try:  # the bfloat16 GEMM is AVX-512 code: refused, and said why
+    op.conv1x1_prepack(w.bfloat16())
+    raise SystemExit("bfloat16 ran without AVX-512")
+except RuntimeError as e:
+    assert "AVX512-BF16" in str(e), e
 print("ok")
 """
 

@@ -35,8 +35,23 @@ int winograd_isa() {
   return isa;
 }
 
+bool gemm_bf16_supported() {
+  static const bool ok = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return winograd_isa() == 512 && __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
 #if !(defined(__x86_64__) && defined(__GNUC__))
-// Not x86-64: the kernel files compiled empty. winograd_isa() is 0, so these never run.
+// Not x86-64: the kernel files compiled empty. winograd_isa() is 0 and gemm_bf16_supported()
+// false, so these never run.
+void AVX512BF16::conv1x1_bf16_kernel(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, bool, int64_t, int64_t,
+                                     const at::Tensor&) {}
 #define RESNET_FAST_NO_WINOGRAD(NS)                                                          \
   int64_t NS::winograd_k_block() { return 0; }                                               \
   void NS::winograd_weight_kernel(const at::Tensor&, int64_t, const at::Tensor&) {}          \
@@ -152,6 +167,23 @@ void conv_bias_act_winograd_inplace(const at::Tensor& x, const at::Tensor& weigh
                              "conv_bias_act_winograd_");
 }
 
+// The dtypes of the 1x1 GEMM here: float32, and bfloat16 where the CPU has AVX512-BF16.
+void require_gemm_dtype(at::ScalarType t, const char* what, const char* op) {
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16, op, ": expected a float32 or "
+                   "bfloat16 ", what, ", got ", DType{t});
+  TORCH_CHECK(t == at::kFloat || gemm_bf16_supported(), op, ": bfloat16 needs a CPU with "
+              "AVX-512 and AVX512-BF16; this one has ", winograd_isa() == 512 ? "no AVX512-BF16"
+              : "no AVX-512", " (or ATEN_CPU_CAPABILITY asks for less)");
+}
+
+// The packed weight's shape for a (K, C, 1, 1) weight of dtype t: float32 (ceil(K / kb), C,
+// kb); bfloat16 (ceil(K / 32), ceil(C / 2), 64), pairs of input channels side by side.
+std::vector<int64_t> packed_shape(int64_t K, int64_t C, at::ScalarType t) {
+  if (t == at::kBFloat16) return {(K + 31) / 32, (C + 1) / 2, 64};
+  const int64_t kb = k_block();
+  return {(K + kb - 1) / kb, C, kb};
+}
+
 at::Tensor conv1x1_prepack_cpu(const at::Tensor& w) {
   const char* op = "conv1x1_prepack";
   require_isa(op);
@@ -159,11 +191,17 @@ at::Tensor conv1x1_prepack_cpu(const at::Tensor& w) {
                         && w.device().is_cpu(), op, ": expected a strided CPU weight of shape "
                     "(K, C, 1, 1), got ", Shape{w.sizes()}, " of layout ", w.layout(), " on ",
                     w.device());
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, op, ": expected a float32 weight, got ",
-                   DType{w.scalar_type()});
-  const int64_t kb = k_block(), K = w.size(0), C = w.size(1), kblocks = (K + kb - 1) / kb;
-  return at::constant_pad_nd(w.reshape({K, C}), {0, 0, 0, kblocks * kb - K})
-      .view({kblocks, kb, C})
+  require_gemm_dtype(w.scalar_type(), "weight", op);
+  const int64_t K = w.size(0), C = w.size(1);
+  const auto shape = packed_shape(K, C, w.scalar_type());
+  if (w.scalar_type() == at::kBFloat16) {  // w[k][2q + t] at [k / 32][q][k % 32][t]
+    return at::constant_pad_nd(w.reshape({K, C}), {0, 2 * shape[1] - C, 0, shape[0] * 32 - K})
+        .view({shape[0], 32, shape[1], 2})
+        .permute({0, 2, 1, 3})
+        .reshape(shape);
+  }
+  return at::constant_pad_nd(w.reshape({K, C}), {0, 0, 0, shape[0] * shape[2] - K})
+      .view({shape[0], shape[2], C})
       .permute({0, 2, 1})
       .contiguous();
 }
@@ -176,19 +214,19 @@ at::Tensor conv_bias_act_1x1_cpu(const at::Tensor& x_in, const at::Tensor& weigh
   require_isa(op);
   const auto out_shape = check_conv_args(x_in, weight, bias, stride, {0, 0}, {1, 1}, 1, residual,
                                          op);
-  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, op, ": expected float32 x, got ",
-                   DType{x_in.scalar_type()});
+  const at::ScalarType t = x_in.scalar_type();
+  require_gemm_dtype(t, "x", op);
   TORCH_CHECK_VALUE(x_in.device().is_cpu() && weight.layout() == at::kStrided &&
                         weight.size(2) == 1 && weight.size(3) == 1,
                     op, ": expected CPU tensors and a strided 1x1 weight, got x on ",
                     x_in.device(), " and a weight ", Shape{weight.sizes()}, " of layout ",
                     weight.layout());
-  const int64_t kb = k_block(), C = weight.size(1), kblocks = (weight.size(0) + kb - 1) / kb;
-  TORCH_CHECK_VALUE(packed.dim() == 3 && packed.size(0) == kblocks && packed.size(1) == C &&
-                        packed.size(2) == kb && packed.scalar_type() == at::kFloat &&
+  const int64_t C = weight.size(1);
+  const auto shape = packed_shape(weight.size(0), C, t);
+  TORCH_CHECK_VALUE(packed.sizes() == at::IntArrayRef(shape) && packed.scalar_type() == t &&
                         packed.is_contiguous() && packed.device().is_cpu(),
-                    op, ": expected conv1x1_prepack(weight) on this CPU (float32 of shape (",
-                    kblocks, ", ", C, ", ", kb, ")), got ", DType{packed.scalar_type()}, " ",
+                    op, ": expected conv1x1_prepack(weight) on this CPU (", DType{t},
+                    " of shape ", Shape{shape}, "), got ", DType{packed.scalar_type()}, " ",
                     Shape{packed.sizes()});
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor x = dense_in(x_in, cl);
@@ -200,7 +238,8 @@ at::Tensor conv_bias_act_1x1_cpu(const at::Tensor& x_in, const at::Tensor& weigh
     out.copy_(relu ? at::relu(v) : v);
     return out;
   }
-  (winograd_isa() == 512 ? AVX512::conv1x1_kernel : AVX2::conv1x1_kernel)(
+  (t == at::kBFloat16 ? AVX512BF16::conv1x1_bf16_kernel
+                      : winograd_isa() == 512 ? AVX512::conv1x1_kernel : AVX2::conv1x1_kernel)(
       x, packed, bias.contiguous(),
       residual.has_value() ? dense_in(*residual, cl) : at::Tensor(), relu, stride[0], stride[1],
       out);

@@ -36,6 +36,20 @@ RESNET_FAST_WINOGRAD_KERNELS(AVX2)
 RESNET_FAST_WINOGRAD_KERNELS(AVX512)
 #undef RESNET_FAST_WINOGRAD_KERNELS
 
+// The 1x1 GEMM in bfloat16 (gemm_bf16_avx512bf16.cpp), for CPUs with AVX512-BF16: x (N, C,
+// H, W) channels_last bfloat16; packed: (ceil(K / 32), ceil(C / 2), 64), pairs of input
+// channels side by side per output channel; bias (K,) and residual (undefined or like out)
+// bfloat16; out written once.
+namespace AVX512BF16 {
+void conv1x1_bf16_kernel(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
+                         const at::Tensor& residual, bool relu, int64_t stride_h,
+                         int64_t stride_w, const at::Tensor& out);
+}
+
+// Whether the bfloat16 GEMM runs here: the AVX-512 kernels do (winograd_isa() == 512) and the
+// CPU has AVX512-BF16.
+bool gemm_bf16_supported();
+
 // The instruction set the Winograd kernels run with here: 512 (AVX-512 F/BW/VL/DQ), 256
 // (AVX2 + FMA) or 0 (neither: no Winograd). ATEN_CPU_CAPABILITY=avx2 or default lowers it, as
 // it lowers PyTorch's own kernels.

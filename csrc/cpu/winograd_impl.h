@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "gemm_common.h"
 #include "winograd.h"
 
 namespace resnet_fast::cpu {
@@ -45,8 +46,6 @@ constexpr int64_t kKb = 2 * kVl;                 // output channels per micro-ke
 constexpr int64_t kRows = kVl == 16 ? 12 : 6;    // tiles per micro-kernel call (accumulators:
                                                  // 24 of 32 zmm, 12 of 16 ymm registers)
 constexpr int64_t kBlockBytes = 768 * 1024;      // V + M of one block of tiles: within L2
-
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // B^T d along one dimension: A = m + 2 values in, A out.
 template <int M>
@@ -199,20 +198,6 @@ inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp
   }
 }
 
-// f(std::integral_constant<int, rows>{}) for 1 <= rows <= R: a micro-kernel instantiated for
-// a last, partial row tile's rows only (at batch 1, 49 Winograd tiles would otherwise be
-// multiplied as 60 rows, 16 as 24).
-template <int R = kRows, typename F>
-inline void with_rows(int rows, F&& f) {
-  if constexpr (R > 1) {
-    if (rows < R) {
-      with_rows<R - 1>(rows, f);
-      return;
-    }
-  }
-  f(std::integral_constant<int, R>{});
-}
-
 // act(rows x kKb block of A U + bias (+ residual)) stored at out (rows ldo apart), `kcnt`
 // of the kKb columns: the 1x1 convolution's micro-kernel, the epilogue in registers. A's R
 // rows are ldv apart; u is the weight panel (cp x kKb).
@@ -220,35 +205,12 @@ template <int R>
 inline void gemm_store(const float* v, int64_t ldv, const float* u, int64_t cp,
                        const float* bias, const float* res, bool relu, float* out, int64_t ldo,
                        int64_t kcnt) {
-  // The epilogue's lines requested now, to arrive while the products are summed.
-  for (int r = 0; r < R; ++r) {
-    const float* line = res ? res + r * ldo : out + r * ldo;
-    __builtin_prefetch(line, 1);
-    __builtin_prefetch(line + kcnt - 1, 1);
-  }
-  // Summed in runs of kRun channels, the runs then added: a long sum's rounding error grows
-  // with its length (C = 2048 summed straight through erred 1.7x torch's channels_last conv,
-  // which sums in blocks too).
-  constexpr int64_t kRun = 512;
-  Raw a0[R], a1[R], t0[R], t1[R];
-  for (int64_t c0 = 0; c0 < cp; c0 += kRun) {
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = raw_set1(0.f);
-    const int64_t c1 = std::min(cp, c0 + kRun);
-    accumulate<R>(v, ldv, u, c0, c1, a0, a1);
-    if (c1 < cp || c0 > 0) {  // more than one run: the running total (spilled, once a run)
-      for (int r = 0; r < R; ++r) {
-        t0[r] = c0 == 0 ? a0[r] : raw_add(t0[r], a0[r]);
-        t1[r] = c0 == 0 ? a1[r] : raw_add(t1[r], a1[r]);
-      }
-    }
-  }
-  if (cp > kRun) {
-    for (int r = 0; r < R; ++r) {
-      a0[r] = t0[r];
-      a1[r] = t1[r];
-    }
-  }
+  prefetch_rows<R>(res ? res : out, ldo, kcnt);
+  Raw a0[R], a1[R];
+  sum_in_runs<R>(
+      cp, 512, raw_set1(0.f), a0, a1,
+      [&](int64_t c0, int64_t c1, Raw* s0, Raw* s1) { accumulate<R>(v, ldv, u, c0, c1, s0, s1); },
+      [](Raw p, Raw q) { return raw_add(p, q); });
   const int64_t n0 = std::min(kVl, kcnt), n1 = kcnt - n0;
   const Vec b0 = Vec::loadu(bias, n0), b1 = n1 > 0 ? Vec::loadu(bias + kVl, n1) : Vec(0.f);
   for (int r = 0; r < R; ++r) {
@@ -269,30 +231,6 @@ inline void gemm_store(const float* v, int64_t ldv, const float* u, int64_t cp,
       if (n1 > 0) o1.store(out + r * ldo + kVl, n1);
     }
   }
-}
-
-// How the threads share a kernel's work: `items` rows of A (tiles, pixels), in chunks of at
-// most `most` (a multiple of kRows), times Kb blocks of output channels. They split the larger
-// operand: whole chunks, a whole number per thread, when A outweighs the weight (items >=
-// output channels: large batches); else the channel blocks, each thread taking every chunk
-// and its share of the weight (batch 1 at 14x14 and 7x7: dealing 49 Winograd tiles in chunks
-// left one thread 36 and the other 13, and both read the whole weight). Task t is chunk t %
-// chunks of channel group t / chunks, so a thread's tasks share their group.
-struct Split {
-  int64_t rows, chunks, groups, per_group;  // rows per chunk, channel blocks per group
-};
-
-Split split_work(int64_t items, int64_t most, int64_t Kb) {
-  const int64_t threads = at::get_num_threads();
-  const bool by_rows = items >= Kb * kKb;
-  int64_t chunks = (items + most - 1) / most;
-  if (by_rows) chunks = round_up(chunks, threads);
-  const int64_t rows = std::min(round_up((items + chunks - 1) / chunks, kRows),
-                                round_up(items, kRows));
-  const int64_t groups = by_rows ? 1 : std::min(Kb, threads);
-  const int64_t per_group = (Kb + groups - 1) / groups;
-  // Recounted: no chunk or group left empty (e.g. 5 channel blocks for 4 threads).
-  return {rows, (items + rows - 1) / rows, (Kb + per_group - 1) / per_group, per_group};
 }
 
 // One output tile by direct convolution (the tiles whose input is not all finite), float64
@@ -366,7 +304,8 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
 
   // Blocks of T tiles, each within kBlockBytes, shared by the threads as split_work says.
   const Split split = split_work(
-      tiles, kRows * std::max<int64_t>(1, kBlockBytes / (4 * E * (Cp + Kp)) / kRows), Kb);
+      tiles, kRows * std::max<int64_t>(1, kBlockBytes / (4 * E * (Cp + Kp)) / kRows), Kb, kKb,
+      kRows);
   const int64_t T = split.rows, blocks = split.chunks, per_group = split.per_group;
 
   at::parallel_for(0, blocks * split.groups, 1, [&](int64_t b0, int64_t b1) {
@@ -409,7 +348,7 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
         for (int64_t kb = kb0; kb < kb1; ++kb) {
           const float* ue = u + (e * Kb + kb) * Cp * kKb;
           for (int64_t i = 0; i < nt; i += kRows) {  // the last call: only the rows left
-            with_rows(static_cast<int>(std::min(kRows, nt - i)), [&](auto r) {
+            with_rows<kRows>(static_cast<int>(std::min(kRows, nt - i)), [&](auto r) {
               micro_kernel<decltype(r)::value>(V + (e * T + i) * Cp, Cp, ue, Cp,
                                                Mb + (e * T + i) * Kp + kb * kKb, Kp);
             });
@@ -446,66 +385,29 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
   });
 }
 
-// The 1x1 convolution: out (P x K, P = N * OH * OW pixels, channels_last) = act(A U + bias
-// (+ residual)), A the input pixels (stride s: every s-th row and column). Work is split into
-// chunks of rows (A's chunk within L2) and, where there are few chunks, groups of output
-// channel blocks; within a task the weight panel of one channel block stays in L1/L2 while
-// every row of the chunk passes it. Rows are read in place (C floats apart) unless the
-// stride skips pixels or rows 4 KiB apart would share one L1 set (C a multiple of 1024):
-// then a chunk is first copied, rows C + kVl floats apart.
+// act(conv1x1(x, w) + bias (+ residual)) as a GEMM: out (P x K) = A (P x C) U (C x K) +
+// bias (+ residual), A the input pixels (stride s: every s-th row and column), each row tile
+// by gemm_store, as conv1x1_rows shares and orders the work. Rows are copied first where the
+// stride skips pixels or rows 4 KiB apart would share one L1 set (C a multiple of 1024).
 void conv1x1(const at::Tensor& x_t, const at::Tensor& u_t, const at::Tensor& bias_t,
              const at::Tensor& res_t, bool relu, int64_t sh, int64_t sw,
              const at::Tensor& out_t) {
-  const int64_t N = x_t.size(0), C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
-  const int64_t K = out_t.size(1), OH = out_t.size(2), OW = out_t.size(3);
-  const int64_t Kb = u_t.size(0), P = N * OH * OW;
-  const float* x = x_t.const_data_ptr<float>();
+  const int64_t C = x_t.size(1), K = out_t.size(1), Kb = u_t.size(0);
   const float* u = u_t.const_data_ptr<float>();
   const float* bias = bias_t.const_data_ptr<float>();
   const float* res = res_t.defined() ? res_t.const_data_ptr<float>() : nullptr;
   float* out = out_t.mutable_data_ptr<float>();
-  const bool copy = sh != 1 || sw != 1 || C % 1024 == 0;
-  const int64_t ld = copy ? C + kVl : C;
-  // Chunks of rows, each within half of kBlockBytes, shared by the threads as split_work says.
-  const Split split = split_work(
-      P, std::max<int64_t>(kRows, kBlockBytes / 2 / (4 * ld) / kRows * kRows), Kb);
-  const int64_t rows = split.rows, chunks = split.chunks, per_group = split.per_group;
-  const bool panels_fit = per_group * C * kKb * 4 <= kBlockBytes / 2;  // a group's weight in L2
-  at::parallel_for(0, chunks * split.groups, 1, [&](int64_t t0, int64_t t1) {
-    float* A = copy ? scratch(static_cast<size_t>(rows * ld)) : nullptr;
-    int64_t copied = -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t chunk = t % chunks, g = t / chunks;
-      const int64_t p0 = chunk * rows, np = std::min(rows, P - p0);
-      const float* a = x + p0 * C;
-      if (copy) {
-        if (copied != chunk) {
-          for (int64_t i = 0; i < np; ++i) {
-            const int64_t p = p0 + i, n = p / (OH * OW), oh = p % (OH * OW) / OW, ow = p % OW;
-            std::memcpy(A + i * ld, x + ((n * H + oh * sh) * W + ow * sw) * C, C * sizeof(float));
-          }
-          copied = chunk;
-        }
-        a = A;
-      }
-      const int64_t kb0 = g * per_group, kb1 = std::min(Kb, kb0 + per_group);
-      auto tile = [&](int64_t kb, int64_t i) {
-        const int64_t k0 = kb * kKb, o = (p0 + i) * K + k0;
-        with_rows(static_cast<int>(std::min(kRows, np - i)), [&](auto r) {
-          gemm_store<decltype(r)::value>(a + i * ld, ld, u + kb * C * kKb, C, bias + k0,
+  conv1x1_rows<float, kRows>(
+      x_t.const_data_ptr<float>(), x_t.size(0), C, x_t.size(2), x_t.size(3), out_t.size(2),
+      out_t.size(3), sh, sw, Kb, kKb, sh != 1 || sw != 1 || C % 1024 == 0, C + kVl, 1,
+      C * kKb * 4, kBlockBytes, [&](const float* a, int64_t lda, int64_t p, int rows, int64_t kb) {
+        const int64_t k0 = kb * kKb, o = p * K + k0;
+        with_rows<kRows>(rows, [&](auto r) {
+          gemm_store<decltype(r)::value>(a, lda, u + kb * C * kKb, C, bias + k0,
                                          res ? res + o : nullptr, relu, out + o, K,
                                          std::min(kKb, K - k0));
         });
-      };
-      if (panels_fit) {  // each row tile's outputs (and residual) in one sequential pass
-        for (int64_t i = 0; i < np; i += kRows)
-          for (int64_t kb = kb0; kb < kb1; ++kb) tile(kb, i);
-      } else {  // each weight panel read once per chunk
-        for (int64_t kb = kb0; kb < kb1; ++kb)
-          for (int64_t i = 0; i < np; i += kRows) tile(kb, i);
-      }
-    }
-  });
+      });
 }
 
 }  // namespace

@@ -57,7 +57,12 @@ from .. import autotune
 from ..backends import requested_backend, resolve, tuned_backends
 from ..kernels.layout import layout_of
 from ..ops import reference
-from ..ops.conv_bias_act import fold_bn_tensors, onednn_dtypes, winograd_k_block
+from ..ops.conv_bias_act import (
+    fold_bn_tensors,
+    gemm_bf16_supported,
+    onednn_dtypes,
+    winograd_k_block,
+)
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
@@ -249,13 +254,14 @@ class ConvPlan:
         """The plan on x (+ residual). ``overwrite``: the caller owns ``residual`` and reads it
         no more, so where the chosen kernel is ours (Winograd, the 1x1 GEMM) the result is
         written over it (no output buffer, no read for ownership of one) and it is returned;
-        elsewhere (oneDNN, autograd, a residual not dense channels_last float32) as without."""
+        elsewhere (oneDNN, autograd, a residual not dense channels_last in the weights' dtype)
+        as without."""
         if torch.is_grad_enabled() and self.sources is not None and (
                 x.requires_grad or (residual is not None and residual.requires_grad)
                 or any(t is not None and t.requires_grad for t in self.sources)):
             return _PlannedConv.apply(self, x, residual, *self.sources)
         if (overwrite and residual is not None and self.run is ConvPlan._onednn and self._own
-                and not torch.is_grad_enabled() and residual.dtype == torch.float32
+                and not torch.is_grad_enabled() and residual.dtype == self.weight.dtype
                 and residual.is_contiguous(memory_format=torch.channels_last)):
             kernel, packed = self._entry(x, residual, True)
             if kernel != "onednn":
@@ -374,17 +380,21 @@ class ConvPlan:
 
 def own_kernels(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
                 winograd: Optional[bool]) -> tuple[str, ...]:
-    """Our own CPU kernels a plan measures against oneDNN, for a float32 conv with one group,
+    """Our own CPU kernels a plan measures against oneDNN, for a conv with one group,
     dilation 1 and a (folded) bias where this CPU runs them (AVX2 or AVX-512): the 1x1 GEMM
-    (``gemm``) for an unpadded 1x1 conv of any stride; for a stride-1 3x3 conv Winograd
-    F(2x2,3x3) (``winograd2``) by default, also F(4x4,3x3) (``winograd4``: faster, and errs
-    5-11x more: an opt-in) with ``winograd=True``, neither with ``winograd=False``."""
-    if (bias is None or weight.dtype != torch.float32 or tuple(conv.dilation) != (1, 1)
-            or conv.groups != 1 or not winograd_k_block()):
+    (``gemm``) for an unpadded 1x1 conv of any stride, in float32, and in bfloat16 where the
+    CPU has AVX512-BF16; for a stride-1 3x3 float32 conv Winograd F(2x2,3x3) (``winograd2``)
+    by default, also F(4x4,3x3) (``winograd4``: faster, and errs 5-11x more: an opt-in) with
+    ``winograd=True``, neither with ``winograd=False`` (nor in bfloat16: docs/design.md)."""
+    if (bias is None or tuple(conv.dilation) != (1, 1) or conv.groups != 1
+            or not winograd_k_block()):
         return ()
-    if tuple(weight.shape[2:]) == (1, 1) and tuple(conv.padding) == (0, 0):
+    if tuple(weight.shape[2:]) == (1, 1) and tuple(conv.padding) == (0, 0) and (
+            weight.dtype == torch.float32
+            or (weight.dtype == torch.bfloat16 and gemm_bf16_supported())):
         return ("gemm",)
-    if winograd is False or tuple(weight.shape[2:]) != (3, 3) or tuple(conv.stride) != (1, 1):
+    if (winograd is False or weight.dtype != torch.float32 or tuple(weight.shape[2:]) != (3, 3)
+            or tuple(conv.stride) != (1, 1)):
         return ()
     return ("winograd2", "winograd4") if winograd else ("winograd2",)
 

@@ -209,6 +209,21 @@ def winograd_k_block() -> int:
         return 0
 
 
+@functools.cache
+def gemm_bf16_supported() -> bool:
+    """Whether our 1x1 GEMM runs in bfloat16 here (a CPU with AVX-512 and AVX512-BF16, and an
+    extension built with it). Asked of the real op once, as :func:`winograd_k_block`."""
+    if not winograd_k_block():
+        return False
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    try:
+        with unset_fake_temporarily():
+            torch.ops.resnet_fast.conv1x1_prepack(torch.zeros(1, 2, 1, 1, dtype=torch.bfloat16))
+        return True
+    except RuntimeError:  # the op says this CPU has no AVX512-BF16
+        return False
+
+
 if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
     @torch.library.register_fake("resnet_fast::winograd_prepack")
     def _winograd_prepack_fake(weight, tile):
@@ -229,13 +244,19 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
         return x.new_empty(out_shape).contiguous(memory_format=layout_of(x))
 
     def _own_kernel_args(x, weight, kernel, op):
-        """What the C++ ops of our own kernels check beyond check_conv: float32, the kernel
-        size."""
-        if x.dtype != torch.float32:
-            raise TypeError(f"{op}: expected float32 x, got {x.dtype}")
+        """What the C++ ops of our own kernels check beyond check_conv: float32 (the 1x1 GEMM:
+        or bfloat16 where it runs), the kernel size."""
+        _own_dtype(x.dtype, "x", kernel, op)
         if weight.dim() == 4 and tuple(weight.shape[2:]) != (kernel, kernel):
             raise ValueError(f"{op}: expected a {kernel}x{kernel} weight, got "
                              f"{tuple(weight.shape)}")
+
+    def _own_dtype(dtype, what, kernel, op):
+        if kernel == 1 and dtype in (torch.float32, torch.bfloat16):
+            torch._check(dtype == torch.float32 or gemm_bf16_supported(),
+                         lambda: f"{op}: bfloat16 needs a CPU with AVX-512 and AVX512-BF16")
+        elif dtype != torch.float32:
+            raise TypeError(f"{op}: expected float32 {what}, got {dtype}")
 
     def _into(residual, op):
         """The in-place variants' residual, which they write over: dense channels_last."""
@@ -256,12 +277,16 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
         if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
             raise ValueError(f"conv1x1_prepack: expected a (K, C, 1, 1) weight, got "
                              f"{tuple(weight.shape)}")
-        if weight.dtype != torch.float32:
-            raise TypeError(f"conv1x1_prepack: expected a float32 weight, got {weight.dtype}")
         kb = winograd_k_block()
         torch._check(kb > 0, lambda: "conv1x1_prepack: our CPU kernels need a CPU with AVX2 "
                                      "and FMA (or AVX-512); this one has neither")
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"conv1x1_prepack: expected a float32 or bfloat16 weight, got "
+                            f"{weight.dtype}")
+        _own_dtype(weight.dtype, "weight", 1, "conv1x1_prepack")
         k, c = weight.shape[:2]
+        if weight.dtype == torch.bfloat16:  # pairs of input channels side by side
+            return weight.new_empty((-(-k // 32), -(-c // 2), 64))
         return weight.new_empty((-(-k // kb), c, kb))
 
     @torch.library.register_fake("resnet_fast::conv_bias_act_1x1")
