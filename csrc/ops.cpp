@@ -16,6 +16,11 @@ TORCH_LIBRARY(resnet_fast, m) {
   // act(x * scale[c] + shift[c] (+ residual)) for x of shape (N, C, ...); act = relu or none.
   m.def("scale_shift_act(Tensor x, Tensor scale, Tensor shift, Tensor? residual=None, "
         "bool relu=True) -> Tensor");
+  // act(max_pool2d(x, kernel_size, stride, padding)) (dilation 1, floor rounding, no
+  // indices): the stem's maxpool, with the stem's ReLU moved behind it (max and ReLU commute,
+  // NaN included). CPU.
+  m.def("max_pool_act(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "bool relu=False) -> Tensor");
   // act(conv2d(x, weight, stride, padding, dilation, groups) + bias[k] (+ residual)): a
   // convolution whose BatchNorm was folded into weight/bias, with the block's tail fused.
   m.def("conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "

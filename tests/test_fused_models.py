@@ -35,9 +35,9 @@ def _counting_conv_calls(monkeypatch):
     calls = []
     real = ConvPlan.__call__
 
-    def spy(plan, *args):
+    def spy(plan, *args, **kwargs):
         calls.append(plan.relu)
-        return real(plan, *args)
+        return real(plan, *args, **kwargs)
 
     monkeypatch.setattr(ConvPlan, "__call__", spy)
     return calls

@@ -45,9 +45,9 @@ def _fused_calls(model, x):
     calls = []
     real = ConvPlan.__call__
 
-    def spy(plan, *args):
+    def spy(plan, *args, **kwargs):
         calls.append(plan)
-        return real(plan, *args)
+        return real(plan, *args, **kwargs)
 
     ConvPlan.__call__ = spy
     try:
@@ -838,7 +838,7 @@ def test_a_block_on_its_own_runs_fused_on_channels_last_and_torchvisions_code_on
     calls = []
     real = ConvPlan.__call__
     with torch.no_grad(), mock.patch.object(ConvPlan, "__call__",
-                                            lambda *a: calls.append(1) or real(*a)):
+                                            lambda *a, **k: calls.append(1) or real(*a, **k)):
         out = block(x)  # NCHW: torchvision's code, its output NCHW
         assert not calls and Kept.of(block) is None and out.is_contiguous()
         _close(out, tv_block(x))

@@ -12,6 +12,10 @@ namespace resnet_fast::cpu {
 #define RESNET_FAST_CPU_KERNELS(NS)                                                          \
   namespace NS {                                                                             \
   void add_relu_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out);   \
+  /* x, out channels_last (N, C, H, W) / (N, C, OH, OW); window kh x kw, stride, padding. */  \
+  void max_pool_act_kernel(const at::Tensor& x, const at::Tensor& out, int64_t kh,          \
+                           int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,      \
+                           bool relu);                                                       \
   /* residual, center: undefined tensors when absent; v = (x - center) * scale + shift. */   \
   void scale_shift_act_kernel(const at::Tensor& x, const at::Tensor& scale,                \
                               const at::Tensor& shift, const at::Tensor& residual, bool relu, \
@@ -37,6 +41,12 @@ bool use_avx2();
 // The entry points above, for this CPU's instruction set.
 inline void add_relu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out) {
   use_avx2() ? AVX2::add_relu_kernel(x, r, out) : DEFAULT::add_relu_kernel(x, r, out);
+}
+
+inline void max_pool_act(const at::Tensor& x, const at::Tensor& out, int64_t kh, int64_t kw,
+                         int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool relu) {
+  use_avx2() ? AVX2::max_pool_act_kernel(x, out, kh, kw, sh, sw, ph, pw, relu)
+             : DEFAULT::max_pool_act_kernel(x, out, kh, kw, sh, sw, ph, pw, relu);
 }
 
 inline void scale_shift_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,

@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -145,6 +146,75 @@ void add_relu_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor&
       run_contiguous<scalar_t, false, true, true>(xp + begin, rp + begin, op + begin,
                                                   end - begin, nullptr, nullptr, acc_t(0), acc_t(0));
     });
+  });
+}
+
+// act(the maximum of each window) of a channels_last x: each output pixel's channels as
+// vectors, over the window's positions inside x (padding never wins, as in torch); a NaN in a
+// window wins (at::vec::maximum), as in torch.max_pool2d; the ReLU keeps NaN. bfloat16 and
+// float16 are compared as float32 (exact: every value converts exactly), converted once per
+// load and once per store.
+template <typename scalar_t>
+void max_pool_act_impl(const scalar_t* xp, scalar_t* op, int64_t N, int64_t C, int64_t H,
+                       int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t ph, int64_t pw, bool relu) {
+  using Vec = Vectorized<scalar_t>;
+  using opmath_t = at::opmath_type<scalar_t>;
+  using OVec = Vectorized<opmath_t>;
+  constexpr bool kReduced = !std::is_same_v<scalar_t, opmath_t>;
+  constexpr int64_t vl = Vec::size();
+  const OVec lowest(-std::numeric_limits<opmath_t>::infinity()), zero(opmath_t(0));
+  at::parallel_for(0, N * OH, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / OH, top = r % OH * sh - ph;
+      const int64_t h0 = std::max<int64_t>(top, 0), h1 = std::min(top + kh, H);
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const int64_t left = ow * sw - pw;
+        const int64_t w0 = std::max<int64_t>(left, 0), w1 = std::min(left + kw, W);
+        scalar_t* o = op + (r * OW + ow) * C;
+        for (int64_t c = 0; c < C; c += vl) {
+          const int64_t cnt = std::min(vl, C - c);
+          OVec m0 = lowest, m1 = lowest;  // m1: the upper half of a reduced-precision vector
+          for (int64_t h = h0; h < h1; ++h) {
+            const scalar_t* row = xp + ((n * H + h) * W) * C + c;
+            for (int64_t w = w0; w < w1; ++w) {
+              const Vec v = cnt == vl ? Vec::loadu(row + w * C) : Vec::loadu(row + w * C, cnt);
+              if constexpr (kReduced) {
+                const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(v);
+                m0 = at::vec::maximum(m0, lo);
+                m1 = at::vec::maximum(m1, hi);
+              } else {
+                m0 = at::vec::maximum(m0, v);
+              }
+            }
+          }
+          if (relu) {
+            m0 = at::vec::maximum(m0, zero);
+            if constexpr (kReduced) m1 = at::vec::maximum(m1, zero);
+          }
+          Vec out;
+          if constexpr (kReduced) {
+            out = at::vec::convert_from_float<scalar_t>(m0, m1);
+          } else {
+            out = m0;
+          }
+          if (cnt == vl) {
+            out.store(o + c);
+          } else {
+            out.store(o + c, cnt);
+          }
+        }
+      }
+    }
+  });
+}
+
+void max_pool_act_kernel(const at::Tensor& x, const at::Tensor& out, int64_t kh, int64_t kw,
+                         int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool relu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool_act_cpu", [&] {
+    max_pool_act_impl<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                x.size(0), x.size(1), x.size(2), x.size(3), out.size(2),
+                                out.size(3), kh, kw, sh, sw, ph, pw, relu);
   });
 }
 

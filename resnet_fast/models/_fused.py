@@ -63,6 +63,7 @@ from ..ops.conv_bias_act import (
     onednn_dtypes,
     winograd_k_block,
 )
+from ..ops.max_pool_act import Args
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
@@ -249,13 +250,25 @@ class ConvPlan:
         self.folds, self.sources = (None, None) if (
             folds is None or differentiable or casts or self.pads) else folds
 
-    def __call__(self, x: Tensor, residual: Optional[Tensor] = None,
-                 overwrite: bool = False) -> Tensor:
+    def __call__(self, x: Tensor, residual: Optional[Tensor] = None, overwrite: bool = False,
+                 pool: Optional[Args] = None) -> Tensor:
         """The plan on x (+ residual). ``overwrite``: the caller owns ``residual`` and reads it
         no more, so where the chosen kernel is ours (Winograd, the 1x1 GEMM) the result is
         written over it (no output buffer, no read for ownership of one) and it is returned;
         elsewhere (oneDNN, autograd, a residual not dense channels_last in the weights' dtype)
-        as without."""
+        as without. ``pool``: (kernel_size, stride, padding) of a maxpool run on the result
+        as ``max_pool_act`` (CPU, gradients off: the program's stem); where the plan runs the
+        CPU oneDNN path, whose ReLU is a pass of its own over the conv's output, the ReLU
+        moves behind the pool instead (max and ReLU commute, NaN included)."""
+        if pool is None:
+            return self._call(x, residual, overwrite)
+        if self.run is ConvPlan._onednn and self.relu:
+            y = self._packed_call(x, None, *self._entry(x, None, False), relu=False)
+            return torch.ops.resnet_fast.max_pool_act.default(y, *pool, True)
+        return torch.ops.resnet_fast.max_pool_act.default(self._call(x, None, False), *pool,
+                                                          False)
+
+    def _call(self, x: Tensor, residual: Optional[Tensor], overwrite: bool) -> Tensor:
         if torch.is_grad_enabled() and self.sources is not None and (
                 x.requires_grad or (residual is not None and residual.requires_grad)
                 or any(t is not None and t.requires_grad for t in self.sources)):
@@ -336,18 +349,20 @@ class ConvPlan:
         return entry
 
     def _packed_call(self, x: Tensor, residual: Optional[Tensor], kernel: str, packed: Tensor,
-                     in_place: bool = False):
-        """The prepared kernel on x (``in_place``: written over the residual, returns None)."""
+                     in_place: bool = False, relu: Optional[bool] = None):
+        """The prepared kernel on x (``in_place``: written over the residual, returns None);
+        ``relu=False``: without the plan's ReLU (a ``pool`` call)."""
         ops = torch.ops.resnet_fast
+        relu = self.relu if relu is None else relu
         if kernel == "winograd":
             op = ops.conv_bias_act_winograd_ if in_place else ops.conv_bias_act_winograd
             return op.default(x, self.weight, packed, self.bias, self.geometry[1], residual,
-                              self.relu)
+                              relu)
         if kernel == "gemm":
             op = ops.conv_bias_act_1x1_ if in_place else ops.conv_bias_act_1x1
             return op.default(x, self.weight, packed, self.bias, self.geometry[0], residual,
-                              self.relu)
-        return self.packed_op(x, packed, self.bias, *self.geometry, residual, self.relu)
+                              relu)
+        return self.packed_op(x, packed, self.bias, *self.geometry, residual, relu)
 
     def _prepare(self, x: Tensor, residual: Optional[Tensor], in_place: bool) -> tuple[str, Tensor]:
         """(kernel, its prepared weight) for x's shape: oneDNN's packed weight, or where our

@@ -20,7 +20,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._extension import tensor_states
+from .._extension import has_kernel, tensor_states
+from ..ops.max_pool_act import Args, pool_args
 from ._fused import (
     ConvPlan,
     add_pair,
@@ -35,6 +36,17 @@ from ._fused import (
 
 # Pools whose output is a new tensor no one else sees (without hooks), or their input.
 _OWN_POOLS = (nn.MaxPool2d, nn.Identity)
+_POOL_OP = has_kernel("max_pool_act", "CPU")
+
+
+def _our_pool(pool: nn.Module, x: Tensor) -> Optional[Args]:
+    """``pool``'s arguments where the program runs it as ``max_pool_act`` instead: a hook-free
+    ``nn.MaxPool2d`` that op computes exactly (``pool_args``), on CPU, gradients off (the
+    grad-enabled forward calls the module, whose backward torch has)."""
+    if not _POOL_OP or x.device.type != "cpu" or torch.is_grad_enabled() or not no_hooks(pool):
+        return None
+    return pool_args(pool)
+
 
 # A block's shortcut: None is the identity, a ConvPlan the fused downsample pair, anything else
 # the block's downsample module (e.g. CIFAR's PadShortcut), called as it is.
@@ -77,7 +89,10 @@ class Program(NamedTuple):
         have handed its output elsewhere; never the caller's x."""
         owned = self.stem is not None
         if owned:
-            x = self.stem(x if self.stem.pads else x.contiguous(memory_format=torch.channels_last))
+            x = x if self.stem.pads else x.contiguous(memory_format=torch.channels_last)
+            args = None if pool is None else _our_pool(pool, x)
+            x = self.stem(x, pool=args)  # with the pool in our op where it can be
+            pool = None if args is not None else pool
         if pool is not None:
             x = pool(x)
             owned = owned and type(pool) in _OWN_POOLS and no_hooks(pool)
