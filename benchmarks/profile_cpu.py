@@ -50,12 +50,14 @@ from resnet_fast.bench.peers import (
 )
 from resnet_fast.bench.timing import block_sizes, rotation
 from resnet_fast.calibrate import calibrate_
+from resnet_fast.models.program import Kept
 
-# Our ops by kind; anything else is "other". Our own conv kernels (Winograd, the 1x1 GEMM;
-# the trailing _: written over the residual) run no aten op beneath them.
+# Our ops by kind; anything else is "other". Our own kernels (Winograd, the 1x1 GEMM, the
+# trailing _: written over the residual; the maxpool) run no aten op beneath them.
 _OWN_CONVS = {f"resnet_fast::{name}" for name in (
     "conv_bias_act_winograd", "conv_bias_act_winograd_", "conv_bias_act_1x1",
     "conv_bias_act_1x1_")}
+_OWN_KERNELS = _OWN_CONVS | {"resnet_fast::max_pool_act"}
 _OURS = {"mkldnn::_convolution_pointwise_": "conv", "mkldnn::_convolution_pointwise": "conv",
          **dict.fromkeys(_OWN_CONVS, "conv"),
          "aten::copy_": "residual copy",
@@ -63,7 +65,7 @@ _OURS = {"mkldnn::_convolution_pointwise_": "conv", "mkldnn::_convolution_pointw
          "aten::relu_": "relu pass", "aten::max_pool2d_with_indices": "maxpool",
          "aten::max_pool2d": "maxpool", "aten::mean": "avgpool", "aten::sum": "avgpool",
          "aten::div_": "avgpool", "aten::adaptive_avg_pool2d": "avgpool", "aten::addmm": "fc",
-         "aten::linear": "fc"}
+         "aten::linear": "fc", "resnet_fast::fc": "fc", "resnet_fast::max_pool_act": "maxpool"}
 _ORT = {"Conv": "conv", "FusedConv": "conv", "MaxPool": "maxpool",
         "GlobalAveragePool": "avgpool", "ReduceMean": "avgpool", "Gemm": "fc", "Add": "add", "Relu": "relu pass",
         "ReorderInput": "reorder", "ReorderOutput": "reorder"}
@@ -102,14 +104,27 @@ class Ours:
             self.fast(self.x)
         ops: dict[str, float] = defaultdict(float)
         layers: dict[str, float] = defaultdict(float)
-        for event in prof.key_averages(group_by_input_shape=True):
+        events = sorted(prof.events(), key=lambda e: e.time_range.start)
+        convs = [e for e in events if e.name == "resnet_fast::conv_bias_act_packed"
+                 or e.name in _OWN_CONVS]
+        # The fc, where it runs as a plan (a 1x1 conv over (N, C, 1, 1): Kept.head_for), is
+        # the forward's last conv; it and every frame beneath it count as the fc.
+        fc = {convs[-1].id} if convs and self.fc_planned() else set()
+        for event in events:
+            conv = event.name == "resnet_fast::conv_bias_act_packed" or event.name in _OWN_CONVS
+            if event.cpu_parent is not None and event.cpu_parent.id in fc:
+                fc.add(event.id)
             # Our ops' frames: the children of the oneDNN path count; our own kernels' code
             # runs in their own frames (no aten children), so those frames are the time.
-            if not event.key.startswith("resnet_fast::") or event.key in _OWN_CONVS:
-                ops[event.key] += event.self_cpu_time_total / 1e3
-            if event.key == "resnet_fast::conv_bias_act_packed" or event.key in _OWN_CONVS:
+            if not event.name.startswith("resnet_fast::") or event.name in _OWN_KERNELS:
+                name = "resnet_fast::fc" if event.id in fc else event.name
+                ops[name] += event.self_cpu_time_total / 1e3
+            if conv and event.id not in fc:
                 layers[_layer(*event.input_shapes[:2])] += event.cpu_time_total / 1e3
         self.forwards.append((dict(ops), dict(layers)))
+
+    def fc_planned(self) -> bool:
+        return any(Kept.HEAD in m.__dict__ for m in self.fast.modules())
 
     def results(self) -> list[Forward]:
         return self.forwards

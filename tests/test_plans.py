@@ -41,7 +41,7 @@ needs_cpu = pytest.mark.skipif(not CPU, reason="C++ extension not built")
 
 
 def _fused_calls(model, x):
-    """How many fused convs a forward runs (plan calls)."""
+    """How many fused convs a forward runs (plan calls; not the fc's plan, Kept.head_for)."""
     calls = []
     real = ConvPlan.__call__
 
@@ -55,7 +55,47 @@ def _fused_calls(model, x):
             model(x)
     finally:
         ConvPlan.__call__ = real
-    return len(calls)
+    head = model.__dict__.get(Kept.HEAD)
+    return sum(1 for plan in calls if head is None or plan is not head.program)
+
+
+@needs_cpu
+def test_the_fc_runs_as_a_kept_plan_that_follows_the_module():
+    model, tv = _pair("resnet18")
+    x = torch.randn(2, 3, 64, 64)
+
+    def head():
+        kept = model.__dict__.get(Kept.HEAD)
+        return None if kept is None else kept.program
+
+    with torch.no_grad():
+        _close(model(x), tv(x))
+        plan = head()
+        assert plan is not None and model(x) is not None and head() is plan  # kept
+        with torch.no_grad():
+            model.fc.weight.mul_(2)  # an in-place change: a new version, a new plan
+            tv.fc.weight.mul_(2)
+        _close(model(x), tv(x))
+        assert head() is not plan
+        model.fc = tv.fc = nn.Linear(512, 7)  # module surgery: the new module's weights
+        _close(model(x), tv(x))
+        assert head().weight.shape[0] == 7
+        model.fc = tv.fc = nn.Sequential(nn.Linear(512, 3))  # not a Linear: the module runs
+        _close(model(x), tv(x))
+        handle = model.fc[0].register_forward_hook(lambda m, i, o: o * 0)
+        assert torch.equal(model(x), torch.zeros(2, 3))  # a hooked module runs as itself
+        handle.remove()
+        model.fc = nn.Linear(512, 3, bias=False)  # no bias: the module (addmm)
+        tv.fc = model.fc
+        _close(model(x), tv(x))
+        pruned = nn.Linear(512, 3)
+        torch.nn.utils.prune.random_unstructured(pruned, "weight", 0.5)  # weight not a Parameter
+        model.fc = tv.fc = pruned
+        _close(model(x), tv(x))
+    # Gradients on: the module, and gradients reach its weight.
+    model.fc = nn.Linear(512, 4)
+    model(x).sum().backward()
+    assert model.fc.weight.grad is not None
 
 
 # --- torch.compile with inductor (never a stand-in backend) and export -----------------------

@@ -15,12 +15,14 @@ forward; a program whose key differs is rebuilt. ``_apply``, ``train()``/``eval(
 ``set_backend`` drop it; :func:`refresh` drops every program of a model.
 """
 
+from types import SimpleNamespace
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._extension import has_kernel, tensor_states
+from ..ops.conv_bias_act import onednn_dtypes
 from ..ops.max_pool_act import Args, pool_args
 from ._fused import (
     ConvPlan,
@@ -33,6 +35,9 @@ from ._fused import (
     no_global_hooks,
     no_hooks,
 )
+
+# The geometry of a linear layer as a 1x1 conv (what ConvPlan reads of its conv).
+_FC_AS_CONV = SimpleNamespace(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
 
 # Pools whose output is a new tensor no one else sees (without hooks), or their input.
 _OWN_POOLS = (nn.MaxPool2d, nn.Identity)
@@ -149,6 +154,7 @@ class Kept:
 
     __slots__ = ("key", "program", "aliases")
     SLOT = "_kept_program"
+    HEAD = "_kept_head"  # a backbone's fc plan (head_for)
 
     def __init__(self, key: list, program: Program, aliases: list[Tensor]) -> None:
         self.key, self.program, self.aliases = key, program, aliases
@@ -197,6 +203,38 @@ class Kept:
         return program
 
     @staticmethod
+    def head_for(holder: nn.Module, fc: nn.Module, x: Tensor) -> Optional[ConvPlan]:
+        """The plan of ``fc`` as a 1x1 conv over (N, C, 1, 1) features (our 1x1 GEMM or
+        oneDNN's conv, whichever its first call measures faster), kept in ``holder`` under
+        the key (backend, tensor states of fc's weight and bias); None where the module runs
+        instead: not exactly a hook-free ``nn.Linear`` with a bias, global module hooks,
+        gradients on, autocast, torch.compile, a torch.func transform, a fake mode, x not on
+        CPU, a dtype the CPU's oneDNN path does not take, or inference tensors (nothing to
+        watch)."""
+        if (type(fc) is not nn.Linear or not no_hooks(fc) or not no_global_hooks()
+                or torch.is_grad_enabled() or x.device.type != "cpu"
+                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+                or in_functorch() or faking()):
+            return None
+        weight, bias = fc._parameters.get("weight"), fc._parameters.get("bias")
+        if (weight is None or bias is None or x.dtype != weight.dtype or weight.dtype not in onednn_dtypes()
+                or not torch.backends.mkldnn.enabled):
+            return None
+        try:
+            key = [holder.backend, tensor_states([weight, bias])]
+        except RuntimeError:  # inference tensors
+            return None
+        kept = holder.__dict__.get(Kept.HEAD)
+        if kept is not None and kept.key == key:
+            return kept.program
+        k, c = weight.shape
+        with torch.inference_mode(False), torch.no_grad():
+            plan = ConvPlan(_FC_AS_CONV, weight.detach().view(k, c, 1, 1), bias.detach(), False,
+                            holder.backend, differentiable=False)
+        holder.__dict__[Kept.HEAD] = Kept(key, plan, [weight.detach(), bias.detach()])
+        return plan
+
+    @staticmethod
     def of(module: nn.Module) -> Optional[Program]:
         """The program ``module`` keeps now, if any."""
         kept = module.__dict__.get(Kept.SLOT)
@@ -205,6 +243,7 @@ class Kept:
     @staticmethod
     def drop(module: nn.Module) -> None:
         module.__dict__.pop(Kept.SLOT, None)
+        module.__dict__.pop(Kept.HEAD, None)
 
 
 class FusedEvalMixin:
@@ -235,6 +274,7 @@ class FusedEvalMixin:
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop(Kept.SLOT, None)  # packed oneDNN weights do not pickle; rebuilt on use
+        state.pop(Kept.HEAD, None)
         return state
 
 
