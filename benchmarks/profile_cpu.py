@@ -53,11 +53,12 @@ from resnet_fast.calibrate import calibrate_
 from resnet_fast.models.program import Kept
 
 # Our ops by kind; anything else is "other". Our own kernels (Winograd, the 1x1 GEMM, the
-# trailing _: written over the residual; the maxpool) run no aten op beneath them.
+# trailing _: written over the residual; the maxpool; the bf16 ReLU on bits, a frame inside
+# the oneDNN path's op) run no aten op beneath them.
 _OWN_CONVS = {f"resnet_fast::{name}" for name in (
     "conv_bias_act_winograd", "conv_bias_act_winograd_", "conv_bias_act_1x1",
     "conv_bias_act_1x1_")}
-_OWN_KERNELS = _OWN_CONVS | {"resnet_fast::max_pool_act"}
+_OWN_KERNELS = _OWN_CONVS | {"resnet_fast::max_pool_act", "resnet_fast::relu_bits"}
 _OURS = {"mkldnn::_convolution_pointwise_": "conv", "mkldnn::_convolution_pointwise": "conv",
          **dict.fromkeys(_OWN_CONVS, "conv"),
          "aten::copy_": "residual copy",
@@ -65,7 +66,8 @@ _OURS = {"mkldnn::_convolution_pointwise_": "conv", "mkldnn::_convolution_pointw
          "aten::relu_": "relu pass", "aten::max_pool2d_with_indices": "maxpool",
          "aten::max_pool2d": "maxpool", "aten::mean": "avgpool", "aten::sum": "avgpool",
          "aten::div_": "avgpool", "aten::adaptive_avg_pool2d": "avgpool", "aten::addmm": "fc",
-         "aten::linear": "fc", "resnet_fast::fc": "fc", "resnet_fast::max_pool_act": "maxpool"}
+         "aten::linear": "fc", "resnet_fast::fc": "fc", "resnet_fast::max_pool_act": "maxpool",
+         "resnet_fast::relu_bits": "relu pass"}
 _ORT = {"Conv": "conv", "FusedConv": "conv", "MaxPool": "maxpool",
         "GlobalAveragePool": "avgpool", "ReduceMean": "avgpool", "Gemm": "fc", "Add": "add", "Relu": "relu pass",
         "ReorderInput": "reorder", "ReorderOutput": "reorder"}
