@@ -592,7 +592,9 @@ def test_model_built_under_inference_mode():
     with torch.inference_mode():
         model, tv = _pair("resnet18")
         x = torch.randn(2, 3, 32, 32)
-        _close(model(x), tv(x))
+        # Nothing to watch: the plans are rebuilt on every forward, correct and said to be slow.
+        with pytest.warns(RuntimeWarning, match="inference tensors"):
+            _close(model(x), tv(x))
         _close(model(x), tv(x))
 
 
