@@ -110,8 +110,11 @@ class Ours:
         convs = [e for e in events if e.name == "resnet_fast::conv_bias_act_packed"
                  or e.name in _OWN_CONVS]
         # The fc, where it runs as a plan (a 1x1 conv over (N, C, 1, 1): Kept.head_for), is
-        # the forward's last conv; it and every frame beneath it count as the fc.
-        fc = {convs[-1].id} if convs and self.fc_planned() else set()
+        # the forward's last conv, with the fc plan's weight; it and every frame beneath it
+        # count as the fc.
+        head = self.fc_weight_shape()
+        fc = ({convs[-1].id} if convs and head is not None and convs[-1].input_shapes[0][2:]
+              == [1, 1] and convs[-1].input_shapes[1] == head else set())
         for event in events:
             conv = event.name == "resnet_fast::conv_bias_act_packed" or event.name in _OWN_CONVS
             if event.cpu_parent is not None and event.cpu_parent.id in fc:
@@ -125,8 +128,12 @@ class Ours:
                 layers[_layer(*event.input_shapes[:2])] += event.cpu_time_total / 1e3
         self.forwards.append((dict(ops), dict(layers)))
 
-    def fc_planned(self) -> bool:
-        return any(Kept.HEAD in m.__dict__ for m in self.fast.modules())
+    def fc_weight_shape(self) -> list[int] | None:
+        """The weight shape of the fc's plan, where the model keeps one (Kept.head_for)."""
+        for m in self.fast.modules():
+            if Kept.HEAD in m.__dict__:
+                return list(m.__dict__[Kept.HEAD].program.weight.shape)
+        return None
 
     def results(self) -> list[Forward]:
         return self.forwards

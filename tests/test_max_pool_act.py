@@ -43,12 +43,16 @@ def test_matches_torch_exactly(dtype, geometry, relu, channels_last):
     x[0, 1, 2, 3] = float("nan")
     x[-1, -1, 0, 0] = float("inf")
     x[0, 0, 1, 1] = float("-inf")
+    x[-1, 0] = -x[-1, 0].abs()  # a plane of negatives,
+    x[-1, 0, :2, :2] = -0.0  # with -0.0 where windows start: torch's relu keeps it
     out = op(x, list(k), list(s), list(p), relu)
     want = _torch(x, k, s, p, relu)
     assert out.dtype == dtype and out.shape == want.shape
     assert out.is_contiguous(memory_format=fmt)
-    assert torch.isnan(want).any()  # the case is what it says
+    assert torch.isnan(want).any() and (want == 0).any()  # the case is what it says
     torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+    real = ~torch.isnan(want)
+    assert torch.equal(torch.signbit(out[real]), torch.signbit(want[real]))  # each zero's sign
 
 
 def test_opcheck_and_gradcheck():
@@ -79,6 +83,8 @@ def test_bad_arguments_say_what_was_expected():
         ((x, [3, 3], [0, 2], [1, 1]), ValueError, "stride > 0"),
         ((torch.randn(1, 4, 2, 8), [5, 5], [1, 1], [1, 1]), ValueError, "at least the window"),
         ((x.int(), [3, 3], [2, 2], [1, 1]), TypeError, "float32"),
+        ((torch.randn(4, 8, 8).int(), [3, 3], [2, 2], [1, 1]), TypeError, "float32"),
+        ((x, [3], [2, 2], [1, 1]), ValueError, "2 values each"),
     ]
     for args, error, words in cases:
         with pytest.raises(error, match=words):

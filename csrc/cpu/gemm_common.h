@@ -7,11 +7,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
+// In an anonymous namespace: each kernel file compiles these with its own instruction-set
+// flags, so each must keep its own copy (with external linkage the linker would keep one,
+// perhaps the AVX-512 one, for the AVX2 code too). No std:: container for the same reason:
+// its out-of-line members would be shared across the files.
 namespace resnet_fast::cpu {
+namespace {
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -95,6 +100,29 @@ inline void prefetch_rows(const T* line, int64_t ld, int64_t kcnt) {
   }
 }
 
+// A thread's scratch of at least n values (Winograd's V and M of one block, a 1x1 GEMM's
+// copied rows), 64-byte aligned and kept between calls: a fresh megabyte per call would be
+// page-faulted in each time. Grown zeroed; freed when the thread ends.
+template <typename T>
+T* thread_scratch(size_t n) {
+  struct Buffer {
+    T* p = nullptr;
+    size_t n = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  if (n > buf.n) {
+    std::free(buf.p);
+    const size_t bytes = round_up(static_cast<int64_t>(n * sizeof(T)), 64);
+    buf.p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(buf.p != nullptr, "resnet_fast: out of memory for ", bytes,
+                " bytes of kernel scratch");
+    std::memset(buf.p, 0, bytes);
+    buf.n = n;
+  }
+  return buf.p;
+}
+
 // The 1x1 convolution's loop over its work, for a micro-kernel of kRows rows and kb output
 // channels: tile(a, lda, p, rows, kb) computes output pixels p .. p + rows - 1 (rows <=
 // kRows; A's rows lda apart from a) for channel block kb. Work is split into chunks of rows
@@ -117,17 +145,13 @@ void conv1x1_rows(const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_
   const int64_t rows = split.rows, chunks = split.chunks, per_group = split.per_group;
   const bool panels_fit = per_group * panel_bytes <= block_bytes / 2;
   at::parallel_for(0, chunks * split.groups, 1, [&](int64_t t0, int64_t t1) {
-    // A thread's copy of its chunk, kept between calls: a fresh buffer per call would be
-    // page-faulted in each time.
-    thread_local std::vector<T> scratch;
-    if (copy && scratch.size() < static_cast<size_t>(rows * ld)) scratch.resize(rows * ld);
     int64_t copied = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t chunk = t % chunks, g = t / chunks;
       const int64_t p0 = chunk * rows, np = std::min(rows, P - p0);
       const T* a = x + p0 * C;
       if (copy) {
-        T* A = scratch.data();
+        T* A = thread_scratch<T>(static_cast<size_t>(rows * ld));
         if (copied != chunk) {
           for (int64_t i = 0; i < np; ++i) {
             const int64_t p = p0 + i, n = p / (OH * OW), oh = p % (OH * OW) / OW, ow = p % OW;
@@ -153,4 +177,5 @@ void conv1x1_rows(const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_
   });
 }
 
+}  // namespace
 }  // namespace resnet_fast::cpu

@@ -264,28 +264,6 @@ void direct_tile(const float* x, const float* w, const float* bias, const float*
   }
 }
 
-// A thread's scratch (V and M of one block), kept between calls: a fresh megabyte per block
-// would be page-faulted in each time. Grown zeroed; nothing past a block's last tile is
-// multiplied or read.
-float* scratch(size_t floats) {
-  struct Buffer {
-    float* p = nullptr;
-    size_t n = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer buf;
-  if (floats > buf.n) {
-    std::free(buf.p);
-    const size_t bytes = round_up(static_cast<int64_t>(floats * sizeof(float)), 64);
-    buf.p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(buf.p != nullptr, "conv_bias_act_winograd: out of memory for ", bytes,
-                " bytes of scratch");
-    std::memset(buf.p, 0, bytes);
-    buf.n = floats;
-  }
-  return buf.p;
-}
-
 template <int M>
 void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
           const at::Tensor& bias_t,
@@ -309,7 +287,7 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
   const int64_t T = split.rows, blocks = split.chunks, per_group = split.per_group;
 
   at::parallel_for(0, blocks * split.groups, 1, [&](int64_t b0, int64_t b1) {
-    float* V = scratch(static_cast<size_t>(E * T * (Cp + Kp)));
+    float* V = thread_scratch<float>(static_cast<size_t>(E * T * (Cp + Kp)));
     float* Mb = V + E * T * Cp;
     std::vector<char> finite(T);
     int64_t transformed = -1;

@@ -257,12 +257,12 @@ class ConvPlan:
         written over it (no output buffer, no read for ownership of one) and it is returned;
         elsewhere (oneDNN, autograd, a residual not dense channels_last in the weights' dtype)
         as without. ``pool``: (kernel_size, stride, padding) of a maxpool run on the result
-        as ``max_pool_act`` (CPU, gradients off: the program's stem); where the plan runs the
-        CPU oneDNN path, whose ReLU is a pass of its own over the conv's output, the ReLU
-        moves behind the pool instead (max and ReLU commute, NaN included)."""
+        as ``max_pool_act`` (CPU; the program's stem, gradients off); where the plan runs the
+        CPU oneDNN path with gradients off, whose ReLU is a pass of its own over the conv's
+        output, the ReLU moves behind the pool instead (max and ReLU commute, NaN included)."""
         if pool is None:
             return self._call(x, residual, overwrite)
-        if self.run is ConvPlan._onednn and self.relu:
+        if self.run is ConvPlan._onednn and self.relu and not torch.is_grad_enabled():
             y = self._packed_call(x, None, *self._entry(x, None, False), relu=False)
             return torch.ops.resnet_fast.max_pool_act.default(y, *pool, True)
         return torch.ops.resnet_fast.max_pool_act.default(self._call(x, None, False), *pool,

@@ -26,6 +26,7 @@ from .._extension import has_kernel, tensor_states
 from ..ops.conv_bias_act import onednn_dtypes
 from ..ops.max_pool_act import Args, pool_args
 from ._fused import (
+    _PLAIN_TENSORS,
     ConvPlan,
     add_pair,
     autocast_dtype,
@@ -214,7 +215,8 @@ class Kept:
         """The plan of ``fc`` as a 1x1 conv over (N, C, 1, 1) features (our 1x1 GEMM or
         oneDNN's conv, whichever its first call measures faster), kept in ``holder`` under
         the key (backend, tensor states of fc's weight and bias); None where the module runs
-        instead: not exactly a hook-free ``nn.Linear`` with a bias, global module hooks,
+        instead: not exactly a hook-free ``nn.Linear`` with a plain tensor weight and bias
+        (a tensor subclass may override F.linear) of x's width, global module hooks,
         gradients on, autocast, torch.compile, a torch.func transform, a fake mode, x not on
         CPU, a dtype the CPU's oneDNN path does not take, or inference tensors (nothing to
         watch)."""
@@ -224,7 +226,8 @@ class Kept:
                 or in_functorch() or faking()):
             return None
         weight, bias = fc._parameters.get("weight"), fc._parameters.get("bias")
-        if (weight is None or bias is None or x.dtype != weight.dtype or weight.dtype not in onednn_dtypes()
+        if (type(weight) not in _PLAIN_TENSORS or type(bias) not in _PLAIN_TENSORS
+                or x.shape[1] != weight.shape[1] or x.dtype != weight.dtype or weight.dtype not in onednn_dtypes()
                 or not torch.backends.mkldnn.enabled):
             return None
         try:

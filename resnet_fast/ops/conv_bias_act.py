@@ -220,7 +220,7 @@ def gemm_bf16_supported() -> bool:
         with unset_fake_temporarily():
             torch.ops.resnet_fast.conv1x1_prepack(torch.zeros(1, 2, 1, 1, dtype=torch.bfloat16))
         return True
-    except RuntimeError:  # the op says this CPU has no AVX512-BF16
+    except (RuntimeError, TypeError):  # this CPU has no AVX512-BF16 (or an older build: no bf16)
         return False
 
 

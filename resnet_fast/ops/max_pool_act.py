@@ -37,12 +37,15 @@ def pool_args(pool: nn.Module) -> Optional[Args]:
 
 
 def _out_shape(x: Tensor, kernel_size, stride, padding) -> list[int]:
-    """What the C++ op checks, with its words."""
-    if x.dim() != 4:
-        raise ValueError(f"max_pool_act: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
+    """What the C++ op checks, in its order and with its words."""
     if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"max_pool_act: expected a float32, float64, float16 or bfloat16 "
                         f"tensor, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"max_pool_act: expected x of shape (N, C, H, W), got {tuple(x.shape)}")
+    if not len(kernel_size) == len(stride) == len(padding) == 2:
+        raise ValueError(f"max_pool_act: expected 2 values each for kernel_size, stride and "
+                         f"padding, got {list(kernel_size)}, {list(stride)}, {list(padding)}")
     shape = [x.shape[0], x.shape[1]]
     for d, (k, s, p) in enumerate(zip(kernel_size, stride, padding)):
         if not (k > 0 and s > 0 and 0 <= 2 * p <= k):
