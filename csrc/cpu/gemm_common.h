@@ -115,8 +115,8 @@ T* thread_scratch(size_t n) {
     std::free(buf.p);
     const size_t bytes = round_up(static_cast<int64_t>(n * sizeof(T)), 64);
     buf.p = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(buf.p != nullptr, "resnet_fast: out of memory for ", bytes,
-                " bytes of kernel scratch");
+    // One literal: a formatted message would instantiate std::ostringstream's members here.
+    TORCH_CHECK(buf.p != nullptr, "resnet_fast: out of memory for a kernel's scratch buffer");
     std::memset(buf.p, 0, bytes);
     buf.n = n;
   }

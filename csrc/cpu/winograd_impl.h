@@ -30,8 +30,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
-#include <vector>
 
 #include "gemm_common.h"
 #include "winograd.h"
@@ -289,7 +287,7 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
   at::parallel_for(0, blocks * split.groups, 1, [&](int64_t b0, int64_t b1) {
     float* V = thread_scratch<float>(static_cast<size_t>(E * T * (Cp + Kp)));
     float* Mb = V + E * T * Cp;
-    std::vector<char> finite(T);
+    char* finite = thread_scratch<char>(static_cast<size_t>(T));  // per tile of the block
     int64_t transformed = -1;
     for (int64_t task = b0; task < b1; ++task) {
       const int64_t b = task % blocks, g = task / blocks;

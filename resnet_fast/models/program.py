@@ -227,8 +227,8 @@ class Kept:
             return None
         weight, bias = fc._parameters.get("weight"), fc._parameters.get("bias")
         if (type(weight) not in _PLAIN_TENSORS or type(bias) not in _PLAIN_TENSORS
-                or x.shape[1] != weight.shape[1] or x.dtype != weight.dtype or weight.dtype not in onednn_dtypes()
-                or not torch.backends.mkldnn.enabled):
+                or x.shape[1] != weight.shape[1] or x.dtype != weight.dtype
+                or weight.dtype not in onednn_dtypes() or not torch.backends.mkldnn.enabled):
             return None
         try:
             key = [holder.backend, tensor_states([weight, bias])]
