@@ -908,7 +908,7 @@ def test_optimize_casts_and_lays_out_the_input_in_one_copy():
     _close(out.float(), tv(x))
 
 
-def test_a_block_on_its_own_runs_fused_on_channels_last_and_torchvisions_code_on_nchw():
+def test_a_block_on_its_own_runs_fused_and_returns_channels_last_for_any_layout():
     model, tv = _pair("resnet50")
     block, tv_block = model.layer2[0], tv.layer2[0]
     x = torch.randn(2, 256, 8, 8)
@@ -916,10 +916,15 @@ def test_a_block_on_its_own_runs_fused_on_channels_last_and_torchvisions_code_on
     real = ConvPlan.__call__
     with torch.no_grad(), mock.patch.object(ConvPlan, "__call__",
                                             lambda *a, **k: calls.append(1) or real(*a, **k)):
-        out = block(x)  # NCHW: torchvision's code, its output NCHW
-        assert not calls and Kept.of(block) is None and out.is_contiguous()
-        _close(out, tv_block(x))
-        cl = x.contiguous(memory_format=torch.channels_last)
-        out = block(cl)
+        out = block(x)  # NCHW: converted once, fused, channels_last out
         assert len(calls) == 4 and out.is_contiguous(memory_format=torch.channels_last)
         _close(out, tv_block(x))
+        assert x.is_contiguous()  # the caller's tensor is left as it was
+        cl = x.contiguous(memory_format=torch.channels_last)
+        out = block(cl)
+        assert len(calls) == 8 and out.is_contiguous(memory_format=torch.channels_last)
+        _close(out, tv_block(x))
+    # a 3-d input runs torchvision's code, which refuses it (BatchNorm2d) as torchvision does
+    for b in (block, tv_block):
+        with pytest.raises(ValueError, match="expected 4D input"):
+            b(x[0])

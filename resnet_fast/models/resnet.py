@@ -3,7 +3,7 @@
 
 What differs from torchvision is inside ``forward`` only: in eval mode every conv -> BN
 (-> add) -> ReLU runs as one fused conv from per-layer plans (``_fused.py``), run as one
-program per ResNet, or per block called on its own on a channels_last input (``program.py``);
+program per ResNet, or per block called on its own (``program.py``);
 a conv -> FrozenBatchNorm2d (detection backbones) fuses the same way in training too. In
 training every BN -> (add ->) ReLU is one fused ``batch_norm_act``. Both compute what
 torchvision computes. Where they could not (hooks, another norm layer, parametrized convs,
@@ -82,17 +82,19 @@ class _Block(FusedEvalMixin, nn.Module):
     def _forward_eager(self, x: Tensor) -> Tensor:
         """Fused where it computes what torchvision computes and no tool records the model;
         torchvision's code otherwise (and for an mkldnn or sparse x, which torchvision's own
-        code takes or refuses). In eval mode a block called on its own runs fused on a
-        channels_last x only: on NCHW activations oneDNN's fused conv is slower than eager's
-        unfused path (a ResNet-50 layer1 block at 128x128, batch 1, one thread: 64.8 ms fused
-        vs 32.1 eager, 53.8 with the two layout copies running channels_last inside would
-        cost), so an NCHW x runs torchvision's code. A whole model converts its input once."""
+        code takes or refuses). A block called on its own runs channels_last inside and
+        returns channels_last, as a torch conv with a channels_last weight does: an NCHW x is
+        converted once, and the next block (or torchvision's FPN) then gets channels_last,
+        which oneDNN is fast at (torchvision's FPN extractor at 512 px, fp32 inference with
+        NCHW images: 1.25x torchvision at batch 1, 1.46x at batch 4; docs/design.md).
+        Converting back to NCHW would cost more than fusing saves. A whole model converts
+        its input once and returns logits."""
         if not recorded() and x.layout == torch.strided:
             # (a layout query raises inside vmap: the torch.func check comes first)
-            program = (self._fused_program() if not in_functorch()
-                       and x.is_contiguous(memory_format=torch.channels_last) else None)
+            program = (self._fused_program() if not in_functorch() and x.dim() == 4
+                       else None)
             if program is not None:
-                return program(x)
+                return program(x.contiguous(memory_format=torch.channels_last))
             if self._fused_train():
                 return self._forward_train(x)
         return self._forward_plain(x)
