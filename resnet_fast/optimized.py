@@ -82,7 +82,8 @@ def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Option
     half-precision ``dtype`` on a CPU where oneDNN has no convolution for it is a
     RuntimeWarning: it runs emulated, slower than float32. ``winograd``: the stride-1 3x3
     convs' Winograd setting on CPU (``ResNet.set_winograd``): None measures F(2x2,3x3)
-    against oneDNN per layer, True also F(4x4,3x3) (5-11x the error per layer), False never.
+    against oneDNN per layer (in bfloat16 also F(4x4,3x3), which errs there as oneDNN
+    does), True also F(4x4,3x3) in float32 (5-11x the error per layer), False never.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")

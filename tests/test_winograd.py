@@ -1,7 +1,8 @@
 """Winograd F(2x2,3x3) and F(4x4,3x3) on CPU (``winograd_prepack``, ``conv_bias_act_winograd``)
 against an fp64 direct convolution, on shapes that are not multiples of the tile or of the
 vector width, with and without residual and ReLU, channels_last and NCHW; NaN and inf where
-torch puts them; the op's checks, opcheck; and the models' plans choosing it per layer."""
+torch puts them; bfloat16 tensors (float32 arithmetic: the float32 op's result rounded once);
+the op's checks, opcheck; and the models' plans choosing it per layer."""
 
 import itertools
 
@@ -15,7 +16,7 @@ import resnet_fast
 from resnet_fast import autotune
 from resnet_fast.calibrate import calibrate_
 from resnet_fast.models.program import Kept
-from resnet_fast.ops.conv_bias_act import winograd_k_block
+from resnet_fast.ops.conv_bias_act import onednn_dtypes, winograd_k_block
 
 pytestmark = pytest.mark.skipif(not winograd_k_block(),
                                 reason="the Winograd kernels need AVX2+FMA or AVX-512")
@@ -118,6 +119,49 @@ def test_nan_and_inf_where_torch_puts_them(tile, shape):
     _assert_within_bound(tile, out, _torch_fp32(x, weight, bias, 1, r, True, truth), truth)
 
 
+def _bf16(*tensors):
+    return tuple(None if t is None else t.bfloat16() for t in tensors)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("residual,relu,channels_last,non_finite", [
+    (False, False, True, False), (True, True, True, False), (True, False, False, False),
+    (True, True, True, True)])
+def test_bfloat16_is_the_float32_result_rounded_once(tile, shape, residual, relu, channels_last,
+                                                     non_finite):
+    """bfloat16 x, weight, bias and residual: widened exactly, the float32 kernel's arithmetic,
+    one rounding to nearest even at the store. So the result is, bit for bit, the float32 op's
+    on the same values (itself checked against fp64 above) rounded to bfloat16, NaN where it
+    has NaN; and it errs against the fp64 truth within the rule next to torch's own bf16 conv
+    (which rounds the conv's output and again after the residual and ReLU)."""
+    n, c, k, h, w, pad = shape
+    x, weight, bias, _ = _bf16(*_case(n, c, k, h, w, False))
+    r = torch.randn(n, k, h + 2 * pad - 2, w + 2 * pad - 2).bfloat16() if residual else None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    if non_finite:
+        x[0, 0, min(2, h - 1), 0] = float("nan")
+        x[-1, -1, h - 1, w - 1] = float("inf")
+    r = None if r is None else r.contiguous(memory_format=fmt)
+    packed = op.winograd_prepack(weight, tile)
+    assert packed.dtype == torch.float32
+    torch.testing.assert_close(packed, op.winograd_prepack(weight.float(), tile), rtol=0, atol=0)
+    out = op.conv_bias_act_winograd(x, weight, packed, bias, [pad, pad], r, relu)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=fmt)
+    f32 = op.conv_bias_act_winograd(x.float(), weight.float(), packed, bias.float(), [pad, pad],
+                                    None if r is None else r.float(), relu)
+    torch.testing.assert_close(out, f32.bfloat16(), rtol=0, atol=0, equal_nan=True)
+    truth = _direct(x.double(), weight.double(), bias.double(), pad,
+                    None if r is None else r.double(), relu)
+    torch_bf16 = _direct(x, weight, bias, pad, r, relu)
+    assert_within_reference_error(out, torch_bf16, truth)
+    if residual:  # in place over the residual: the same values
+        into = r.contiguous(memory_format=torch.channels_last)
+        op.conv_bias_act_winograd_(x, weight, packed, bias, [pad, pad], into, relu)
+        torch.testing.assert_close(into, out, rtol=0, atol=0, equal_nan=True)
+
+
 def test_opcheck():
     x, weight, bias, r = _case(2, 5, 7, 6, 5, True)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -126,6 +170,10 @@ def test_opcheck():
     torch.library.opcheck(op.conv_bias_act_winograd, (x, weight, packed, bias, [1, 1], r, True))
     torch.library.opcheck(op.conv_bias_act_winograd,
                           (x.contiguous(), weight, packed, bias, [0, 0], None, False))
+    xb, wb, bb, rb = _bf16(x, weight, bias, r)
+    torch.library.opcheck(op.winograd_prepack, (wb, 2))
+    torch.library.opcheck(op.conv_bias_act_winograd,
+                          (xb, wb, op.winograd_prepack(wb, 4), bb, [1, 1], rb, True))
 
 
 def test_empty_batch_and_no_input_channels():
@@ -150,8 +198,10 @@ def test_bad_arguments_say_what_was_expected():
     other = torch.randn(8, 24, 3, 3)
     with pytest.raises(ValueError, match="winograd_prepack"):  # packed for other channels
         op.conv_bias_act_winograd(x, weight, op.winograd_prepack(other, 2), bias, [1, 1])
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
         op.conv_bias_act_winograd(x.double(), weight.double(), packed, bias.double(), [1, 1])
+    with pytest.raises(TypeError, match="bias in x's dtype"):  # one dtype for every tensor
+        op.conv_bias_act_winograd(x.bfloat16(), weight.bfloat16(), packed, bias, [1, 1])
     with pytest.raises(ValueError, match="residual"):
         op.conv_bias_act_winograd(x, weight, packed, bias, [1, 1], torch.randn(1, 8, 5, 5))
     with pytest.raises(ValueError, match="3x3"):
@@ -200,7 +250,10 @@ def test_plans_choose_winograd_and_match_torchvision(tmp_path, monkeypatch, wino
     with torch.no_grad():
         got = ours(x)
         truth = tv.double()(x.double())
-        want = tv.float()(x)
+        # torchvision's fp32 result with the larger error of its two layouts (as _torch_fp32)
+        want = max((tv.float().to(memory_format=fmt)(x.contiguous(memory_format=fmt))
+                    for fmt in (torch.contiguous_format, torch.channels_last)),
+                   key=lambda o: (o.double() - truth).abs().max().item())
     # resnet18: 16 3x3 convs, 3 of them stride 2; the 13 others take Winograd.
     assert _choices(ours).count("winograd") == 13 and timer.calls > 0
     _assert_within_bound(4 if winograd else 2, got, want, truth)
@@ -209,6 +262,30 @@ def test_plans_choose_winograd_and_match_torchvision(tmp_path, monkeypatch, wino
     with torch.no_grad():
         ours(x)
     assert timer.calls == calls  # chosen once per layer and input shape
+
+
+@pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(),
+                    reason="bfloat16 plans run oneDNN's bf16 conv, which this CPU has not")
+def test_bfloat16_plans_measure_both_tiles_where_enough_pixels_share_the_weight(tmp_path,
+                                                                                monkeypatch):
+    """A bfloat16 model measures F(4x4) by default (its error there is the output's
+    rounding), for layers of at least 512 output pixels per call: resnet18 at 64x64, batch 8,
+    layer1 (16x16) and layer2 (8x8) take it, layer3 (4x4) and layer4 (2x2) stay on oneDNN."""
+    timer = _Prefer(4)
+    monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
+        str(tmp_path / "t.json"), environment=autotune.cpu_environment, timer=timer,
+        measure=True))
+    torch.manual_seed(0)
+    tv, ours = _resnet18_pair(None)
+    tv, ours = tv.bfloat16(), ours.bfloat16()
+    x = torch.randn(8, 3, 64, 64).bfloat16()
+    with torch.no_grad():
+        got = ours(x)
+        want = tv(x.contiguous(memory_format=torch.channels_last))
+        truth = tv.double()(x.double())
+    # 4 stride-1 3x3 convs in layer1, 3 in layer2; 3 each in layer3 and layer4 on oneDNN
+    assert _choices(ours).count("winograd") == 7 and _choices(ours).count("onednn") >= 6
+    assert_within_reference_error(got, want, truth)
 
 
 def test_winograd_false_keeps_onednn():
@@ -234,6 +311,11 @@ for tile, factor in ((2, 2), (4, 32)):
     assert packed.shape[3] == 16, packed.shape  # 2 x 8 lanes: the AVX2 build
     err = (op.conv_bias_act_winograd(x, w, packed, b, [1, 1]).double() - truth).abs().max().item()
     assert err <= factor * ref + 1e-6, (tile, err, ref)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()  # bfloat16: float32's, rounded once
+    got = op.conv_bias_act_winograd(xb, wb, op.winograd_prepack(wb, tile), bb, [1, 1])
+    want = op.conv_bias_act_winograd(xb.float(), wb.float(), op.winograd_prepack(wb, tile),
+                                     bb.float(), [1, 1])
+    assert torch.equal(got, want.bfloat16()), tile
 print("ok")
 """
 

@@ -1,7 +1,8 @@
 // The Winograd ops on CPU (winograd.h says what the kernels compute): winograd_prepack, the
 // weight transformed once, and conv_bias_act_winograd, act(conv3x3(x, w) + bias (+ residual))
-// for stride 1, dilation 1, one group, float32. Checks, layout and allocation are here; the
-// arithmetic is in winograd_impl.h, compiled per instruction set.
+// for stride 1, dilation 1, one group, on float32 or bfloat16 tensors (float32 arithmetic and
+// transformed weights either way). Checks, layout and allocation are here; the arithmetic is
+// in winograd_impl.h, compiled per instruction set.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
@@ -86,14 +87,16 @@ at::Tensor winograd_prepack_cpu(const at::Tensor& w, int64_t tile) {
                         && w.device().is_cpu(), op, ": expected a strided CPU weight of shape "
                     "(K, C, 3, 3), got ", Shape{w.sizes()}, " of layout ", w.layout(), " on ",
                     w.device());
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, op, ": expected a float32 weight, got ",
-                   DType{w.scalar_type()});
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op,
+                   ": expected a float32 or bfloat16 weight, got ", DType{w.scalar_type()});
   const int64_t kb = k_block(), vl = kb / 2, K = w.size(0), C = w.size(1);
+  // float32 either way: a bfloat16 weight widens exactly, and its transform is not rounded
+  // back to bfloat16.
   at::Tensor out = at::zeros({(tile + 2) * (tile + 2), (K + kb - 1) / kb, (C + vl - 1) / vl * vl,
-                              kb}, w.options());
+                              kb}, w.options().dtype(at::kFloat));
   if (w.numel() == 0) return out;
   (winograd_isa() == 512 ? AVX512::winograd_weight_kernel : AVX2::winograd_weight_kernel)(
-      w.contiguous(), tile, out);
+      w.to(at::kFloat).contiguous(), tile, out);
   return out;
 }
 
@@ -122,8 +125,8 @@ at::Tensor conv_bias_act_winograd_cpu(const at::Tensor& x_in, const at::Tensor& 
   require_isa(op);
   const auto out_shape = check_conv_args(x_in, weight, bias, {1, 1}, padding, {1, 1}, 1, residual,
                                          op);
-  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, op, ": expected float32 x, got ",
-                   DType{x_in.scalar_type()});
+  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, op,
+                   ": expected float32 or bfloat16 x, got ", DType{x_in.scalar_type()});
   TORCH_CHECK_VALUE(x_in.device().is_cpu() && weight.layout() == at::kStrided &&
                         weight.size(2) == 3 && weight.size(3) == 3,
                     op, ": expected CPU tensors and a strided 3x3 weight, got x on ",

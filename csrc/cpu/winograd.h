@@ -1,4 +1,5 @@
-// Winograd F(m x m, 3 x 3) convolution on CPU, float32, channels_last: the entry points of
+// Winograd F(m x m, 3 x 3) convolution on CPU, float32 arithmetic on float32 or bfloat16
+// tensors, channels_last: the entry points of
 // the kernels compiled once per instruction set (winograd_avx2.cpp, winograd_avx512.cpp;
 // the body is winograd_impl.h) and picked at run time. winograd.cpp holds the ops that call
 // them (checks, layout, allocation).
@@ -19,9 +20,10 @@ namespace resnet_fast::cpu {
   int64_t winograd_k_block();                                                                \
   /* w: (K, C, 3, 3) float32 contiguous; out: (E, ceil(K / kKb), Cp, kKb) float32. */        \
   void winograd_weight_kernel(const at::Tensor& w, int64_t m, const at::Tensor& out);        \
-  /* x: (N, C, H, W) channels_last float32; out: (N, K, OH, OW) channels_last, written once; \
-     weight: (K, C, 3, 3) contiguous, packed made from it; bias: (K,); residual: undefined   \
-     or like out. */                                                                         \
+  /* x: (N, C, H, W) channels_last float32 or bfloat16 (weight, bias, residual and out in   \
+     its dtype; packed float32); out: (N, K, OH, OW) channels_last, written once; weight:    \
+     (K, C, 3, 3) contiguous, packed made from it; bias: (K,); residual: undefined or like   \
+     out. */                                                                                 \
   void winograd_conv_kernel(const at::Tensor& x, const at::Tensor& weight,                   \
                             const at::Tensor& packed, const at::Tensor& bias,                \
                             const at::Tensor& residual, bool relu, int64_t m, int64_t pad_h, \

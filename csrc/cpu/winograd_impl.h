@@ -3,11 +3,17 @@
 // instruction-set flags (setup.py), so at::vec::Vectorized<float> is 8 or 16 lanes wide and
 // every function here exists once per instruction set, in its own namespace.
 //
-// Work is split into blocks of tiles sized so a block's transformed input V (E x T x Cp) and
-// its products M (E x T x Kp) stay in L2: a block is input-transformed, multiplied (E GEMMs
-// of T x Cp by Cp x Kp, in a register-blocked micro-kernel), and output-transformed with the
+// Work is split into blocks of tiles sized so a block's transformed input V (E x NT x Cp) and
+// its products M (E x NT x Kp) stay in L2: a block is input-transformed, multiplied (E GEMMs
+// of NT x Cp by Cp x Kp, in a register-blocked micro-kernel), and output-transformed with the
 // bias, residual and ReLU before the next block starts. No full-size transformed tensor
 // exists; each output element is written once.
+//
+// x, the bias, the residual and the output are float32 or bfloat16 (T): bfloat16 is widened
+// exactly to float32 as it is loaded and rounded once (to nearest even, NaN kept) as the output
+// is stored, so the transforms and the products are float32 in both, as are the transformed
+// weights (winograd_prepack): a bfloat16 conv errs by its output's rounding, as oneDNN's bf16
+// conv (float32 sums, one rounding) does, plus Winograd's float32 error, ~100x smaller.
 //
 // NaN and inf as in torch: the transforms mix a whole input tile into every output of the
 // tile (and inf - inf is NaN), so a tile whose input holds a NaN or an inf is computed by
@@ -30,6 +36,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm_common.h"
 #include "winograd.h"
@@ -44,6 +51,38 @@ constexpr int64_t kKb = 2 * kVl;                 // output channels per micro-ke
 constexpr int64_t kRows = kVl == 16 ? 12 : 6;    // tiles per micro-kernel call (accumulators:
                                                  // 24 of 32 zmm, 12 of 16 ymm registers)
 constexpr int64_t kBlockBytes = 768 * 1024;      // V + M of one block of tiles: within L2
+
+// cnt (<= kVl) values of T at p as float32 lanes, the rest 0: bfloat16 widened (exact).
+template <typename T>
+inline Vec load_f(const T* p, int64_t cnt) {
+  if constexpr (std::is_same_v<T, float>) {
+    return cnt == kVl ? Vec::loadu(p) : Vec::loadu(p, cnt);
+  } else {
+    Vec v;
+    if (cnt == kVl) {
+      at::vec::load_fp32_from_bf16(p, v);
+    } else {
+      uint16_t part[kVl] = {};  // the lanes past cnt: +0.0
+      std::memcpy(part, p, cnt * sizeof(T));
+      at::vec::load_fp32_from_bf16(reinterpret_cast<const T*>(part), v);
+    }
+    return v;
+  }
+}
+
+// The first cnt lanes of v stored at p as T: bfloat16 rounded to nearest even, NaN kept.
+template <typename T>
+inline void store_f(T* p, Vec v, int64_t cnt) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cnt == kVl) {
+      v.store(p);
+    } else {
+      v.store(p, cnt);
+    }
+  } else {
+    at::vec::convert_float_bfloat16(v, v).store(p, cnt);
+  }
+}
 
 // B^T d along one dimension: A = m + 2 values in, A out.
 template <int M>
@@ -84,19 +123,19 @@ inline void output_1d(const Vec* s, Vec* o) {
 // outside the input (clear bits of rows_in / cols_in) read as 0; kInside: all inside and cnt
 // is kVl, no checks. Stores tile element e at v + e * ve; returns `nonfinite` with d * 0
 // added (NaN in a lane once a NaN or inf was read).
-template <int M, bool kInside>
-inline Vec input_tile(const float* p, int64_t row, int64_t pixel, int64_t cnt, unsigned rows_in,
+template <int M, bool kInside, typename T>
+inline Vec input_tile(const T* p, int64_t row, int64_t pixel, int64_t cnt, unsigned rows_in,
                       unsigned cols_in, float* v, int64_t ve, Vec nonfinite) {
   constexpr int A = M + 2;
   Vec s[A][A];
   for (int r = 0; r < A; ++r) {
     Vec d[A];
-    const float* pr = p + r * row;
+    const T* pr = p + r * row;
     for (int q = 0; q < A; ++q) {
       if (kInside) {
-        d[q] = Vec::loadu(pr + q * pixel);
+        d[q] = load_f(pr + q * pixel, kVl);
       } else if ((rows_in >> r) & (cols_in >> q) & 1u) {
-        d[q] = cnt == kVl ? Vec::loadu(pr + q * pixel) : Vec::loadu(pr + q * pixel, cnt);
+        d[q] = load_f(pr + q * pixel, cnt);
       } else {
         d[q] = Vec(0.f);
       }
@@ -116,10 +155,9 @@ inline Vec input_tile(const float* p, int64_t row, int64_t pixel, int64_t cnt, u
 // act(A^T m A + bias (+ residual)) for kVl channels of one tile: tile element e of m at
 // m + e * me; output (r, q) at out + r * row + q * pixel (the residual alike), the top-left
 // mh x mw outputs of the tile, cnt channels; kWhole: all M x M and cnt is kVl.
-template <int M, bool kWhole>
-inline void output_tile(const float* m, int64_t me, Vec bias, const float* res, bool relu,
-                        float* out, int64_t row, int64_t pixel, int64_t mh, int64_t mw,
-                        int64_t cnt) {
+template <int M, bool kWhole, typename T>
+inline void output_tile(const float* m, int64_t me, Vec bias, const T* res, bool relu, T* out,
+                        int64_t row, int64_t pixel, int64_t mh, int64_t mw, int64_t cnt) {
   constexpr int A = M + 2;
   Vec s[A][M];
   for (int r = 0; r < A; ++r) {
@@ -134,13 +172,9 @@ inline void output_tile(const float* m, int64_t me, Vec bias, const float* res, 
     for (int r = 0; r < (kWhole ? M : mh); ++r) {
       const int64_t at = r * row + q * pixel;
       Vec v = o[r] + bias;
-      if (res) v = v + (kWhole ? Vec::loadu(res + at) : Vec::loadu(res + at, cnt));
+      if (res) v = v + load_f(res + at, kWhole ? kVl : cnt);
       if (relu) v = at::vec::maximum(v, Vec(0.f));  // NaN stays NaN, as torch.relu
-      if (kWhole) {
-        v.store(out + at);
-      } else {
-        v.store(out + at, cnt);
-      }
+      store_f(out + at, v, kWhole ? kVl : cnt);
     }
   }
 }
@@ -233,8 +267,8 @@ inline void gemm_store(const float* v, int64_t ldv, const float* u, int64_t cp,
 
 // One output tile by direct convolution (the tiles whose input is not all finite), float64
 // accumulation: out = act(bias + sum x * w (+ residual)), as torch computes it elementwise.
-void direct_tile(const float* x, const float* w, const float* bias, const float* res, bool relu,
-                 float* out, int64_t n, int64_t oh0, int64_t ow0, int64_t mh, int64_t mw,
+template <typename T>
+void direct_tile(const T* x, const T* w, const T* bias, const T* res, bool relu, T* out, int64_t n, int64_t oh0, int64_t ow0, int64_t mh, int64_t mw,
                  int64_t C, int64_t H, int64_t W, int64_t K, int64_t OH, int64_t OW, int64_t ph,
                  int64_t pw, int64_t k_begin, int64_t k_end) {
   for (int64_t r = 0; r < mh; ++r) {
@@ -248,21 +282,23 @@ void direct_tile(const float* x, const float* w, const float* bias, const float*
           for (int64_t dx = 0; dx < 3; ++dx) {
             const int64_t iw = ow0 + q - pw + dx;
             if (iw < 0 || iw >= W) continue;
-            const float* xp = x + ((n * H + ih) * W + iw) * C;
-            const float* wp = w + k * C * 9 + dy * 3 + dx;
-            for (int64_t c = 0; c < C; ++c) acc += double(xp[c]) * double(wp[c * 9]);
+            const T* xp = x + ((n * H + ih) * W + iw) * C;
+            const T* wp = w + k * C * 9 + dy * 3 + dx;
+            for (int64_t c = 0; c < C; ++c) {
+              acc += double(static_cast<float>(xp[c])) * double(static_cast<float>(wp[c * 9]));
+            }
           }
         }
-        float v = static_cast<float>(acc) + bias[k];
-        if (res) v += res[off + k];
+        float v = static_cast<float>(acc) + static_cast<float>(bias[k]);
+        if (res) v += static_cast<float>(res[off + k]);
         if (relu && !(v > 0.f || std::isnan(v))) v = 0.f;
-        out[off + k] = v;
+        out[off + k] = static_cast<T>(v);  // bfloat16: nearest even, as torch rounds
       }
     }
   }
 }
 
-template <int M>
+template <int M, typename T>
 void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
           const at::Tensor& bias_t,
           const at::Tensor& res_t, bool relu, int64_t ph, int64_t pw, const at::Tensor& out_t) {
@@ -271,28 +307,28 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
   const int64_t K = out_t.size(1), OH = out_t.size(2), OW = out_t.size(3);
   const int64_t Kb = u_t.size(1), Cp = u_t.size(2), Kp = Kb * kKb;
   const int64_t TH = (OH + M - 1) / M, TW = (OW + M - 1) / M, tiles = N * TH * TW;
-  const float* x = x_t.const_data_ptr<float>();
+  const T* x = x_t.const_data_ptr<T>();
   const float* u = u_t.const_data_ptr<float>();
-  const float* w = w_t.const_data_ptr<float>();
-  const float* bias = bias_t.const_data_ptr<float>();
-  const float* res = res_t.defined() ? res_t.const_data_ptr<float>() : nullptr;
-  float* out = out_t.mutable_data_ptr<float>();
+  const T* w = w_t.const_data_ptr<T>();
+  const T* bias = bias_t.const_data_ptr<T>();
+  const T* res = res_t.defined() ? res_t.const_data_ptr<T>() : nullptr;
+  T* out = out_t.mutable_data_ptr<T>();
 
-  // Blocks of T tiles, each within kBlockBytes, shared by the threads as split_work says.
+  // Blocks of NT tiles, each within kBlockBytes, shared by the threads as split_work says.
   const Split split = split_work(
       tiles, kRows * std::max<int64_t>(1, kBlockBytes / (4 * E * (Cp + Kp)) / kRows), Kb, kKb,
       kRows);
-  const int64_t T = split.rows, blocks = split.chunks, per_group = split.per_group;
+  const int64_t NT = split.rows, blocks = split.chunks, per_group = split.per_group;
 
   at::parallel_for(0, blocks * split.groups, 1, [&](int64_t b0, int64_t b1) {
-    float* V = thread_scratch<float>(static_cast<size_t>(E * T * (Cp + Kp)));
-    float* Mb = V + E * T * Cp;
-    char* finite = thread_scratch<char>(static_cast<size_t>(T));  // per tile of the block
+    float* V = thread_scratch<float>(static_cast<size_t>(E * NT * (Cp + Kp)));
+    float* Mb = V + E * NT * Cp;
+    char* finite = thread_scratch<char>(static_cast<size_t>(NT));  // per tile of the block
     int64_t transformed = -1;
     for (int64_t task = b0; task < b1; ++task) {
       const int64_t b = task % blocks, g = task / blocks;
       const int64_t kb0 = g * per_group, kb1 = std::min(Kb, kb0 + per_group);
-      const int64_t t0 = b * T, nt = std::min(T, tiles - t0);
+      const int64_t t0 = b * NT, nt = std::min(NT, tiles - t0);
       // Input transform: V[e][i][c] for the block's tiles, kVl channels at a time.
       for (int64_t i = 0; i < nt && transformed != b; ++i) {
         const int64_t t = t0 + i, n = t / (TH * TW), th = t % (TH * TW) / TW, tw = t % TW;
@@ -303,15 +339,16 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
           rows_in |= unsigned(ih0 + r >= 0 && ih0 + r < H) << r;
           cols_in |= unsigned(iw0 + r >= 0 && iw0 + r < W) << r;
         }
-        const float* xt = x + ((n * H + ih0) * W + iw0) * C;
+        const T* xt = x + ((n * H + ih0) * W + iw0) * C;
         Vec nonfinite(0.f);  // NaN in a lane once a NaN or inf was loaded (v * 0)
         for (int64_t c0 = 0; c0 < Cp; c0 += kVl) {
           const int64_t cnt = std::min(kVl, C - c0);
           float* v = V + i * Cp + c0;
-          nonfinite = inside && cnt == kVl
-                          ? input_tile<M, true>(xt + c0, W * C, C, kVl, 0, 0, v, T * Cp, nonfinite)
-                          : input_tile<M, false>(xt + c0, W * C, C, cnt, rows_in, cols_in, v,
-                                                 T * Cp, nonfinite);
+          nonfinite =
+              inside && cnt == kVl
+                  ? input_tile<M, true>(xt + c0, W * C, C, kVl, 0, 0, v, NT * Cp, nonfinite)
+                  : input_tile<M, false>(xt + c0, W * C, C, cnt, rows_in, cols_in, v, NT * Cp,
+                                         nonfinite);
         }
         float lanes[kVl];
         nonfinite.store(lanes);
@@ -325,8 +362,8 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
           const float* ue = u + (e * Kb + kb) * Cp * kKb;
           for (int64_t i = 0; i < nt; i += kRows) {  // the last call: only the rows left
             with_rows<kRows>(static_cast<int>(std::min(kRows, nt - i)), [&](auto r) {
-              micro_kernel<decltype(r)::value>(V + (e * T + i) * Cp, Cp, ue, Cp,
-                                               Mb + (e * T + i) * Kp + kb * kKb, Kp);
+              micro_kernel<decltype(r)::value>(V + (e * NT + i) * Cp, Cp, ue, Cp,
+                                               Mb + (e * NT + i) * Kp + kb * kKb, Kp);
             });
           }
         }
@@ -347,13 +384,13 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
         for (int64_t k0 = k_begin; k0 < k_end; k0 += kVl) {
           const int64_t cnt = std::min(kVl, k_end - k0);
           const float* mt = Mb + i * Kp + k0;
-          const float* rt = res ? res + off + k0 : nullptr;
+          const T* rt = res ? res + off + k0 : nullptr;
+          const Vec b = load_f(bias + k0, cnt);
           if (whole && cnt == kVl) {
-            output_tile<M, true>(mt, T * Kp, Vec::loadu(bias + k0), rt, relu, out + off + k0,
-                                 OW * K, K, M, M, kVl);
+            output_tile<M, true>(mt, NT * Kp, b, rt, relu, out + off + k0, OW * K, K, M, M, kVl);
           } else {
-            output_tile<M, false>(mt, T * Kp, Vec::loadu(bias + k0, cnt), rt, relu,
-                                  out + off + k0, OW * K, K, mh, mw, cnt);
+            output_tile<M, false>(mt, NT * Kp, b, rt, relu, out + off + k0, OW * K, K, mh, mw,
+                                  cnt);
           }
         }
       }
@@ -431,10 +468,14 @@ void winograd_weight_kernel(const at::Tensor& w_t, int64_t m, const at::Tensor& 
 void winograd_conv_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed,
                           const at::Tensor& bias, const at::Tensor& residual, bool relu,
                           int64_t m, int64_t pad_h, int64_t pad_w, const at::Tensor& out) {
-  if (m == 2) {
-    conv<2>(x, weight, packed, bias, residual, relu, pad_h, pad_w, out);
+  auto run = [&](auto type) {
+    using T = decltype(type);
+    (m == 2 ? conv<2, T> : conv<4, T>)(x, weight, packed, bias, residual, relu, pad_h, pad_w, out);
+  };
+  if (x.scalar_type() == at::kBFloat16) {
+    run(c10::BFloat16());
   } else {
-    conv<4>(x, weight, packed, bias, residual, relu, pad_h, pad_w, out);
+    run(float());
   }
 }
 

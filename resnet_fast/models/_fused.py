@@ -71,6 +71,11 @@ _PLAIN_TENSORS = (nn.Parameter, Tensor)
 # also true under torch.export, which recorded() rules out first (torch.compiler.is_compiling).
 _fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
 _MAX_PACKED_SIZES = 4  # keys of ConvPlan._entry a CPU plan keeps prepared weights for (oldest dropped)
+# Fewest output pixels per call at which a bfloat16 plan measures Winograd. Its transformed
+# weight is float32 (F(2x2) 3.6x, F(4x4) 8x the bf16 weight's bytes), read once per call from
+# memory in a model, where the tuner's repeated calls find it in cache: ResNet-50 at batch 1,
+# 256x14x14 F(4x4) measured 0.42 ms to oneDNN's 0.52 and ran 0.63 to 0.55 in the model.
+_BF16_WINOGRAD_MIN_PIXELS = 512
 
 
 def no_hooks(m: nn.Module) -> bool:
@@ -371,11 +376,15 @@ class ConvPlan:
         timed writing over a copy of the residual, as ``overwrite`` calls run them."""
         packed = torch.ops.resnet_fast.prepack_conv_weight.default(
             self.weight, *self.geometry, list(x.shape))
-        if not self._own:
+        own = self._own
+        if (self.weight.dtype == torch.bfloat16
+                and x.shape[0] * x.shape[2] * x.shape[3] < _BF16_WINOGRAD_MIN_PIXELS):
+            own = tuple(n for n in own if not n.startswith("winograd"))  # (stride 1: x's pixels)
+        if not own:
             return "onednn", packed
         ops = torch.ops.resnet_fast
         entries = {"onednn": ("onednn", packed)}
-        for name in self._own:  # "gemm", "winograd2", "winograd4"
+        for name in own:  # "gemm", "winograd2", "winograd4"
             entries[name] = (("gemm", ops.conv1x1_prepack.default(self.weight)) if name == "gemm"
                              else ("winograd", ops.winograd_prepack.default(self.weight,
                                                                             int(name[-1]))))
@@ -398,9 +407,11 @@ def own_kernels(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
     """Our own CPU kernels a plan measures against oneDNN, for a conv with one group,
     dilation 1 and a (folded) bias where this CPU runs them (AVX2 or AVX-512): the 1x1 GEMM
     (``gemm``) for an unpadded 1x1 conv of any stride, in float32, and in bfloat16 where the
-    CPU has AVX512-BF16; for a stride-1 3x3 float32 conv Winograd F(2x2,3x3) (``winograd2``)
-    by default, also F(4x4,3x3) (``winograd4``: faster, and errs 5-11x more: an opt-in) with
-    ``winograd=True``, neither with ``winograd=False`` (nor in bfloat16: docs/design.md)."""
+    CPU has AVX512-BF16; for a stride-1 3x3 conv Winograd (float32 arithmetic) unless
+    ``winograd=False``: in float32 F(2x2,3x3) (``winograd2``) by default, also F(4x4,3x3)
+    (``winograd4``: faster, and errs 5-11x more: an opt-in) with ``winograd=True``; in
+    bfloat16 both by default, as both err as oneDNN's bf16 conv does (by the output's one
+    rounding, ~100x Winograd's float32 error; docs/design.md)."""
     if (bias is None or tuple(conv.dilation) != (1, 1) or conv.groups != 1
             or not winograd_k_block()):
         return ()
@@ -408,10 +419,11 @@ def own_kernels(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
             weight.dtype == torch.float32
             or (weight.dtype == torch.bfloat16 and gemm_bf16_supported())):
         return ("gemm",)
-    if (winograd is False or weight.dtype != torch.float32 or tuple(weight.shape[2:]) != (3, 3)
-            or tuple(conv.stride) != (1, 1)):
+    if (winograd is False or weight.dtype not in (torch.float32, torch.bfloat16)
+            or tuple(weight.shape[2:]) != (3, 3) or tuple(conv.stride) != (1, 1)):
         return ()
-    return ("winograd2", "winograd4") if winograd else ("winograd2",)
+    both = winograd or weight.dtype == torch.bfloat16
+    return ("winograd2", "winograd4") if both else ("winograd2",)
 
 
 def refold(terms: tuple[tuple[float, bool, bool], ...],

@@ -374,12 +374,14 @@ class _Backbone(FusedEvalMixin, nn.Module):
         return self
 
     def set_winograd(self, winograd: Optional[bool]) -> "_Backbone":
-        """Winograd for the fused eval path's stride-1 3x3 convs on CPU (float32, AVX2 or
-        AVX-512), each layer measured against oneDNN at its first call: None (the default)
-        lets F(2x2,3x3) in where it is faster (it errs no more than oneDNN's direct conv);
-        True also F(4x4,3x3), faster still and 5-11x the error (docs/design.md gives the
-        measured bound); False keeps Winograd out (the 3x3s run oneDNN; the 1x1 convs still
-        weigh our GEMM against oneDNN: its arithmetic is a direct conv's)."""
+        """Winograd for the fused eval path's stride-1 3x3 convs on CPU (AVX2 or AVX-512;
+        float32 arithmetic in float32 and bfloat16 models), each layer measured against oneDNN
+        at its first call: None (the default) lets F(2x2,3x3) in where it is faster (it errs
+        no more than oneDNN's direct conv), and in bfloat16 F(4x4,3x3) too (its error there is
+        the output's bf16 rounding, as oneDNN's); True also F(4x4,3x3) in float32, faster
+        still and 5-11x the error (docs/design.md gives the measured bound); False keeps
+        Winograd out (the 3x3s run oneDNN; the 1x1 convs still weigh our GEMM against oneDNN:
+        its arithmetic is a direct conv's)."""
         if not (winograd is None or isinstance(winograd, bool)):
             raise TypeError(f"set_winograd: expected None, True or False, got {winograd!r}")
         for m in self.modules():

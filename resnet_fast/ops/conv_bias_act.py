@@ -12,9 +12,10 @@ On CPU, in float32 and, where oneDNN runs bf16 (:func:`onednn_dtypes`, from the 
 extension's one answer :func:`onednn_dtype_supported`), in bfloat16, a
 weight can be prepared once: ``prepack_conv_weight`` reorders it into
 oneDNN's blocked layout for one input size and ``conv_bias_act_packed`` takes that packed
-weight (inference only; no autograd). For a stride-1 3x3 conv in float32 on a CPU with AVX2 or
-AVX-512, ``winograd_prepack`` transforms the weight once for Winograd's F(2x2,3x3) or
-F(4x4,3x3) and ``conv_bias_act_winograd`` runs it (csrc/cpu/winograd_impl.h): fewer
+weight (inference only; no autograd). For a stride-1 3x3 conv in float32 or bfloat16 on a CPU
+with AVX2 or AVX-512, ``winograd_prepack`` transforms the weight once (into float32) for
+Winograd's F(2x2,3x3) or F(4x4,3x3) and ``conv_bias_act_winograd`` runs it
+(csrc/cpu/winograd_impl.h; float32 arithmetic, a bfloat16 output rounded once): fewer
 multiplications. A 1x1 conv has our own GEMM (same micro-kernel, bias, residual and the
 NaN-keeping ReLU in its stores): ``conv1x1_prepack`` lays the weight out once,
 ``conv_bias_act_1x1`` runs it. The models' plans choose among oneDNN and these per layer by
@@ -233,8 +234,12 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
         kb = winograd_k_block()
         torch._check(kb > 0, lambda: "winograd_prepack: the Winograd kernels need a CPU with "
                                      "AVX2 and FMA (or AVX-512); this one has neither")
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"winograd_prepack: expected a float32 or bfloat16 weight, got "
+                            f"{weight.dtype}")
         k, c = weight.shape[:2]
-        return weight.new_empty(((tile + 2) ** 2, -(-k // kb), -(-c // (kb // 2)) * (kb // 2), kb))
+        return weight.new_empty(((tile + 2) ** 2, -(-k // kb), -(-c // (kb // 2)) * (kb // 2), kb),
+                                dtype=torch.float32)
 
     @torch.library.register_fake("resnet_fast::conv_bias_act_winograd")
     def _winograd_fake(x, weight, packed_weight, bias, padding, residual=None, relu=True):
@@ -244,8 +249,8 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
         return x.new_empty(out_shape).contiguous(memory_format=layout_of(x))
 
     def _own_kernel_args(x, weight, kernel, op):
-        """What the C++ ops of our own kernels check beyond check_conv: float32 (the 1x1 GEMM:
-        or bfloat16 where it runs), the kernel size."""
+        """What the C++ ops of our own kernels check beyond check_conv: float32 or bfloat16
+        (the 1x1 GEMM: bfloat16 where it runs), the kernel size."""
         _own_dtype(x.dtype, "x", kernel, op)
         if weight.dim() == 4 and tuple(weight.shape[2:]) != (kernel, kernel):
             raise ValueError(f"{op}: expected a {kernel}x{kernel} weight, got "
@@ -255,8 +260,8 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
         if kernel == 1 and dtype in (torch.float32, torch.bfloat16):
             torch._check(dtype == torch.float32 or gemm_bf16_supported(),
                          lambda: f"{op}: bfloat16 needs a CPU with AVX-512 and AVX512-BF16")
-        elif dtype != torch.float32:
-            raise TypeError(f"{op}: expected float32 {what}, got {dtype}")
+        elif dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"{op}: expected float32 or bfloat16 {what}, got {dtype}")
 
     def _into(residual, op):
         """The in-place variants' residual, which they write over: dense channels_last."""
