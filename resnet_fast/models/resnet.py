@@ -86,7 +86,7 @@ class _Block(FusedEvalMixin, nn.Module):
         returns channels_last, as a torch conv with a channels_last weight does: an NCHW x is
         converted once, and the next block (or torchvision's FPN) then gets channels_last,
         which oneDNN is fast at (torchvision's FPN extractor at 512 px, fp32 inference with
-        NCHW images: 1.25x torchvision at batch 1, 1.46x at batch 4; docs/design.md).
+        NCHW images: 1.31x torchvision at batch 1, 1.59x at batch 4; docs/design.md).
         Converting back to NCHW would cost more than fusing saves. A whole model converts
         its input once and returns logits."""
         if not recorded() and x.layout == torch.strided:
