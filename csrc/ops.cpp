@@ -38,7 +38,8 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def("winograd_prepack(Tensor weight, int tile) -> Tensor");
   // act(conv2d(x, weight, stride 1, padding) + bias (+ residual)) for a 3x3 weight, by
   // Winograd's algorithm on packed_weight = winograd_prepack(weight) (inference: no
-  // autograd); float32 on CPU. weight itself is read only for tiles of non-finite input.
+  // autograd); float32 or bfloat16 on CPU (float32 arithmetic). weight itself is read only
+  // for tiles of non-finite input.
   m.def("conv_bias_act_winograd(Tensor x, Tensor weight, Tensor packed_weight, Tensor bias, "
         "int[2] padding, Tensor? residual=None, bool relu=True) -> Tensor");
   // The same written over residual (dense channels_last, apart from x): for a caller that

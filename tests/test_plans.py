@@ -912,6 +912,7 @@ def test_a_block_on_its_own_runs_fused_and_returns_channels_last_for_any_layout(
     model, tv = _pair("resnet50")
     block, tv_block = model.layer2[0], tv.layer2[0]
     x = torch.randn(2, 256, 8, 8)
+    x0 = x.clone()
     calls = []
     real = ConvPlan.__call__
     with torch.no_grad(), mock.patch.object(ConvPlan, "__call__",
@@ -919,7 +920,7 @@ def test_a_block_on_its_own_runs_fused_and_returns_channels_last_for_any_layout(
         out = block(x)  # NCHW: converted once, fused, channels_last out
         assert len(calls) == 4 and out.is_contiguous(memory_format=torch.channels_last)
         _close(out, tv_block(x))
-        assert x.is_contiguous()  # the caller's tensor is left as it was
+        assert x.is_contiguous() and torch.equal(x, x0)  # the caller's tensor is left as it was
         cl = x.contiguous(memory_format=torch.channels_last)
         out = block(cl)
         assert len(calls) == 8 and out.is_contiguous(memory_format=torch.channels_last)

@@ -312,10 +312,12 @@ for tile, factor in ((2, 2), (4, 32)):
     err = (op.conv_bias_act_winograd(x, w, packed, b, [1, 1]).double() - truth).abs().max().item()
     assert err <= factor * ref + 1e-6, (tile, err, ref)
     xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()  # bfloat16: float32's, rounded once
-    got = op.conv_bias_act_winograd(xb, wb, op.winograd_prepack(wb, tile), bb, [1, 1])
-    want = op.conv_bias_act_winograd(xb.float(), wb.float(), op.winograd_prepack(wb, tile),
-                                     bb.float(), [1, 1])
-    assert torch.equal(got, want.bfloat16()), tile
+    rb = torch.randn(2, 21, 9, 10, generator=g).bfloat16()  # NCHW, as x.contiguous() below
+    for xi, ri in ((xb, None), (xb.contiguous(), rb)):
+        got = op.conv_bias_act_winograd(xi, wb, op.winograd_prepack(wb, tile), bb, [1, 1], ri)
+        want = op.conv_bias_act_winograd(xi.float(), wb.float(), op.winograd_prepack(wb, tile),
+                                         bb.float(), [1, 1], None if ri is None else ri.float())
+        assert torch.equal(got, want.bfloat16()), tile
 print("ok")
 """
 

@@ -111,7 +111,8 @@ def build_candidates(names, arch: str, reference: torch.nn.Module, dtype: torch.
             out.append(Candidate(name, optimize(torchvision_copy(False), dtype=dtype), False))
         elif name == "optimize_winograd":
             if device.type != "cpu" or dtype != torch.float32:
-                skipped[name] = (f"Winograd runs on CPU in float32; this run is {device.type} "
+                skipped[name] = (f"winograd=True adds F(4x4,3x3) on CPU in float32 (in bfloat16 "
+                                 f"`optimize` measures it already); this run is {device.type} "
                                  f"{str(dtype).split('.')[-1]}")
                 continue
             out.append(Candidate(name, optimize(torchvision_copy(False), dtype=dtype,

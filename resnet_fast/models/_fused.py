@@ -377,9 +377,10 @@ class ConvPlan:
         packed = torch.ops.resnet_fast.prepack_conv_weight.default(
             self.weight, *self.geometry, list(x.shape))
         own = self._own
-        if (self.weight.dtype == torch.bfloat16
-                and x.shape[0] * x.shape[2] * x.shape[3] < _BF16_WINOGRAD_MIN_PIXELS):
-            own = tuple(n for n in own if not n.startswith("winograd"))  # (stride 1: x's pixels)
+        if self.weight.dtype == torch.bfloat16 and any(n.startswith("winograd") for n in own):
+            (ph, pw), (n, _, h, w) = self.geometry[1], x.shape  # 3x3, stride 1
+            if n * (h + 2 * ph - 2) * (w + 2 * pw - 2) < _BF16_WINOGRAD_MIN_PIXELS:
+                own = tuple(k for k in own if not k.startswith("winograd"))
         if not own:
             return "onednn", packed
         ops = torch.ops.resnet_fast
