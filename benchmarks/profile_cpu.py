@@ -59,6 +59,7 @@ _OWN_CONVS = {f"resnet_fast::{name}" for name in (
     "conv_bias_act_winograd", "conv_bias_act_winograd_", "conv_bias_act_1x1",
     "conv_bias_act_1x1_")}
 _OWN_KERNELS = _OWN_CONVS | {"resnet_fast::max_pool_act", "resnet_fast::relu_bits"}
+_CONVS = _OWN_CONVS | {"resnet_fast::conv_bias_act_packed"}  # every conv a plan runs
 _OURS = {"mkldnn::_convolution_pointwise_": "conv", "mkldnn::_convolution_pointwise": "conv",
          **dict.fromkeys(_OWN_CONVS, "conv"),
          "aten::copy_": "residual copy",
@@ -107,8 +108,7 @@ class Ours:
         ops: dict[str, float] = defaultdict(float)
         layers: dict[str, float] = defaultdict(float)
         events = sorted(prof.events(), key=lambda e: e.time_range.start)
-        convs = [e for e in events if e.name == "resnet_fast::conv_bias_act_packed"
-                 or e.name in _OWN_CONVS]
+        convs = [e for e in events if e.name in _CONVS]
         # The fc, where it runs as a plan (a 1x1 conv over (N, C, 1, 1): Kept.head_for), is
         # the forward's last conv, with the fc plan's weight; it and every frame beneath it
         # count as the fc.
@@ -116,7 +116,6 @@ class Ours:
         fc = ({convs[-1].id} if convs and head is not None and convs[-1].input_shapes[0][2:]
               == [1, 1] and convs[-1].input_shapes[1] == head else set())
         for event in events:
-            conv = event.name == "resnet_fast::conv_bias_act_packed" or event.name in _OWN_CONVS
             if event.cpu_parent is not None and event.cpu_parent.id in fc:
                 fc.add(event.id)
             # Our ops' frames: the children of the oneDNN path count; our own kernels' code
@@ -124,7 +123,7 @@ class Ours:
             if not event.name.startswith("resnet_fast::") or event.name in _OWN_KERNELS:
                 name = "resnet_fast::fc" if event.id in fc else event.name
                 ops[name] += event.self_cpu_time_total / 1e3
-            if conv and event.id not in fc:
+            if event.name in _CONVS and event.id not in fc:
                 layers[_layer(*event.input_shapes[:2])] += event.cpu_time_total / 1e3
         self.forwards.append((dict(ops), dict(layers)))
 

@@ -331,8 +331,10 @@ class _Backbone(FusedEvalMixin, nn.Module):
         """Global average pool and fc: (N, C, h, w) -> (N, num_classes), or the pooled (N, C)
         features with ``pre_logits=True``."""
         x = torch.flatten(self.avgpool(x), 1)
-        if pre_logits:
-            return x
+        return x if pre_logits else self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """self.fc(x): the module itself when scripted, else ``_fc``."""
         if torch.jit.is_scripting():
             return self.fc(x)
         return self._fc(x)
@@ -355,10 +357,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
         else:
             x = self._features(x, keep_layout=False)
         features = self.forward_head(x, pre_logits=True)
-        if torch.jit.is_scripting():
-            logits = self.fc(features)
-        else:
-            logits = self._fc(features)
+        logits = self._logits(features)
         if self.return_features:
             return logits, features
         return logits
