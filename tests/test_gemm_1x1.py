@@ -75,11 +75,13 @@ def test_matches_fp64(shape, residual, relu, channels_last):
 
 needs_bf16 = pytest.mark.skipif(not gemm_bf16_supported(),
                                 reason="the bfloat16 GEMM needs AVX-512 and AVX512-BF16")
-BF16_SHAPES = [  # odd C (its last pair padded in a copy), C = 2048 (copied), stride 2
-    (1, 3, 5, 7, 9, 1),
+BF16_SHAPES = [  # odd C (its last pair padded in a copy), C = 2048 (copied), stride 2; C = 512
+    (1, 3, 5, 7, 9, 1),  # (the longest sum of one run) and 514 (a second run of one pair)
     (3, 17, 33, 10, 11, 1),
     (2, 20, 40, 5, 4, 2),
     (1, 64, 70, 14, 13, 1),
+    (1, 512, 40, 5, 6, 1),
+    (1, 514, 33, 4, 5, 1),
     (2, 2048, 36, 3, 5, 1),
 ]
 

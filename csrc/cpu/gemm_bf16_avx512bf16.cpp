@@ -68,14 +68,15 @@ __attribute__((always_inline)) inline void accumulate(const uint16_t* v, int64_t
   }
 }
 
-// act(R x kcnt block of A U + bias (+ residual)) rounded and stored at out (rows ldo apart).
-template <int R>
+// act(R x kcnt block of A U + bias (+ residual)) rounded and stored at out (rows ldo apart);
+// kOneRun: pairs <= kRunPairs (sum_in_runs).
+template <int R, bool kOneRun>
 inline void gemm_store(const uint16_t* v, int64_t ldv, const uint16_t* u, int64_t pairs,
                        const uint16_t* bias, const uint16_t* res, bool relu, uint16_t* out,
                        int64_t ldo, int64_t kcnt) {
   prefetch_rows<R>(res ? res : out, ldo, kcnt);
   __m512 a0[R], a1[R];
-  sum_in_runs<R>(
+  sum_in_runs<R, kOneRun>(
       pairs, kRunPairs, _mm512_setzero_ps(), a0, a1,
       [&](int64_t q0, int64_t q1, __m512* s0, __m512* s1) {
         accumulate<R>(v, ldv, u, q0, q1, s0, s1);
@@ -84,6 +85,7 @@ inline void gemm_store(const uint16_t* v, int64_t ldv, const uint16_t* u, int64_
   const int64_t n0 = std::min<int64_t>(16, kcnt), n1 = kcnt - n0;
   const __m512 zero = _mm512_setzero_ps();
   const __m512 b0 = widen(load16(bias, n0)), b1 = n1 > 0 ? widen(load16(bias + 16, n1)) : zero;
+#pragma GCC unroll 16  // as the sum: accumulators indexed by a loop live in memory
   for (int r = 0; r < R; ++r) {
     __m512 o0 = _mm512_add_ps(a0[r], b0), o1 = _mm512_add_ps(a1[r], b1);
     if (res) {
@@ -122,9 +124,10 @@ void conv1x1_bf16_kernel(const at::Tensor& x_t, const at::Tensor& u_t, const at:
       [&](const uint16_t* a, int64_t lda, int64_t p, int rows, int64_t kb) {
         const int64_t k0 = kb * kKb, o = p * K + k0;
         with_rows<kRows>(rows, [&](auto r) {
-          gemm_store<decltype(r)::value>(a, lda, u + kb * pairs * 2 * kKb, pairs, bias + k0,
-                                         res ? res + o : nullptr, relu, out + o, K,
-                                         std::min(kKb, K - k0));
+          constexpr int R = decltype(r)::value;
+          (pairs <= kRunPairs ? gemm_store<R, true> : gemm_store<R, false>)(
+              a, lda, u + kb * pairs * 2 * kKb, pairs, bias + k0, res ? res + o : nullptr, relu,
+              out + o, K, std::min(kKb, K - k0));
         });
       });
 }

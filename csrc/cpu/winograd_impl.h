@@ -241,7 +241,7 @@ inline void gemm_store(const float* v, int64_t ldv, const float* u, int64_t cp,
                        int64_t kcnt) {
   prefetch_rows<R>(res ? res : out, ldo, kcnt);
   Raw a0[R], a1[R];
-  sum_in_runs<R>(
+  sum_in_runs<R, false>(
       cp, 512, raw_set1(0.f), a0, a1,
       [&](int64_t c0, int64_t c1, Raw* s0, Raw* s1) { accumulate<R>(v, ldv, u, c0, c1, s0, s1); },
       [](Raw p, Raw q) { return raw_add(p, q); });
