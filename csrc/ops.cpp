@@ -49,12 +49,14 @@ TORCH_LIBRARY(resnet_fast, m) {
   // The weight (K, C, 1, 1) laid out once for conv_bias_act_1x1 on CPU: (ceil(K / kb), C, kb)
   // float32, kb output channels side by side (two vector widths of this CPU).
   m.def("conv1x1_prepack(Tensor weight) -> Tensor");
-  // act(conv2d(x, weight, stride) + bias (+ residual)) for a 1x1 weight, as our own GEMM on
-  // packed_weight = conv1x1_prepack(weight) (inference: no autograd); float32 on CPU.
-  m.def("conv_bias_act_1x1(Tensor x, Tensor weight, Tensor packed_weight, Tensor bias, "
+  // act(conv2d(x, weight, stride) (+ bias) (+ residual)) for a 1x1 weight, as our own GEMM on
+  // packed_weight = conv1x1_prepack(weight) (inference: no autograd); float32, and bfloat16
+  // with AVX512-BF16, on CPU. No bias: the models' downsample convs (their bias moves into
+  // the block's last conv).
+  m.def("conv_bias_act_1x1(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, "
         "int[2] stride, Tensor? residual=None, bool relu=True) -> Tensor");
   // The same written over residual, as conv_bias_act_winograd_.
-  m.def("conv_bias_act_1x1_(Tensor x, Tensor weight, Tensor packed_weight, Tensor bias, "
+  m.def("conv_bias_act_1x1_(Tensor x, Tensor weight, Tensor packed_weight, Tensor? bias, "
         "int[2] stride, Tensor(a!) residual, bool relu=True) -> ()");
   // Training BatchNorm (batch statistics) fused with (+ residual) and ReLU: returns
   // (out, mean, var) with the batch mean and biased variance per channel in float32 (float64

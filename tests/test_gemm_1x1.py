@@ -141,7 +141,8 @@ def test_bf16_model_runs_the_gemm_in_place_and_matches_torchvision(prefer_ours):
         want = tv(x.bfloat16().contiguous(memory_format=torch.channels_last))
         truth = tv.double()(x.bfloat16().double())
     kernels = _kernels(ours)
-    assert kernels["gemm", True] == 16 and kernels["gemm", False] == 16, kernels
+    # 16 conv3s over their residuals; 16 conv1s and the 4 bias-free downsamples into outputs
+    assert kernels["gemm", True] == 16 and kernels["gemm", False] == 20, kernels
     assert_within_reference_error(got, want, truth)
 
 
@@ -187,6 +188,29 @@ def test_winograd_in_place_writes_the_result_over_the_residual():
         torch.testing.assert_close(into, want, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_without_bias_as_the_models_downsamples_run_it(dtype, stride):
+    if dtype == torch.bfloat16 and not gemm_bf16_supported():
+        pytest.skip("the bfloat16 GEMM needs AVX-512 and AVX512-BF16")
+    x, weight, _, r = (t.to(dtype) for t in _case(2, 40, 36, 7, 6, stride, True))
+    x, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, r))
+    packed = op.conv1x1_prepack(weight)
+    for residual, relu in ((None, False), (r, True)):
+        out = op.conv_bias_act_1x1(x, weight, packed, None, [stride, stride], residual, relu)
+        truth = _direct(x.double(), weight.double(), None, stride,
+                        None if residual is None else residual.double(), relu)
+        assert_within_reference_error(
+            out, _direct(x, weight, None, stride, residual, relu), truth)
+    torch.library.opcheck(op.conv_bias_act_1x1,
+                          (x, weight, packed, None, [stride, stride], None, False))
+    into = r.clone()
+    op.conv_bias_act_1x1_(x, weight, packed, None, [stride, stride], into, True)
+    torch.testing.assert_close(into, op.conv_bias_act_1x1(x, weight, packed, None,
+                                                          [stride, stride], r, True),
+                               rtol=0, atol=0)
+
+
 def test_opcheck():
     x, weight, bias, r = _case(2, 5, 7, 6, 5, 1, True)
     x, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, r))
@@ -210,6 +234,8 @@ def test_empty_batch_and_no_input_channels():
     r = torch.randn(2, 6, 5, 5)
     out = op.conv_bias_act_1x1(x, weight, op.conv1x1_prepack(weight), bias, [1, 1], r, True)
     torch.testing.assert_close(out, (bias.view(1, -1, 1, 1) + r).relu(), rtol=0, atol=0)
+    out = op.conv_bias_act_1x1(x, weight, op.conv1x1_prepack(weight), None, [1, 1], r, True)
+    torch.testing.assert_close(out, r.relu(), rtol=0, atol=0)
 
 
 def test_bad_arguments_say_what_was_expected():
@@ -298,10 +324,11 @@ def test_models_run_our_kernels_in_place_and_match_torchvision(prefer_ours, arch
     kernels = _kernels(ours)
     blocks = 16 if arch == "resnet50" else 8
     # Every block's last conv writes over its residual: ResNet-50's 1x1 conv3 by the GEMM
-    # (its conv1s run the GEMM too), ResNet-18's 3x3 conv2 by Winograd.
+    # (its conv1s run the GEMM too), ResNet-18's 3x3 conv2 by Winograd; the 1x1 downsamples
+    # (4 in ResNet-50, 3 in ResNet-18; no bias) by the GEMM into outputs of their own.
     last = "gemm" if arch == "resnet50" else "winograd"
     assert kernels[last, True] == blocks, kernels
-    assert kernels.get(("gemm", False), 0) == (blocks if arch == "resnet50" else 0), kernels
+    assert kernels.get(("gemm", False), 0) == (blocks + 4 if arch == "resnet50" else 3), kernels
     assert_within_reference_error(got, want, truth)
     assert got.argmax(1).tolist() == want.argmax(1).tolist()
 

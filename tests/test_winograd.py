@@ -292,7 +292,10 @@ def test_winograd_false_keeps_onednn():
     model = resnet_fast.resnet18(num_classes=10).eval().set_winograd(False)
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
-    assert _choices(model) and set(_choices(model)) == {"onednn"}
+    # the stem and all 16 3x3s on oneDNN (the 3 bias-free 1x1 downsamples may measure our
+    # GEMM faster)
+    assert _choices(model) and set(_choices(model)) <= {"onednn", "gemm"}
+    assert _choices(model).count("onednn") >= 17
     with pytest.raises(TypeError, match="None, True or False"):
         model.set_winograd("yes")
 

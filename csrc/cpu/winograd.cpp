@@ -210,7 +210,7 @@ at::Tensor conv1x1_prepack_cpu(const at::Tensor& w) {
 }
 
 at::Tensor conv_bias_act_1x1_cpu(const at::Tensor& x_in, const at::Tensor& weight,
-                                 const at::Tensor& packed, const at::Tensor& bias,
+                                 const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                                  at::IntArrayRef stride,
                                  const std::optional<at::Tensor>& residual, bool relu,
                                  const at::Tensor& into, const char* op) {
@@ -235,22 +235,25 @@ at::Tensor conv_bias_act_1x1_cpu(const at::Tensor& x_in, const at::Tensor& weigh
   const at::Tensor x = dense_in(x_in, cl);
   at::Tensor out = output_for(x, out_shape, into, op);
   if (out.numel() == 0) return out;
+  // No bias (a downsample conv): zeros, K values, to keep one epilogue.
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({weight.size(0)},
+                                                                         x.options());
   if (C == 0) {  // no input channels: the epilogue on a sum of nothing
-    at::Tensor v = bias.view({1, -1, 1, 1}).expand(out_shape);
+    at::Tensor v = b.view({1, -1, 1, 1}).expand(out_shape);
     if (residual.has_value()) v = v + *residual;
     out.copy_(relu ? at::relu(v) : v);
     return out;
   }
   (t == at::kBFloat16 ? AVX512BF16::conv1x1_bf16_kernel
                       : winograd_isa() == 512 ? AVX512::conv1x1_kernel : AVX2::conv1x1_kernel)(
-      x, packed, bias.contiguous(),
+      x, packed, b,
       residual.has_value() ? dense_in(*residual, cl) : at::Tensor(), relu, stride[0], stride[1],
       out);
   return out;
 }
 
 at::Tensor conv_bias_act_1x1_op(const at::Tensor& x, const at::Tensor& weight,
-                                const at::Tensor& packed, const at::Tensor& bias,
+                                const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                                 at::IntArrayRef stride, const std::optional<at::Tensor>& residual,
                                 bool relu) {
   const at::Tensor out = conv_bias_act_1x1_cpu(x, weight, packed, bias, stride, residual, relu,
@@ -259,7 +262,7 @@ at::Tensor conv_bias_act_1x1_op(const at::Tensor& x, const at::Tensor& weight,
 }
 
 void conv_bias_act_1x1_inplace(const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& packed, const at::Tensor& bias,
+                               const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                                at::IntArrayRef stride, const at::Tensor& residual, bool relu) {
   conv_bias_act_1x1_cpu(x, weight, packed, bias, stride, residual, relu, residual,
                         "conv_bias_act_1x1_");
