@@ -6,11 +6,12 @@ changed), on the same calibrated weights, fp32 on CPU.
     python benchmarks/fpn_backbone.py                         # 512 px, batch 1 and 4
     python benchmarks/fpn_backbone.py --json benchmarks/results/<host>/fpn_resnet50_float32.json
 
-Per batch, two modes: ``inference`` (eval, ``torch.no_grad``) and ``train step`` (train mode,
-the sum of the squared FPN outputs' means backpropagated, one SGD step on the trainable
-layers), each with the model and its images NCHW (as torchvision's detection models feed
-them) and channels_last (``model.to(memory_format=torch.channels_last)`` and channels_last
-images). Every candidate is timed in rotated warm blocks (``resnet_fast.bench.timing``); the
+Per batch, three modes: ``inference`` (eval, ``torch.no_grad``), ``body inference`` (the
+same, the ResNet body alone: ``model.body``, without the FPN's own convs, which are
+torchvision's modules in both models) and ``train step`` (train mode, the sum of the squared
+FPN outputs' means backpropagated, one SGD step on the trainable layers), each with the model
+and its images NCHW (as torchvision's detection models feed them) and channels_last
+(``model.to(memory_format=torch.channels_last)`` and channels_last images). Every candidate is timed in rotated warm blocks (``resnet_fast.bench.timing``); the
 ratio is the median over rounds of torchvision's time over ours in the same layout.
 """
 
@@ -50,14 +51,16 @@ def backbones() -> tuple[torch.nn.Module, torch.nn.Module]:
     return fpn_tv, fpn_ours
 
 
-def calls(model: torch.nn.Module, x: torch.Tensor, train: bool):
-    """One inference forward, or one training step, of ``model`` on ``x``."""
+def calls(model: torch.nn.Module, x: torch.Tensor, train: bool, body: bool = False):
+    """One inference forward (``body``: of the ResNet body alone), or one training step, of
+    ``model`` on ``x``."""
     if not train:
         model.eval()
+        run = model.body if body else model
 
         def infer():
             with torch.no_grad():
-                return model(x)
+                return run(x)
         return infer
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
@@ -90,13 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     for batch in (int(b) for b in args.batch.split(",")):
         images = torch.randn(batch, 3, args.image_size, args.image_size,
                              generator=torch.Generator().manual_seed(batch))
-        for train in (False, True):
+        for mode in ("inference", "body inference", "train step"):
+            train, body = mode == "train step", mode == "body inference"
             for layout in ("nchw", "channels_last"):
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                 x = images.contiguous(memory_format=fmt)
                 models = {name: copy.deepcopy(m).to(memory_format=fmt)
                           for name, m in (("torchvision", fpn_tv), ("resnet_fast", fpn_ours))}
-                fns = {name: calls(m, x, train) for name, m in models.items()}
+                fns = {name: calls(m, x, train, body) for name, m in models.items()}
                 if not train:  # same features, within fp32 rounding of 53 convs
                     got, want = fns["resnet_fast"](), fns["torchvision"]()
                     err = max((got[k] - want[k]).abs().max().item() for k in want)
@@ -104,14 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     err = scale = None
                 times = warm_blocks(fns, torch.device("cpu"), args.repeats, args.block)
-                run = {"batch": batch, "mode": "train step" if train else "inference",
-                       "layout": layout,
+                run = {"batch": batch, "mode": mode, "layout": layout,
                        "median_ms": {n: 1e3 * statistics.median(flat(t)) for n, t in times.items()},
                        "speedup_vs_torchvision": round_ratio(times["torchvision"],
                                                              times["resnet_fast"]),
                        "max_abs_err_vs_torchvision": err, "feature_scale": scale}
                 result["runs"].append(run)
-                print(f"batch {batch} {run['mode']:<10} {layout:<13} torchvision "
+                print(f"batch {batch} {mode:<14} {layout:<13} torchvision "
                       f"{run['median_ms']['torchvision']:8.1f} ms  resnet_fast "
                       f"{run['median_ms']['resnet_fast']:8.1f} ms  "
                       f"{run['speedup_vs_torchvision']:.2f}x"
