@@ -46,8 +46,9 @@ TORCH_LIBRARY(resnet_fast, m) {
   // owns the residual and reads it no more (the models' programs, a block's last conv).
   m.def("conv_bias_act_winograd_(Tensor x, Tensor weight, Tensor packed_weight, Tensor bias, "
         "int[2] padding, Tensor(a!) residual, bool relu=True) -> ()");
-  // The weight (K, C, 1, 1) laid out once for conv_bias_act_1x1 on CPU: (ceil(K / kb), C, kb)
-  // float32, kb output channels side by side (two vector widths of this CPU).
+  // The weight (K, C, 1, 1) laid out once for conv_bias_act_1x1 on CPU: float32 (ceil(K / kb),
+  // C, kb), kb output channels side by side (two vector widths of this CPU); bfloat16
+  // (ceil(K / 32), ceil(C / 2), 64), pairs of input channels side by side.
   m.def("conv1x1_prepack(Tensor weight) -> Tensor");
   // act(conv2d(x, weight, stride) (+ bias) (+ residual)) for a 1x1 weight, as our own GEMM on
   // packed_weight = conv1x1_prepack(weight) (inference: no autograd); float32, and bfloat16

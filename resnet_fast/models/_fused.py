@@ -409,11 +409,11 @@ def own_kernels(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
     dilation 1 where this CPU runs them (AVX2 or AVX-512): the 1x1 GEMM (``gemm``) for an
     unpadded 1x1 conv of any stride, with or without a bias (a downsample's), in float32, and
     in bfloat16 where the CPU has AVX512-BF16; with a (folded) bias, for a stride-1 3x3 conv
-    Winograd (float32 arithmetic) unless
-    ``winograd=False``: in float32 F(2x2,3x3) (``winograd2``) by default, also F(4x4,3x3)
-    (``winograd4``: faster, and errs 5-11x more: an opt-in) with ``winograd=True``; in
-    bfloat16 both by default, as both err as oneDNN's bf16 conv does (by the output's one
-    rounding, ~100x Winograd's float32 error; docs/design.md)."""
+    Winograd (float32 arithmetic) unless ``winograd=False``: in float32 F(2x2,3x3)
+    (``winograd2``) by default, also F(4x4,3x3) (``winograd4``: faster, and errs 5-11x more:
+    an opt-in) with ``winograd=True``; in bfloat16 both by default, as both err as oneDNN's
+    bf16 conv does (by the output's one rounding, ~100x Winograd's float32 error;
+    docs/design.md)."""
     if tuple(conv.dilation) != (1, 1) or conv.groups != 1 or not winograd_k_block():
         return ()
     if tuple(weight.shape[2:]) == (1, 1) and tuple(conv.padding) == (0, 0) and (
