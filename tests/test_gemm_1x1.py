@@ -146,8 +146,9 @@ def test_bf16_model_runs_the_gemm_in_place_and_matches_torchvision(prefer_ours):
     assert_within_reference_error(got, want, truth)
 
 
-def test_nan_and_inf_where_torch_puts_them():
-    x, weight, bias, r = _case(2, 19, 21, 6, 5, 1, True)
+@pytest.mark.parametrize("c,k", [(19, 21), (19, 64), (600, 64)])  # partial and whole
+def test_nan_and_inf_where_torch_puts_them(c, k):  # column blocks; sums of one and two runs
+    x, weight, bias, r = _case(2, c, k, 6, 5, 1, True)
     x = x.contiguous(memory_format=torch.channels_last)
     x[0, 3, 4, 2] = float("nan")
     x[1, :, 0, 4] = float("inf")  # every channel: +inf and -inf products in one sum (NaN)
