@@ -11,8 +11,9 @@ same, the ResNet body alone: ``model.body``, without the FPN's own convs, which 
 torchvision's modules in both models) and ``train step`` (train mode, the sum of the squared
 FPN outputs' means backpropagated, one SGD step on the trainable layers), each with the model
 and its images NCHW (as torchvision's detection models feed them) and channels_last
-(``model.to(memory_format=torch.channels_last)`` and channels_last images). Every candidate is timed in rotated warm blocks (``resnet_fast.bench.timing``); the
-ratio is the median over rounds of torchvision's time over ours in the same layout.
+(``model.to(memory_format=torch.channels_last)`` and channels_last images). Every candidate
+is timed in rotated warm blocks (``resnet_fast.bench.timing``); the ratio is the median over
+rounds of torchvision's time over ours in the same layout.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 // Winograd F(m x m, 3 x 3) convolution on CPU, float32 arithmetic on float32 or bfloat16
-// tensors, channels_last: the entry points of
-// the kernels compiled once per instruction set (winograd_avx2.cpp, winograd_avx512.cpp;
-// the body is winograd_impl.h) and picked at run time. winograd.cpp holds the ops that call
-// them (checks, layout, allocation).
+// tensors, channels_last: the entry points of the kernels compiled once per instruction set
+// (winograd_avx2.cpp, winograd_avx512.cpp; the body is winograd_impl.h) and picked at run
+// time. winograd.cpp holds the ops that call them (checks, layout, allocation).
 //
 // m = 2 (4 x 4 input tiles, 16 products) or m = 4 (6 x 6 tiles, 36 products); stride 1,
 // dilation 1, one group. The weight is transformed once (winograd_prepack) into
