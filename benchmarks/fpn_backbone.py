@@ -1,19 +1,19 @@
 """A detection backbone as torchvision builds it: ResNet-50 with FrozenBatchNorm2d under
 torchvision's FPN extractor (``_resnet_fpn_extractor``, trainable layers 3, as
-``fasterrcnn_resnet50_fpn`` does), torchvision's model against resnet_fast's (one import
-changed), on the same calibrated weights, fp32 on CPU.
+``fasterrcnn_resnet50_fpn`` does), torchvision's model against resnet_fast's (two imports
+changed: the ResNet, and the extractor from ``resnet_fast.models.detection``, whose FPN runs
+its convs as our plans), on the same calibrated weights, fp32 on CPU.
 
     python benchmarks/fpn_backbone.py                         # 512 px, batch 1 and 4
     python benchmarks/fpn_backbone.py --json benchmarks/results/<host>/fpn_resnet50_float32.json
 
 Per batch, three modes: ``inference`` (eval, ``torch.no_grad``), ``body inference`` (the
-same, the ResNet body alone: ``model.body``, without the FPN's own convs, which are
-torchvision's modules in both models) and ``train step`` (train mode, the sum of the squared
-FPN outputs' means backpropagated, one SGD step on the trainable layers), each with the model
-and its images NCHW (as torchvision's detection models feed them) and channels_last
-(``model.to(memory_format=torch.channels_last)`` and channels_last images). Every candidate
-is timed in rotated warm blocks (``resnet_fast.bench.timing``); the ratio is the median over
-rounds of torchvision's time over ours in the same layout.
+same, the ResNet body alone: ``model.body``, without the FPN) and ``train step`` (train mode,
+the sum of the squared FPN outputs' means backpropagated, one SGD step on the trainable
+layers), each with the model and its images NCHW (as torchvision's detection models feed them)
+and channels_last (``model.to(memory_format=torch.channels_last)`` and channels_last images).
+Every candidate is timed in rotated warm blocks (``resnet_fast.bench.timing``); the ratio is
+the median over rounds of torchvision's time over ours in the same layout.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import resnet_fast
 from resnet_fast.bench.env import environment
 from resnet_fast.bench.timing import flat, round_ratio, warm_blocks
 from resnet_fast.calibrate import reference_model
+from resnet_fast.models import detection
 
 
 def backbones() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -47,7 +48,7 @@ def backbones() -> tuple[torch.nn.Module, torch.nn.Module]:
     ours.load_state_dict(state)
     torch.manual_seed(0)
     fpn_tv = _resnet_fpn_extractor(tv, trainable_layers=3)
-    fpn_ours = _resnet_fpn_extractor(ours, trainable_layers=3)
+    fpn_ours = detection._resnet_fpn_extractor(ours, trainable_layers=3)
     fpn_ours.load_state_dict(fpn_tv.state_dict())
     return fpn_tv, fpn_ours
 
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     fpn_tv, fpn_ours = backbones()
-    result = {"model": "resnet50 + FrozenBatchNorm2d, torchvision _resnet_fpn_extractor "
-                       "(trainable_layers=3)", "dtype": "float32",
+    result = {"model": "resnet50 + FrozenBatchNorm2d, _resnet_fpn_extractor (trainable_layers=3): "
+                       "torchvision's, and resnet_fast.models.detection's (the FPN fused)",
+              "dtype": "float32",
               "image_size": args.image_size, "repeats": args.repeats, "block": args.block,
               "timing": "rotated warm blocks (resnet_fast.bench.timing.warm_blocks); ratio: "
                         "median over rounds of torchvision's time / ours",

@@ -117,22 +117,32 @@ def recorded() -> bool:
     return not torch.compiler.is_compiling() and (torch.jit.is_tracing() or _fx_tracing())
 
 
-def add_pair(conv: nn.Module, bn: nn.Module, key: list, sources: list[Tensor]) -> bool:
+def add_pair(conv: nn.Module, bn: Optional[nn.Module], key: list, sources: list[Tensor]) -> bool:
     """Whether conv -> bn can run as one fused conv, computing exactly what the two modules
     compute: an ``nn.Conv2d`` with zero padding and a plain tensor weight, then a BatchNorm
     (exact classes) in eval mode with running stats or torchvision's ``FrozenBatchNorm2d``
-    (detection backbones; a fixed affine), neither with hooks. If so, appends to ``key`` what
-    the fold depends on besides tensors (eps, the geometry) and to ``sources`` every tensor it
-    reads. Dicts read directly: this runs on every forward."""
-    kind = type(bn)
-    if not (type(conv) is nn.Conv2d and no_hooks(conv) and no_hooks(bn)
-            and (kind is FrozenBatchNorm2d or (kind in _BN_TYPES and not bn.training
-                                               and bn.track_running_stats))
-            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):  # not "same"
+    (detection backbones; a fixed affine), or ``bn=None`` (a conv with nothing folded into it:
+    an FPN's), neither with hooks. If so, appends to ``key`` what the fold depends on besides
+    tensors (eps, None without a BN; the geometry) and to ``sources`` every tensor it reads.
+    Dicts read directly: this runs on every forward."""
+    if not (type(conv) is nn.Conv2d and no_hooks(conv) and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple)):  # not "same"
         return False
-    p, q, b = conv._parameters, bn._parameters, bn._buffers
-    weight, mean = p["weight"], b.get("running_mean")
-    if type(weight) not in _PLAIN_TENSORS or mean is None:
+    p = conv._parameters
+    weight = p["weight"]
+    if type(weight) not in _PLAIN_TENSORS:
+        return False
+    if bn is None:
+        key += (None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        sources += [t for t in (weight, p.get("bias")) if t is not None]
+        return True
+    kind = type(bn)
+    if not (no_hooks(bn) and (kind is FrozenBatchNorm2d or (
+            kind in _BN_TYPES and not bn.training and bn.track_running_stats))):
+        return False
+    q, b = bn._parameters, bn._buffers
+    mean = b.get("running_mean")
+    if mean is None:
         return False
     key += (bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups)
     sources += [t for t in (weight, p.get("bias"), q.get("weight"), q.get("bias"), mean,
@@ -433,12 +443,18 @@ def refold(terms: tuple[tuple[float, bool, bool], ...],
     them (a downsample's bias added to its block's last conv's in float32)."""
     weight, bias = None, None
     for k, (eps, takes_weight, takes_bias) in enumerate(terms):
-        w, b = fold_bn_tensors(*tensors[6 * k:6 * k + 6], eps)
+        w, b = _fold(tensors[6 * k:6 * k + 6], eps)
         if takes_weight:
             weight = w
         if takes_bias:
             bias = b if bias is None else _add_biases(bias, b)
     return weight, bias
+
+
+def _fold(tensors: Sequence[Optional[Tensor]], eps: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+    """(weight, bias) of one pair from its six tensors (conv weight and bias, BN weight, bias,
+    running mean and variance); ``eps=None``: a conv without a BN, its own weight and bias."""
+    return tuple(tensors[:2]) if eps is None else fold_bn_tensors(*tensors, eps)
 
 
 def _add_biases(b: Tensor, other: Tensor) -> Tensor:
@@ -530,10 +546,13 @@ def group_plans(backend: Optional[str], pairs: list, own: int, differentiable: b
 
 def _group_plans(backend: Optional[str], pairs: list, own: int, differentiable: bool,
                  cast: Optional[torch.dtype], winograd: Optional[bool]) -> list[ConvPlan]:
-    tensors = [(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-               for conv, bn, _ in pairs]
-    folded = [fold_bn_tensors(*t, bn.eps) for t, (_, bn, _) in zip(tensors, pairs)]
-    terms = [[(bn.eps, True, True)] for _, bn, _ in pairs]
+    tensors = [(conv.weight, conv.bias, *((None,) * 4 if bn is None else (
+        bn.weight, bn.bias, bn.running_mean, bn.running_var))) for conv, bn, _ in pairs]
+    eps_of = [None if bn is None else bn.eps for _, bn, _ in pairs]
+    folded = [_fold(t, e) for t, e in zip(tensors, eps_of)]
+    if not differentiable:  # (a conv without a BN: its Parameters themselves, detached)
+        folded = [(w.detach(), None if b is None else b.detach()) for w, b in folded]
+    terms = [[(e, True, True)] for e in eps_of]
     if len(pairs) > own:
         (w_last, b_last), (w_ds, b_ds) = folded[own - 1], folded[own]
         folded[own - 1] = (w_last, _add_biases(b_last, b_ds))

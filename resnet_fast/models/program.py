@@ -17,12 +17,13 @@ forward; a program whose key differs is rebuilt. ``_apply``, ``train()``/``eval(
 
 import warnings
 from types import SimpleNamespace
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .._extension import has_kernel, tensor_states
+from ..backends import requested_backend
 from ..ops.conv_bias_act import onednn_dtypes
 from ..ops.max_pool_act import Args, pool_args
 from ._fused import (
@@ -165,13 +166,39 @@ class Kept:
     def program_for(holder: nn.Module, stem: Optional[Group],
                     blocks: Sequence[Group]) -> Optional[Program]:
         """The program of ``stem`` and ``blocks``, kept in ``holder`` with its key; None if a
-        pair is not foldable. Nothing is kept under torch.compile (the fold goes into the
-        graph), under a FakeTensorMode (fake plans would poison later real forwards), under
-        autocast while gradients flow into a source (differentiable plans), or for inference
-        tensors (no version counter to watch). One pass with dicts read directly: this runs
-        on every forward."""
+        pair is not foldable (:meth:`kept`)."""
         groups = ([] if stem is None else [stem]) + list(blocks)
-        key: list = [stem is None]
+
+        def build(differentiable: bool, cast: Optional[torch.dtype]) -> Program:
+            plans = [group_plans(backend, pairs, own, differentiable, cast, winograd)
+                     for backend, winograd, pairs, own, _ in groups]
+            head = None if stem is None else plans.pop(0)[0]
+            return Program(head, tuple(
+                Block(tuple(p[:own - 1]), p[own - 1], p[own] if len(p) > own else shortcut)
+                for p, (*_, own, shortcut) in zip(plans, blocks)))
+
+        return Kept.kept(holder, [stem is None], groups, build)
+
+    @staticmethod
+    def plans_for(holder: nn.Module, backend: Optional[str], winograd: Optional[bool],
+                  pairs: list) -> Optional[tuple[ConvPlan, ...]]:
+        """One plan per (conv, BN or None, relu) of ``pairs``, run one by one (an FPN's
+        convs), kept in ``holder`` as a program is; None if a pair is not foldable."""
+        def build(differentiable: bool, cast: Optional[torch.dtype]) -> tuple[ConvPlan, ...]:
+            return tuple(group_plans(backend, pairs, len(pairs), differentiable, cast,
+                                     winograd))
+
+        return Kept.kept(holder, [], [(backend, winograd, pairs, len(pairs), None)], build)
+
+    @staticmethod
+    def kept(holder: nn.Module, key: list, groups: Sequence[Group],
+             build: Callable[[bool, Optional[torch.dtype]], Any]) -> Any:
+        """``build(differentiable, autocast dtype)`` for ``groups``, kept in ``holder`` with
+        its key (``key`` and the groups' own); None if a pair is not foldable. Nothing is kept
+        under torch.compile (the fold goes into the graph), under a FakeTensorMode (fake plans
+        would poison later real forwards), under autocast while gradients flow into a source
+        (differentiable plans), or for inference tensors (no version counter to watch). One
+        pass with dicts read directly: this runs on every forward."""
         sources: list[Tensor] = []
         for backend, winograd, pairs, own, shortcut in groups:
             key += (backend, winograd, own, shortcut)
@@ -180,19 +207,10 @@ class Kept:
                     return None
         cast = autocast_dtype(sources[0])
         key.append(cast)
-
-        def build(differentiable: bool) -> Program:
-            plans = [group_plans(backend, pairs, own, differentiable, cast, winograd)
-                     for backend, winograd, pairs, own, _ in groups]
-            head = None if stem is None else plans.pop(0)[0]
-            return Program(head, tuple(
-                Block(tuple(p[:own - 1]), p[own - 1], p[own] if len(p) > own else shortcut)
-                for p, (*_, own, shortcut) in zip(plans, blocks)))
-
         if torch.compiler.is_compiling() or faking() or (
                 cast is not None and torch.is_grad_enabled()
                 and any(t.requires_grad for t in sources)):
-            return build(True)
+            return build(True, cast)
         try:
             key.append(tensor_states(sources))
         except RuntimeError:  # inference tensors have no version counter: nothing to watch
@@ -201,12 +219,12 @@ class Kept:
                 "(made under torch.inference_mode), which have no version counter to watch, "
                 "so its fused plans are folded and packed again on every forward (ResNet-50, "
                 "bf16, batch 1: 111 instead of 25 ms); make or load the model outside "
-                "inference_mode", RuntimeWarning, stacklevel=2)
-            return build(False)
+                "inference_mode", RuntimeWarning, stacklevel=3)
+            return build(False, cast)
         kept = holder.__dict__.get(Kept.SLOT)
         if kept is not None and kept.key == key:
             return kept.program
-        program = build(False)
+        program = build(False, cast)
         holder.__dict__[Kept.SLOT] = Kept(key, program, [t.detach() for t in sources])
         return program
 
@@ -257,21 +275,49 @@ class Kept:
 
 
 class FusedEvalMixin:
-    """What a block or a backbone needs to keep a program (a plain attribute, not a parameter
-    or buffer: state_dicts are unchanged; dropped when pickled or deep-copied, and whenever
-    ``_apply``, ``train()``/``eval()`` run).
+    """What a block, a backbone or an FPN (``detection.py``) needs to keep a program (a plain
+    attribute, not a parameter or buffer: state_dicts are unchanged; dropped when pickled or
+    deep-copied, and whenever ``_apply``, ``train()``/``eval()`` run), and to set its backend
+    and Winograd use (on it and every such module inside it).
 
     A subclass lists its pairs as ``_fold_spec`` ((conv name, bn name, relu), ...); its
     ``relu`` module is what the fused forward skips besides them, and a ``downsample``
     Sequential(conv, bn) is a further pair without ReLU.
     """
 
-    backend: Optional[str]
+    backend: Optional[str] = None
     winograd: Optional[bool] = None
     _fold_spec: tuple[tuple[str, str, bool], ...]
 
     def _drop_plans(self) -> None:
         Kept.drop(self)
+
+    def set_backend(self, backend: Optional[str]) -> "FusedEvalMixin":
+        """Use ``backend`` for the fused eval path from now on (None: env, else auto)."""
+        if backend is not None:
+            requested_backend(backend)  # an unknown name fails here, not at the first forward
+        for m in self.modules():
+            if isinstance(m, FusedEvalMixin):
+                m.backend = backend
+                m._drop_plans()
+        return self
+
+    def set_winograd(self, winograd: Optional[bool]) -> "FusedEvalMixin":
+        """Winograd for the fused eval path's stride-1 3x3 convs on CPU (AVX2 or AVX-512;
+        float32 arithmetic in float32 and bfloat16 models), each layer measured against oneDNN
+        at its first call: None (the default) lets F(2x2,3x3) in where it is faster (it errs
+        no more than oneDNN's direct conv), and in bfloat16 F(4x4,3x3) too (its error there is
+        the output's bf16 rounding, as oneDNN's); True also F(4x4,3x3) in float32, faster
+        still and 5-11x the error (docs/design.md gives the measured bound); False keeps
+        Winograd out (the 3x3s run oneDNN; the 1x1 convs still weigh our GEMM against oneDNN:
+        its arithmetic is a direct conv's)."""
+        if not (winograd is None or isinstance(winograd, bool)):
+            raise TypeError(f"set_winograd: expected None, True or False, got {winograd!r}")
+        for m in self.modules():
+            if isinstance(m, FusedEvalMixin):
+                m.winograd = winograd
+                m._drop_plans()
+        return self
 
     def _apply(self, fn, *args, **kwargs):
         self._drop_plans()

@@ -362,33 +362,6 @@ class _Backbone(FusedEvalMixin, nn.Module):
             return logits, features
         return logits
 
-    def set_backend(self, backend: Optional[str]) -> "_Backbone":
-        """Use ``backend`` for the fused eval path from now on (None: env, else auto)."""
-        if backend is not None:
-            requested_backend(backend)  # an unknown name fails here, not at the first forward
-        for m in self.modules():
-            if isinstance(m, (_Block, _Backbone)):
-                m.backend = backend
-                m._drop_plans()
-        return self
-
-    def set_winograd(self, winograd: Optional[bool]) -> "_Backbone":
-        """Winograd for the fused eval path's stride-1 3x3 convs on CPU (AVX2 or AVX-512;
-        float32 arithmetic in float32 and bfloat16 models), each layer measured against oneDNN
-        at its first call: None (the default) lets F(2x2,3x3) in where it is faster (it errs
-        no more than oneDNN's direct conv), and in bfloat16 F(4x4,3x3) too (its error there is
-        the output's bf16 rounding, as oneDNN's); True also F(4x4,3x3) in float32, faster
-        still and 5-11x the error (docs/design.md gives the measured bound); False keeps
-        Winograd out (the 3x3s run oneDNN; the 1x1 convs still weigh our GEMM against oneDNN:
-        its arithmetic is a direct conv's)."""
-        if not (winograd is None or isinstance(winograd, bool)):
-            raise TypeError(f"set_winograd: expected None, True or False, got {winograd!r}")
-        for m in self.modules():
-            if isinstance(m, (_Block, _Backbone)):
-                m.winograd = winograd
-                m._drop_plans()
-        return self
-
     def _init_common(self, num_classes: int, in_channels: int, drop_path_rate: float,
                      return_features: bool, backend: Optional[str]) -> None:
         name = self._get_name()

@@ -1,0 +1,209 @@
+"""resnet_fast.models.detection: torchvision's ResNet + FPN builders with the FPN's convs run
+as prepared plans (our Winograd and 1x1 GEMM where measured faster, the top-down add in the
+lateral conv's epilogue): the same modules, keys, outputs and gradients as torchvision's, the
+plans rebuilt when the weights change, torchvision's forward wherever the plans cannot stand
+in for the modules."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from _numerics import assert_within_reference_error
+from torch import nn
+from torchvision.models.detection import backbone_utils
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import resnet_fast
+from resnet_fast import autotune
+from resnet_fast.models import detection
+from resnet_fast.models._fused import ConvPlan
+from resnet_fast.models.program import Kept
+from resnet_fast.ops.conv_bias_act import winograd_k_block
+
+CHANNELS = [16, 32, 64]
+
+
+class _PreferOurs:
+    """A tuner timer under which our kernels (Winograd, the GEMM) beat oneDNN."""
+
+    def __call__(self, fn):
+        return 0.0 if fn.args[2] != "onednn" else 1.0
+
+
+@pytest.fixture
+def prefer_ours(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
+        str(tmp_path / "t.json"), environment=autotune.cpu_environment, timer=_PreferOurs(),
+        measure=True))
+
+
+def _fpns(norm_layer=None):
+    """(ours, torchvision's): the same FPN over CHANNELS -> 16, random biases and BN
+    statistics (torchvision initializes them to the identity)."""
+    torch.manual_seed(0)
+    tv = torchvision.ops.FeaturePyramidNetwork(
+        CHANNELS, 16, extra_blocks=torchvision.ops.feature_pyramid_network.LastLevelMaxPool(),
+        norm_layer=norm_layer)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.uniform_(-1, 1)
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return detection.fuse_fpn(copy.deepcopy(tv)), tv
+
+
+def _features(batch=2, size=24, dtype=torch.float32, requires_grad=False):
+    torch.manual_seed(1)
+    return {str(i): torch.randn(batch, c, size >> i, size >> i, dtype=dtype,
+                                requires_grad=requires_grad)
+            for i, c in enumerate(CHANNELS)}
+
+
+def _kernels(fpn):
+    plans = Kept.of(fpn)
+    return [] if plans is None else [e[0] for p in plans for e in p._packed.values()]
+
+
+def test_fuse_fpn_keeps_the_object_modules_and_keys():
+    ours, tv = _fpns()
+    assert type(ours) is detection.FeaturePyramidNetwork
+    assert isinstance(ours, torchvision.ops.FeaturePyramidNetwork)
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    assert detection.fuse_fpn(ours) is ours
+
+    class Mine(torchvision.ops.FeaturePyramidNetwork):
+        pass
+
+    with pytest.raises(TypeError, match="exactly.*got Mine"):
+        detection.fuse_fpn(Mine(CHANNELS, 16))
+
+
+@pytest.mark.parametrize("norm", [None, nn.BatchNorm2d])
+def test_eval_outputs_are_torchvisions_and_run_our_kernels(prefer_ours, norm):
+    ours, tv = _fpns(norm)
+    ours.eval(), tv.eval()
+    x = _features()
+    with torch.no_grad():
+        got = ours(x)
+        want = tv({k: v.contiguous(memory_format=torch.channels_last) for k, v in x.items()})
+        truth = copy.deepcopy(tv).double()({k: v.double() for k, v in x.items()})
+    assert list(got) == list(want) == ["0", "1", "2", "pool"]
+    for k in got:
+        assert got[k].shape == want[k].shape
+        assert got[k].is_contiguous(memory_format=torch.channels_last)
+        assert_within_reference_error(got[k], want[k], truth[k])
+    kernels = _kernels(ours)
+    assert len(kernels) == 6  # three 1x1 laterals, three 3x3 outputs
+    if winograd_k_block():
+        assert kernels.count("gemm") == 3 and kernels.count("winograd") == 3
+
+
+def test_training_gradients_are_torchvisions_and_plans_follow_the_step(prefer_ours):
+    """A fine-tuning step: the plans run the forward (their backward the gradients into the
+    features and every conv weight and bias); after the optimizer's step they rebuild."""
+    ours, tv = _fpns()
+    ref = copy.deepcopy(tv).double()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, tv)]
+    for _ in range(2):
+        grads = []
+        for model, dtype in ((ours, torch.float32), (tv, torch.float32), (ref, torch.float64)):
+            model.zero_grad()
+            x = _features(dtype=dtype, requires_grad=True)
+            out = model(x)
+            sum(v.square().mean() for v in out.values()).backward()
+            grads.append([v.grad for v in x.values()] + [p.grad for p in model.parameters()])
+        assert Kept.of(ours) is not None
+        for got, want, truth in zip(*grads):
+            err = (got.double() - truth).abs().max().item()
+            ref_err = (want.double() - truth).abs().max().item()
+            # summed over batch and space in another order: 4x torch's own error
+            assert err <= 4 * ref_err + 4 * torch.finfo(torch.float32).eps * truth.abs().max()
+        for opt in opts:
+            opt.step()
+        with torch.no_grad():
+            ref.load_state_dict(tv.state_dict())
+    with torch.no_grad():
+        x = _features()
+        torch.testing.assert_close(ours(x), tv(x), rtol=1e-4, atol=1e-4)
+
+
+def test_what_the_plans_cannot_stand_in_for_runs_torchvisions_forward():
+    ours, tv = _fpns()
+    x = _features()
+    with torch.no_grad():
+        want = tv(x)
+        # a hook on a conv
+        handle = ours.layer_blocks[0][0].register_forward_hook(lambda m, i, o: o * 2)
+        torch.testing.assert_close(ours(x)["0"], want["0"] * 2)
+        assert Kept.of(ours) is None
+        handle.remove()
+        # an empty batch, and another dtype (torchvision's error)
+        empty = {k: v[:0] for k, v in x.items()}
+        assert all(v.shape[0] == 0 for v in ours(empty).values())
+        with pytest.raises(RuntimeError):
+            ours({k: v.double() for k, v in x.items()})
+        # a BatchNorm in training: its batch statistics are not a fold
+        bn_ours, bn_tv = _fpns(nn.BatchNorm2d)
+        torch.testing.assert_close(bn_ours.train()(x)["0"], bn_tv.train()(x)["0"])
+        assert Kept.of(bn_ours) is None
+        # surgery: a block replaced by another module runs as that module
+        ours.layer_blocks[1] = nn.Identity()
+        tv.layer_blocks[1] = nn.Identity()
+        torch.testing.assert_close(ours(x), tv(x), rtol=1e-5, atol=1e-5)
+        assert Kept.of(ours) is None
+
+
+def test_scripting_tracing_and_compile_run_torchvisions_math():
+    ours, tv = _fpns()
+    ours.eval(), tv.eval()
+    x = _features(batch=1, size=16)
+    with torch.no_grad():
+        want = tv(x)
+        torch.testing.assert_close(torch.jit.script(ours)(x), want, rtol=1e-5, atol=1e-5)
+        traced = torch.jit.trace(ours, (x,), strict=False)
+        graph = str(traced.inlined_graph)
+        assert "aten::_convolution" in graph and "resnet_fast::" not in graph
+        torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(ours, fullgraph=True)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_extractor_and_backbone_builder_mirror_torchvisions():
+    torch.manual_seed(0)
+    tv = backbone_utils._resnet_fpn_extractor(
+        torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d), 2)
+    torch.manual_seed(0)
+    ours = detection._resnet_fpn_extractor(resnet_fast.resnet18(norm_layer=FrozenBatchNorm2d), 2)
+    assert type(ours.fpn) is detection.FeaturePyramidNetwork
+    assert type(ours) is backbone_utils.BackboneWithFPN
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert trainable == [n for n, p in tv.named_parameters() if p.requires_grad]
+    for a, b in zip(ours.fpn.parameters(), tv.fpn.parameters()):
+        assert torch.equal(a, b)  # the same construction, the same random draws
+    built = detection.resnet_fpn_backbone(backbone_name="resnet18", weights=None,
+                                          trainable_layers=2)
+    assert isinstance(built.body.layer1, nn.Sequential)
+    assert type(built.body.layer1[0]) is resnet_fast.BasicBlock
+    assert type(built.body.bn1) is FrozenBatchNorm2d
+    assert type(built.fpn) is detection.FeaturePyramidNetwork
+    with pytest.raises(ValueError, match="Trainable layers"):
+        detection.resnet_fpn_backbone(backbone_name="resnet18", trainable_layers=6)
+
+
+def test_whole_backbone_runs_every_conv_fused(monkeypatch):
+    torch.manual_seed(0)
+    model = detection.resnet_fpn_backbone(backbone_name="resnet50", trainable_layers=3).eval()
+    calls = []
+    real = ConvPlan.__call__
+    monkeypatch.setattr(ConvPlan, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    # the 52 convs of the blocks (the stem runs as modules under the extractor) and the 8
+    # of the FPN
+    assert len(calls) == 52 + 8 and list(out) == ["0", "1", "2", "3", "pool"]
