@@ -84,9 +84,8 @@ class _Block(FusedEvalMixin, nn.Module):
         torchvision's code otherwise (and for an mkldnn or sparse x, which torchvision's own
         code takes or refuses). A block called on its own runs channels_last inside and
         returns channels_last, as a torch conv with a channels_last weight does: an NCHW x is
-        converted once, and the next block (or torchvision's FPN) then gets channels_last,
-        which oneDNN is fast at (torchvision's FPN extractor at 512 px, fp32 inference with
-        NCHW images: 1.31x torchvision at batch 1, 1.59x at batch 4; docs/design.md).
+        converted once, and the next block (or the FPN) then gets channels_last, which oneDNN
+        and our kernels are fast at (docs/design.md measures the FPN extractor).
         Converting back to NCHW would cost more than fusing saves. A whole model converts
         its input once and returns logits."""
         if not recorded() and x.layout == torch.strided:
