@@ -105,7 +105,8 @@ def test_eval_outputs_are_torchvisions_and_run_our_kernels(prefer_ours, norm):
 
 def test_training_gradients_are_torchvisions_and_plans_follow_the_step(prefer_ours):
     """A fine-tuning step: the plans run the forward (their backward the gradients into the
-    features and every conv weight and bias); after the optimizer's step they rebuild."""
+    features, the 3x3s' through our Winograd, and every conv weight and bias); after the
+    optimizer's step they rebuild."""
     ours, tv = _fpns()
     ref = copy.deepcopy(tv).double()
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, tv)]
@@ -118,6 +119,9 @@ def test_training_gradients_are_torchvisions_and_plans_follow_the_step(prefer_ou
             sum(v.square().mean() for v in out.values()).backward()
             grads.append([v.grad for v in x.values()] + [p.grad for p in model.parameters()])
         assert Kept.of(ours) is not None
+        if winograd_k_block():  # the 3x3s' input gradients ran as our Winograd
+            chosen = [e is not None for p in Kept.of(ours) for e in p._grads.values()]
+            assert chosen.count(True) == 3
         for got, want, truth in zip(*grads):
             err = (got.double() - truth).abs().max().item()
             ref_err = (want.double() - truth).abs().max().item()

@@ -147,3 +147,35 @@ def test_a_parameter_changed_in_place_before_backward_is_refused_as_torch_refuse
             model.layer1[0].bn1.weight.mul_(2)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.backward()
+
+
+def test_input_gradients_through_our_winograd_are_torchvisions(tmp_path, monkeypatch):
+    """Where the tuner finds it faster, a stride-1 3x3's input gradient runs as our Winograd
+    (a stride-1 3x3 conv of the output gradient with the flipped, transposed weight): the
+    saliency map of a resnet18 against fp64 within the tolerance rule, every such conv on it."""
+    from resnet_fast import autotune
+    from resnet_fast.ops.conv_bias_act import winograd_k_block
+
+    if not winograd_k_block():
+        pytest.skip("our Winograd kernel needs AVX2 or AVX-512")
+
+    class PreferOurs:
+        def __call__(self, fn):
+            return 0.0 if fn.args[2] != "onednn" else 1.0
+
+    monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
+        str(tmp_path / "t.json"), environment=autotune.cpu_environment, timer=PreferOurs(),
+        measure=True))
+    ours, tv = model_pair("resnet18")
+    for p in (*ours.parameters(), *tv.parameters()):
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    got = _grads(ours, x)[0]
+    chosen = [e is not None for m in _kept(ours) for p in m.plans()
+              for e in getattr(p, "_grads", {}).values()]
+    assert chosen.count(True) == 13  # resnet18's 13 stride-1 3x3s
+    truth = _grads(copy.deepcopy(tv).double(), x.double())[0]
+    want = max((_grads(copy.deepcopy(tv).to(memory_format=fmt), x.contiguous(memory_format=fmt))[0]
+                for fmt in (torch.contiguous_format, torch.channels_last)),
+               key=lambda g: (g.double() - truth).abs().max().item())
+    assert_within_reference_error(got, want, truth)

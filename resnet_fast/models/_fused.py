@@ -220,7 +220,7 @@ class ConvPlan:
 
     __slots__ = ("weight", "bias", "geometry", "relu", "run", "dense_op", "packed_op", "pads",
                  "casts", "folds", "sources", "_packed", "_inner", "_tuned", "_candidates",
-                 "_default", "_own")
+                 "_default", "_own", "_grads")
 
     def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor], relu: bool,
                  backend: Optional[str], differentiable: bool, casts: bool = False,
@@ -256,6 +256,7 @@ class ConvPlan:
             self.run = ConvPlan._onednn
             self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default
             self._own = own_kernels(conv, weight, bias, winograd)
+            self._grads: dict[tuple[torch.Size, int], Optional[tuple[Tensor, ...]]] = {}
         self.casts = casts
         if self.pads or casts:
             self._inner, self.run = self.run, ConvPlan._adapted
@@ -412,6 +413,52 @@ class ConvPlan:
             name = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
         return entries[name]
 
+    def input_grad(self, grad: Tensor, x: Tensor) -> Optional[Tensor]:
+        """The gradient into x, for a float32 plan whose conv may run as our Winograd
+        (``_own``: a stride-1 3x3 on CPU), as F(2x2,3x3) on ``grad`` with the weight
+        transposed and flipped (the input gradient of a stride-1 3x3 conv is itself one, padded
+        2 - padding), where that measured faster than oneDNN's backward-data for this shape
+        (once per layer key, ``autotune.cpu_tuner``; the transformed weight kept per shape and
+        thread count as the forward's). None: torch's ``convolution_backward`` computes it."""
+        if "winograd2" not in getattr(self, "_own", ()) or grad.dtype != torch.float32:
+            return None
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        key = (grad.shape, torch.get_num_threads())
+        if key not in self._grads:
+            grads = dict(self._grads)  # copy, change, assign: as _entry's dict
+            if len(grads) >= _MAX_PACKED_SIZES:
+                del grads[next(iter(grads))]
+            grads[key] = self._prepare_grad(grad, x)
+            self._grads = grads
+        entry = self._grads[key]
+        return None if entry is None else self._grad_call(grad, x, "winograd", entry)
+
+    def _prepare_grad(self, grad: Tensor, x: Tensor) -> Optional[tuple[Tensor, ...]]:
+        """(transposed flipped weight, its Winograd transform, zero bias, padding) where
+        Winograd is measured faster for ``grad``'s shape, else None."""
+        with torch.no_grad():
+            flipped = self.weight.transpose(0, 1).flip(2, 3).contiguous()
+            entry = (flipped, torch.ops.resnet_fast.winograd_prepack.default(flipped, 2),
+                     flipped.new_zeros(flipped.shape[0]), [2 - p for p in self.geometry[1]])
+            layer = {"op": "conv_input_grad_cpu", "grad": list(grad.shape), "dtype": "float32",
+                     "weight": list(self.weight.shape), "padding": list(self.geometry[1]),
+                     "candidates": ["onednn", "winograd2"]}
+            runs = {"onednn": functools.partial(self._grad_call, grad, x, "onednn", None),
+                    "winograd2": functools.partial(self._grad_call, grad, x, "winograd", entry)}
+            chosen = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
+        return entry if chosen == "winograd2" else None
+
+    def _grad_call(self, grad: Tensor, x: Tensor, kernel: str,
+                   entry: Optional[tuple[Tensor, ...]]) -> Tensor:
+        if kernel == "onednn":
+            stride, padding, dilation, groups = self.geometry
+            return torch.ops.aten.convolution_backward(
+                grad, x, self.weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [True, False, False])[0]
+        flipped, packed, zeros, padding = entry
+        return torch.ops.resnet_fast.conv_bias_act_winograd.default(grad, flipped, packed, zeros,
+                                                                    padding, None, False)
+
 
 def own_kernels(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
                 winograd: Optional[bool]) -> tuple[str, ...]:
@@ -465,12 +512,13 @@ def _add_biases(b: Tensor, other: Tensor) -> Tensor:
 class _PlannedConv(torch.autograd.Function):
     """A prepared plan's forward (its packed weights, no fold, no reorder) with the gradients
     of the modules it stands for: threshold_backward for the ReLU, the convolution's backward
-    on the folded weight (input and folded-weight gradients), the folded bias's gradient (the
-    output gradient summed), then the fold's backward by autograd through :func:`refold` on
-    the tensors the forward saved (an in-place change to them before backward raises, as
-    torch's own saved tensors do). Asked for a graph of the gradients (``create_graph``,
-    e.g. a gradient penalty), it recomputes the forward differentiably with torch's ops and
-    differentiates that."""
+    on the folded weight (input and folded-weight gradients; the input's as our Winograd
+    where the plan measured it faster, :meth:`ConvPlan.input_grad`), the folded bias's
+    gradient (the output gradient summed), then the fold's backward by autograd through
+    :func:`refold` on the tensors the forward saved (an in-place change to them before
+    backward raises, as torch's own saved tensors do). Asked for a graph of the gradients
+    (``create_graph``, e.g. a gradient penalty), it recomputes the forward differentiably with
+    torch's ops and differentiates that."""
 
     @staticmethod
     def forward(ctx, plan: ConvPlan, x: Tensor, residual: Optional[Tensor],
@@ -502,9 +550,12 @@ class _PlannedConv(torch.autograd.Function):
         if plan.relu:
             grad = torch.ops.aten.threshold_backward(grad, out, 0)
         stride, padding, dilation, groups = plan.geometry
+        grad_x = plan.input_grad(grad, x) if need_x else None
         grads[0], grad_w, _ = torch.ops.aten.convolution_backward(
             grad, x, plan.weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [need_x, bool(wanted), False])
+            [need_x and grad_x is None, bool(wanted), False])
+        if grad_x is not None:
+            grads[0] = grad_x
         grads[1] = grad if need_residual else None
         if wanted:
             leaves = [t.detach().requires_grad_() if n else t for t, n in zip(sources, need)]
