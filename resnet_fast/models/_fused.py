@@ -420,7 +420,8 @@ class ConvPlan:
         2 - padding), where that measured faster than oneDNN's backward-data for this shape
         (once per layer key, ``autotune.cpu_tuner``; the transformed weight kept per shape and
         thread count as the forward's). None: torch's ``convolution_backward`` computes it."""
-        if "winograd2" not in getattr(self, "_own", ()) or grad.dtype != torch.float32:
+        if ("winograd2" not in getattr(self, "_own", ()) or grad.dtype != torch.float32
+                or grad.numel() == 0):
             return None
         grad = grad.contiguous(memory_format=torch.channels_last)
         key = (grad.shape, torch.get_num_threads())
