@@ -5,6 +5,7 @@ plans rebuilt when the weights change, torchvision's forward wherever the plans 
 in for the modules."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -211,3 +212,38 @@ def test_whole_backbone_runs_every_conv_fused(monkeypatch):
     # the 52 convs of the blocks (the stem runs as modules under the extractor) and the 8
     # of the FPN
     assert len(calls) == 52 + 8 and list(out) == ["0", "1", "2", "3", "pool"]
+
+
+def test_a_faster_rcnn_on_the_fused_backbone_trains_as_torchvisions():
+    """torchvision's FasterRCNN around our extractor: the same losses (the RPN's and the ROI
+    heads' sampling seeded alike), gradients into the FPN, and a pickled backbone that runs."""
+    from torchvision.models.detection import FasterRCNN
+
+    torch.manual_seed(0)
+    tv = backbone_utils._resnet_fpn_extractor(
+        torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d), 3)
+    ours = detection._resnet_fpn_extractor(resnet_fast.resnet18(norm_layer=FrozenBatchNorm2d), 3)
+    ours.load_state_dict(tv.state_dict())
+    torch.manual_seed(1)
+    tv_model = FasterRCNN(tv, num_classes=5, min_size=128, max_size=128).train()
+    our_model = FasterRCNN(ours, num_classes=5, min_size=128, max_size=128).train()
+    our_model.load_state_dict(tv_model.state_dict())
+    images = [torch.rand(3, 128, 160, generator=torch.Generator().manual_seed(2))]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 90.0, 100.0]]), "labels": torch.tensor([1])}]
+    losses = []
+    for model in (tv_model, our_model):
+        torch.manual_seed(3)
+        losses.append(model(images, targets))
+    assert Kept.of(ours.fpn) is not None
+    for name, want in losses[0].items():
+        torch.testing.assert_close(losses[1][name], want, rtol=1e-3, atol=1e-4, msg=name)
+    sum(losses[1].values()).backward()
+    assert ours.fpn.layer_blocks[0][0].weight.grad is not None
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).eval()
+    assert type(loaded.fpn) is detection.FeaturePyramidNetwork and Kept.of(loaded.fpn) is None
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ours.eval()(x))
