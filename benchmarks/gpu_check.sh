@@ -8,7 +8,8 @@
 #   env        nvidia-smi, torch / triton / CUDA / cuDNN versions, commit, compilers
 #   build      the extension for this GPU's arch only, with a C/C++ compiler that passed a probe;
 #              skipped when resnet_fast._C already loads with its CUDA kernels
-#   native     tests/test_gpu_native_ops.py: CUDA and Triton training BN, the CUDA conv op
+#   native     tests/test_gpu_native_ops.py: CUDA and Triton training BN, the CUDA conv op;
+#              tests/test_detection.py: the fused FPN on CUDA
 #   stem       the padded stem on cuda and triton (tests/test_plans.py)
 #   triton     the Triton conv on every ResNet-50 conv in bfloat16 (tests/test_conv_bias_act.py)
 #   bench256   resnet-fast bench, ResNet-50 bf16 batch 256 (Triton autotune off, 20 repeats)
@@ -160,7 +161,7 @@ stage_body() {
   case $1 in
     env) stage_env ;;
     build) stage_build ;;
-    native) pytest_stage native tests/test_gpu_native_ops.py ;;
+    native) pytest_stage native tests/test_gpu_native_ops.py tests/test_detection.py ;;
     stem) pytest_stage stem tests/test_plans.py -k padded_stem ;;
     triton) pytest_stage triton tests/test_conv_bias_act.py \
               -k "gpu_every_resnet50_conv_full_size and triton and bfloat16" ;;

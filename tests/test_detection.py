@@ -247,3 +247,23 @@ def test_a_faster_rcnn_on_the_fused_backbone_trains_as_torchvisions():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ours.eval()(x))
+
+
+@pytest.mark.gpu
+def test_fpn_on_cuda_matches_torchvision():
+    """The FPN's plans on CUDA (the conv backends a ResNet's plans take there), eval and a
+    training backward, against torchvision's FPN on the same GPU and an fp64 truth."""
+    ours, tv = _fpns()
+    ours, tv = ours.cuda().eval(), tv.cuda().eval()
+    x = {k: v.cuda().contiguous(memory_format=torch.channels_last) for k, v in _features().items()}
+    with torch.no_grad():
+        got, want = ours(x), tv(x)
+        truth = copy.deepcopy(tv).double()({k: v.double() for k, v in x.items()})
+    assert Kept.of(ours) is not None
+    for k in want:
+        assert_within_reference_error(got[k], want[k], truth[k])
+    ours.train()
+    feats = {k: v.clone().requires_grad_() for k, v in x.items()}
+    sum(v.square().mean() for v in ours(feats).values()).backward()
+    assert all(torch.isfinite(v.grad).all() for v in feats.values())
+    assert ours.layer_blocks[0][0].weight.grad is not None
