@@ -20,6 +20,7 @@ the chosen op per input shape), so file reads and environment reads stay off the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -109,8 +110,11 @@ def _extension_build() -> Optional[str]:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
+@functools.cache
 def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), as results and tuning keys name it."""
+    """The CPU's model name (/proc/cpuinfo), as results and tuning keys name it; read once per
+    process (every tuning lookup asks: a model whose weights an optimizer changes rebuilds its
+    plans, and looks up their kernels, on every step)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
