@@ -89,7 +89,8 @@ def optimize(model: nn.Module, *, backend: Optional[str] = "auto", dtype: Option
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(model, (rf_resnet.ResNet, CifarResNet, tv_resnet.ResNet)):
         raise TypeError(f"optimize: expected a resnet_fast or torchvision ResNet, got "
-                        f"{type(model).__name__}")
+                        f"{type(model).__name__} (a detection backbone: build it with "
+                        f"resnet_fast.models.detection, which fuses its FPN too)")
     ours = convert(model) if isinstance(model, tv_resnet.ResNet) else copy.deepcopy(model)
     ours.set_backend(None if backend == "auto" else backend)
     ours.set_winograd(winograd)

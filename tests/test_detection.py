@@ -199,6 +199,8 @@ def test_extractor_and_backbone_builder_mirror_torchvisions():
     assert type(built.fpn) is detection.FeaturePyramidNetwork
     with pytest.raises(ValueError, match="Trainable layers"):
         detection.resnet_fpn_backbone(backbone_name="resnet18", trainable_layers=6)
+    with pytest.raises(TypeError, match="got BackboneWithFPN.*resnet_fast.models.detection"):
+        resnet_fast.optimize(built)
 
 
 def test_whole_backbone_runs_every_conv_fused(monkeypatch):
