@@ -137,6 +137,24 @@ def test_training_gradients_are_torchvisions_and_plans_follow_the_step(prefer_ou
         torch.testing.assert_close(ours(x), tv(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("features", [torch.float32, torch.bfloat16])
+def test_under_autocast_the_plans_run_in_its_dtype(features):
+    """Under CPU autocast to bfloat16 (features float32, or already bfloat16 from a body under
+    autocast) the plans run with their weights cast, as autocast casts torch's convs."""
+    ours, tv = _fpns()
+    ours.eval(), tv.eval()
+    x = _features(dtype=features)
+    with torch.no_grad():
+        truth = copy.deepcopy(tv).double()({k: v.double() for k, v in x.items()})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours(x)
+            want = tv({k: v.contiguous(memory_format=torch.channels_last) for k, v in x.items()})
+    assert Kept.of(ours) is not None
+    for k in want:
+        assert got[k].dtype == want[k].dtype == torch.bfloat16
+        assert_within_reference_error(got[k], want[k], truth[k])
+
+
 def test_what_the_plans_cannot_stand_in_for_runs_torchvisions_forward():
     ours, tv = _fpns()
     x = _features()

@@ -21,7 +21,7 @@ from torchvision.models.detection import backbone_utils
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
-from ._fused import ConvPlan, faking, in_functorch, no_hooks, recorded
+from ._fused import ConvPlan, autocast_dtype, faking, in_functorch, no_hooks, recorded
 from .program import FusedEvalMixin, Kept, may_fuse
 
 __all__ = ["FeaturePyramidNetwork", "fuse_fpn", "resnet_fpn_backbone", "_resnet_fpn_extractor"]
@@ -36,7 +36,8 @@ class FeaturePyramidNetwork(FusedEvalMixin, torchvision.ops.FeaturePyramidNetwor
     computes the same in both; gradients through the plans' backward), with the top-down
     map added in the lateral conv's epilogue. Anything else, a recording tool (jit.trace,
     FX, TorchScript), a torch.func transform, or inputs the convs cannot take (another dtype
-    or device, not 4-D strided, an empty batch) runs torchvision's forward."""
+    than the weights' or autocast's, another device, not 4-D strided, an empty batch) runs
+    torchvision's forward."""
 
     def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
         if not torch.jit.is_scripting():
@@ -100,9 +101,10 @@ class FeaturePyramidNetwork(FusedEvalMixin, torchvision.ops.FeaturePyramidNetwor
                 return None
             pairs.append((mods[0], mods[1] if len(mods) == 2 else None, False))
         weight = pairs[0][0].weight
+        dtypes = (weight.dtype, autocast_dtype(weight))  # under autocast, both are cast to it
         for f, (conv, _, _) in zip(feats, pairs):
             if (f.layout != torch.strided or f.dim() != 4 or f.shape[0] == 0
-                    or f.shape[1] != conv.in_channels or f.dtype != weight.dtype
+                    or f.shape[1] != conv.in_channels or f.dtype not in dtypes
                     or f.device != weight.device):
                 return None
         return Kept.plans_for(self, self.backend, self.winograd, pairs)
