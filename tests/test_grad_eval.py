@@ -179,3 +179,44 @@ def test_input_gradients_through_our_winograd_are_torchvisions(tmp_path, monkeyp
                 for fmt in (torch.contiguous_format, torch.channels_last)),
                key=lambda g: (g.double() - truth).abs().max().item())
     assert_within_reference_error(got, want, truth)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bn", [True, False, "no weight"])
+def test_the_conv_gradient_shortcut_is_autograd_through_the_fold(dtype, bn):
+    """Where only convs' weights and biases want gradients (frozen-BN fine-tuning, an FPN),
+    the planned backward scales the folded weight's and bias's gradients itself: bitwise what
+    autograd through refold gives, for a conv with a BN, without one, and with a downsample's
+    bias merged into it."""
+    gen = torch.Generator().manual_seed(6)
+
+    def pair():
+        t = [torch.randn(8, 4, 3, 3, generator=gen), torch.randn(8, generator=gen),
+             torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen),
+             torch.randn(8, generator=gen), torch.rand(8, generator=gen) + 0.5]
+        t = [v.to(dtype) for v in t]
+        if bn is False:
+            return 1e-5, [t[0], t[1], None, None, None, None]
+        if bn == "no weight":
+            t[2] = None
+        return 1e-5, t
+
+    (eps, own), (eps_ds, ds) = pair(), pair()
+    for terms, tensors in [(((eps if bn is not False else None, True, True),), own),
+                           (((eps if bn is not False else None, True, True),
+                             (eps_ds if bn is not False else None, False, True)), own + ds)]:
+        grad_w = torch.randn(8, 4, 3, 3, generator=gen).to(dtype)
+        grad_b = torch.randn(8, generator=gen).to(dtype)
+        wanted = [i for i, t in enumerate(tensors) if t is not None and i % 6 < 2]
+        leaves = [t.detach().requires_grad_() if i in wanted else t
+                  for i, t in enumerate(tensors)]
+        weight, bias = _fused.refold(terms, leaves)
+        want = torch.autograd.grad([weight, bias], [leaves[i] for i in wanted], [grad_w, grad_b],
+                                   allow_unused=True)
+        for i, w in zip(wanted, want):
+            got = _fused._conv_grad(terms[i // 6], tensors[i - i % 6:i - i % 6 + 6], i % 6,
+                                    grad_w, grad_b)
+            if w is None:
+                assert got is None, i
+            else:
+                assert got is not None and got.dtype == w.dtype and torch.equal(got, w), i

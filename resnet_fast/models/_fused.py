@@ -515,9 +515,10 @@ class _PlannedConv(torch.autograd.Function):
     of the modules it stands for: threshold_backward for the ReLU, the convolution's backward
     on the folded weight (input and folded-weight gradients; the input's as our Winograd
     where the plan measured it faster, :meth:`ConvPlan.input_grad`), the folded bias's
-    gradient (the output gradient summed), then the fold's backward by autograd through
-    :func:`refold` on the tensors the forward saved (an in-place change to them before
-    backward raises, as torch's own saved tensors do). Asked for a graph of the gradients
+    gradient (the output gradient summed), then the fold's backward on the tensors the
+    forward saved (an in-place change to them before backward raises, as torch's own saved
+    tensors do): by :func:`_conv_grad` where only convs' weights and biases want gradients,
+    else by autograd through :func:`refold`. Asked for a graph of the gradients
     (``create_graph``, e.g. a gradient penalty), it recomputes the forward differentiably with
     torch's ops and differentiates that."""
 
@@ -558,7 +559,13 @@ class _PlannedConv(torch.autograd.Function):
         if grad_x is not None:
             grads[0] = grad_x
         grads[1] = grad if need_residual else None
-        if wanted:
+        if wanted and all(i % 6 < 2 for i in wanted):  # only convs' weights and biases
+            acc = torch.promote_types(grad.dtype, torch.float32)
+            grad_b = grad.sum((0, 2, 3), dtype=acc).to(grad.dtype)  # as the seed below
+            for i in wanted:
+                grads[2 + i] = _conv_grad(plan.folds[i // 6], sources[i - i % 6:i - i % 6 + 6],
+                                          i % 6, grad_w, grad_b)
+        elif wanted:
             leaves = [t.detach().requires_grad_() if n else t for t, n in zip(sources, need)]
             with torch.enable_grad():
                 weight, bias = refold(plan.folds, leaves)
@@ -574,6 +581,29 @@ class _PlannedConv(torch.autograd.Function):
             for i, g in zip(wanted, got):
                 grads[2 + i] = g
         return (None, *grads)
+
+
+def _conv_grad(term: tuple[Optional[float], bool, bool], tensors: Sequence[Optional[Tensor]],
+               which: int, grad_w: Tensor, grad_b: Tensor) -> Optional[Tensor]:
+    """The gradient of one pair's conv weight (``which`` 0) or conv bias (1) through the fold
+    (:func:`fold_bn_tensors`: both are scaled by the BN's weight / sqrt(var + eps), per output
+    channel, in float32 or float64; without a BN, passed through), from the folded weight's
+    and bias's gradients: what autograd through :func:`refold` gives, the same operations in
+    the same dtypes, without building and running a graph per conv (frozen-BN fine-tuning,
+    an FPN's convs). None where the plan's fold does not read it (``term``: (eps, takes the
+    weight, takes the bias))."""
+    eps, takes_weight, takes_bias = term
+    if not (takes_weight if which == 0 else takes_bias):
+        return None
+    target = tensors[which]
+    g = grad_w if which == 0 else grad_b
+    if eps is None:
+        return g.to(target.dtype)
+    acc = torch.float64 if target.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(tensors[5].to(acc) + eps)
+    if tensors[2] is not None:
+        scale = scale * tensors[2].to(acc)
+    return (g.to(acc) * (scale.view(-1, 1, 1, 1) if which == 0 else scale)).to(target.dtype)
 
 
 def group_plans(backend: Optional[str], pairs: list, own: int, differentiable: bool,
