@@ -92,9 +92,10 @@ at::Tensor winograd_prepack_cpu(const at::Tensor& w, int64_t tile) {
   const int64_t kb = k_block(), vl = kb / 2, K = w.size(0), C = w.size(1);
   // float32 either way: a bfloat16 weight widens exactly, and its transform is not rounded
   // back to bfloat16.
-  at::Tensor out = at::zeros({(tile + 2) * (tile + 2), (K + kb - 1) / kb, (C + vl - 1) / vl * vl,
+  // Every value, the zero padding included, is written by the kernel.
+  at::Tensor out = at::empty({(tile + 2) * (tile + 2), (K + kb - 1) / kb, (C + vl - 1) / vl * vl,
                               kb}, w.options().dtype(at::kFloat));
-  if (w.numel() == 0) return out;
+  if (w.numel() == 0) return out.zero_();
   (winograd_isa() == 512 ? AVX512::winograd_weight_kernel : AVX2::winograd_weight_kernel)(
       w.to(at::kFloat).contiguous(), tile, out);
   return out;
