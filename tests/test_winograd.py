@@ -353,3 +353,28 @@ def test_compiled_model_with_winograd_on_matches_eager():
     assert_within_reference_error(compiled, want, truth)
     _assert_within_bound(4, eager, want, truth)
     torch.testing.assert_close(again, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("k, c", [(21, 19), (64, 3), (40, 33)])
+def test_prepack_is_the_transform_with_zero_padding(tile, k, c):
+    """winograd_prepack is G f G^T per (k, c) within a float32 rounding of the fp64 transform,
+    laid out (E, K blocks, C padded, block width) with exact zeros in the padding, also where
+    the allocator hands back memory that held NaN (the kernel writes every value)."""
+    g = {2: [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]],
+         4: [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+             [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]}[tile]
+    g = torch.tensor(g, dtype=torch.float64)
+    weight = torch.randn(k, c, 3, 3, generator=torch.Generator().manual_seed(7))
+    shape = op.winograd_prepack(weight, tile).shape
+    for _ in range(3):  # NaN-filled blocks of the packed size, freed for the allocator to reuse
+        junk = torch.full(shape, float("nan"))
+        del junk
+        packed = op.winograd_prepack(weight, tile)
+    e, blocks, cp, kb = shape
+    u = torch.einsum("ai,kcij,bj->abkc", g, weight.double(), g).reshape(e, k, c)
+    want = torch.zeros(e, blocks * kb, cp, dtype=torch.float64)
+    want[:, :k, :c] = u  # zero where K and C are padded
+    want = want.reshape(e, blocks, kb, cp).transpose(2, 3)
+    # atol 0: the padding exactly 0
+    torch.testing.assert_close(packed.double(), want, rtol=2 ** -23, atol=0)
