@@ -211,16 +211,16 @@ def test_bad_arguments_say_what_was_expected():
 
 class _Prefer:
     """A CPU tuner timer under which Winograd with ``tile`` is fastest (its calls take no
-    time). A candidate is ``partial(plan._packed_call, x, residual, kernel, packed[,
-    in_place])``."""
+    time). A candidate is ``partial(plan._timed_call, x, residual, kernel, name, prepared,
+    in_place)``, name one of "onednn", "gemm", "winograd2", "winograd4"."""
 
     def __init__(self, tile):
-        self.elements, self.calls = (tile + 2) ** 2, 0
+        self.name, self.calls = f"winograd{tile}", 0
 
     def __call__(self, fn):
         self.calls += 1
-        kernel, packed = fn.args[2:4]
-        return 0.0 if kernel == "winograd" and packed.shape[0] == self.elements else 1.0
+        kernel, name = fn.args[2:4]
+        return 0.0 if kernel == "winograd" and name == self.name else 1.0
 
 
 def _resnet18_pair(winograd):
@@ -378,3 +378,34 @@ def test_prepack_is_the_transform_with_zero_padding(tile, k, c):
     want = want.reshape(e, blocks, kb, cp).transpose(2, 3)
     # atol 0: the padding exactly 0
     torch.testing.assert_close(packed.double(), want, rtol=2 ** -23, atol=0)
+
+
+def test_a_rebuilt_plan_prepares_only_the_kernel_it_runs(tmp_path, monkeypatch):
+    """Once the tuning table knows a layer, a plan rebuilt for new weights (an optimizer step)
+    prepares the chosen kernel's weight alone: no oneDNN reorder where Winograd runs, no
+    Winograd transform where oneDNN does, no copy of the residual to time on."""
+    from resnet_fast.models import _fused
+
+    monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
+        str(tmp_path / "t.json"), environment=autotune.cpu_environment, timer=_Prefer(2),
+        measure=True))
+    tv, ours = _resnet18_pair(None)
+    x = torch.randn(2, 3, 64, 64)
+
+    def choices():  # the program's plans' and the fc plan's
+        head = ours.__dict__[Kept.HEAD].program
+        return _choices(ours) + [entry[0] for entry in head._packed.values()]
+
+    with torch.no_grad():
+        ours(x)
+        first = choices()
+        for p in ours.parameters():
+            p.mul_(1.0)  # a new version: every plan is rebuilt
+        made = []
+        real = _fused._Prepared.__missing__
+        monkeypatch.setattr(_fused._Prepared, "__missing__",
+                            lambda self, name: made.append(name) or real(self, name))
+        ours(x)
+    assert choices() == first and "winograd" in first and "onednn" in first
+    kernels = ["winograd" if n.startswith("winograd") else n for n in made]
+    assert sorted(kernels) == sorted(first)  # one preparation per plan: the chosen one

@@ -459,9 +459,10 @@ int64_t winograd_k_block() { return kKb; }
 // U = G f G^T per (k, c), in float64 then rounded once, vectorized across output channels
 // (kD at a time; kD divides kKb). Work goes by output channel block and chunks of kCc input
 // channels, staged per tile element and written as one contiguous run of kCc x kKb floats
-// per element plane, the zero padding included (out need not be zeroed first). Scalar per (k, c) with c innermost, each c's stores hit E x Kb places 64
-// KiB or more apart: 5.7 ms for a 512 x 512 weight in F(2x2), 26 in F(4x4) (Zen 4, 2
-// threads), which a plan rebuilt after every optimizer step pays per step.
+// per element plane, the zero padding included (out need not be zeroed first). Scalar per
+// (k, c) with c innermost, each c's stores hit E x Kb places 64 KiB or more apart: 5.7 ms for
+// a 512 x 512 weight in F(2x2), 26 in F(4x4) (Zen 4, 2 threads), which a plan rebuilt after
+// every optimizer step pays per step.
 void winograd_weight_kernel(const at::Tensor& w_t, int64_t m, const at::Tensor& out_t) {
   using VecD = at::vec::Vectorized<double>;
   constexpr int64_t kD = VecD::size(), kCc = 16;

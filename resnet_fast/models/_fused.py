@@ -43,7 +43,7 @@ it, as does a forward that ``torch.jit.trace`` or ``torch.fx.symbolic_trace`` re
 """
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -383,35 +383,41 @@ class ConvPlan:
     def _prepare(self, x: Tensor, residual: Optional[Tensor], in_place: bool) -> tuple[str, Tensor]:
         """(kernel, its prepared weight) for x's shape: oneDNN's packed weight, or where our
         own kernels may run (``_own``) the fastest of oneDNN and each of them, measured once
-        per layer key (``autotune.cpu_tuner``; the table on disk). ``in_place``: ours are
-        timed writing over a copy of the residual, as ``overwrite`` calls run them."""
-        packed = torch.ops.resnet_fast.prepack_conv_weight.default(
-            self.weight, *self.geometry, list(x.shape))
+        per layer key (``autotune.cpu_tuner``; the table on disk). Each candidate's weight is
+        prepared only when it is timed or chosen (``_Prepared``): a plan rebuilt after every
+        optimizer step prepares the chosen kernel's alone. ``in_place``: ours are timed
+        writing over a copy of the residual, as ``overwrite`` calls run them."""
+        ops = torch.ops.resnet_fast
+        prepared = _Prepared(onednn=lambda: ops.prepack_conv_weight.default(
+            self.weight, *self.geometry, list(x.shape)))
         own = self._own
         if self.weight.dtype == torch.bfloat16 and any(n.startswith("winograd") for n in own):
             (ph, pw), (n, _, h, w) = self.geometry[1], x.shape  # 3x3, stride 1
             if n * (h + 2 * ph - 2) * (w + 2 * pw - 2) < _BF16_WINOGRAD_MIN_PIXELS:
                 own = tuple(k for k in own if not k.startswith("winograd"))
         if not own:
-            return "onednn", packed
-        ops = torch.ops.resnet_fast
-        entries = {"onednn": ("onednn", packed)}
+            return "onednn", prepared["onednn"]
         for name in own:  # "gemm", "winograd2", "winograd4"
-            entries[name] = (("gemm", ops.conv1x1_prepack.default(self.weight)) if name == "gemm"
-                             else ("winograd", ops.winograd_prepack.default(self.weight,
-                                                                            int(name[-1]))))
+            prepared.makers[name] = (
+                functools.partial(ops.conv1x1_prepack.default, self.weight) if name == "gemm"
+                else functools.partial(ops.winograd_prepack.default, self.weight, int(name[-1])))
+        if in_place:  # each timed call of ours writes over it
+            prepared.makers["scratch"] = residual.clone
+        candidates = ("onednn", *own)
         layer = {**self._layer_key("conv_bias_act_cpu", x, residual),
-                 "candidates": sorted(entries), "in_place": in_place}
-        scratch = residual.clone() if in_place else None  # each timed call writes over it
-        runs = {}
-        for name, (kernel, weight) in entries.items():
-            if in_place and kernel != "onednn":
-                runs[name] = functools.partial(self._packed_call, x, scratch, kernel, weight, True)
-            else:
-                runs[name] = functools.partial(self._packed_call, x, residual, kernel, weight)
+                 "candidates": sorted(candidates), "in_place": in_place}
+        runs = {name: functools.partial(self._timed_call, x, residual, _kernel_of(name), name,
+                                        prepared, in_place) for name in candidates}
         with torch.no_grad():
             name = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
-        return entries[name]
+        return _kernel_of(name), prepared[name]
+
+    def _timed_call(self, x: Tensor, residual: Optional[Tensor], kernel: str, name: str,
+                    prepared: "_Prepared", in_place: bool) -> Optional[Tensor]:
+        """Candidate ``name`` (running ``kernel``) on x, as ``_prepare`` times it."""
+        if in_place and kernel != "onednn":
+            return self._packed_call(x, prepared["scratch"], kernel, prepared[name], True)
+        return self._packed_call(x, residual, kernel, prepared[name])
 
     def input_grad(self, grad: Tensor, x: Tensor) -> Optional[Tensor]:
         """The gradient into x, for a float32 plan whose conv may run as our Winograd
@@ -436,29 +442,56 @@ class ConvPlan:
 
     def _prepare_grad(self, grad: Tensor, x: Tensor) -> Optional[tuple[Tensor, ...]]:
         """(transposed flipped weight, its Winograd transform, zero bias, padding) where
-        Winograd is measured faster for ``grad``'s shape, else None."""
-        with torch.no_grad():
+        Winograd is measured faster for ``grad``'s shape, else None; made only when timed or
+        chosen (``_Prepared``)."""
+        def entry() -> tuple[Tensor, ...]:
             flipped = self.weight.transpose(0, 1).flip(2, 3).contiguous()
-            entry = (flipped, torch.ops.resnet_fast.winograd_prepack.default(flipped, 2),
-                     flipped.new_zeros(flipped.shape[0]), [2 - p for p in self.geometry[1]])
-            layer = {"op": "conv_input_grad_cpu", "grad": list(grad.shape), "dtype": "float32",
-                     "weight": list(self.weight.shape), "padding": list(self.geometry[1]),
-                     "candidates": ["onednn", "winograd2"]}
-            runs = {"onednn": functools.partial(self._grad_call, grad, x, "onednn", None),
-                    "winograd2": functools.partial(self._grad_call, grad, x, "winograd", entry)}
+            return (flipped, torch.ops.resnet_fast.winograd_prepack.default(flipped, 2),
+                    flipped.new_zeros(flipped.shape[0]), [2 - p for p in self.geometry[1]])
+
+        prepared = _Prepared(winograd2=entry)
+        layer = {"op": "conv_input_grad_cpu", "grad": list(grad.shape), "dtype": "float32",
+                 "weight": list(self.weight.shape), "padding": list(self.geometry[1]),
+                 "candidates": ["onednn", "winograd2"]}
+        runs = {"onednn": functools.partial(self._grad_call, grad, x, "onednn", None),
+                "winograd2": functools.partial(self._grad_call, grad, x, "winograd", prepared)}
+        with torch.no_grad():
             chosen = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
-        return entry if chosen == "winograd2" else None
+            return prepared["winograd2"] if chosen == "winograd2" else None
 
     def _grad_call(self, grad: Tensor, x: Tensor, kernel: str,
-                   entry: Optional[tuple[Tensor, ...]]) -> Tensor:
+                   entry: Union[None, tuple[Tensor, ...], "_Prepared"]) -> Tensor:
+        """The input gradient by ``kernel``: oneDNN's backward-data, or our Winograd on
+        ``entry`` (``_prepare_grad``'s, or the ``_Prepared`` that makes it while timed)."""
         if kernel == "onednn":
             stride, padding, dilation, groups = self.geometry
             return torch.ops.aten.convolution_backward(
                 grad, x, self.weight, None, stride, padding, dilation, False, [0, 0], groups,
                 [True, False, False])[0]
+        if isinstance(entry, _Prepared):
+            entry = entry["winograd2"]
         flipped, packed, zeros, padding = entry
         return torch.ops.resnet_fast.conv_bias_act_winograd.default(grad, flipped, packed, zeros,
                                                                     padding, None, False)
+
+
+class _Prepared(dict):
+    """name -> a candidate's prepared weight (or scratch), made by ``makers[name]`` at its
+    first lookup: while the tuner times it, or once it is chosen. A candidate the tuning
+    table already rules out is never prepared."""
+
+    def __init__(self, **makers: Callable[[], object]) -> None:
+        super().__init__()
+        self.makers = makers
+
+    def __missing__(self, name: str):
+        value = self[name] = self.makers[name]()
+        return value
+
+
+def _kernel_of(name: str) -> str:
+    """The kernel a candidate runs: "winograd" for both tiles, else its name."""
+    return "winograd" if name.startswith("winograd") else name
 
 
 def own_kernels(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
@@ -499,7 +532,8 @@ def refold(terms: tuple[tuple[float, bool, bool], ...],
     return weight, bias
 
 
-def _fold(tensors: Sequence[Optional[Tensor]], eps: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+def _fold(tensors: Sequence[Optional[Tensor]],
+          eps: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
     """(weight, bias) of one pair from its six tensors (conv weight and bias, BN weight, bias,
     running mean and variance); ``eps=None``: a conv without a BN, its own weight and bias."""
     return tuple(tensors[:2]) if eps is None else fold_bn_tensors(*tensors, eps)
