@@ -43,7 +43,7 @@ it, as does a forward that ``torch.jit.trace`` or ``torch.fx.symbolic_trace`` re
 """
 
 import functools
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -256,7 +256,7 @@ class ConvPlan:
             self.run = ConvPlan._onednn
             self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default
             self._own = own_kernels(conv, weight, bias, winograd)
-            self._grads: dict[tuple[torch.Size, int], Optional[tuple[Tensor, ...]]] = {}
+            self._grads: dict[tuple[torch.Size, int], Optional[_Prepared]] = {}
         self.casts = casts
         if self.pads or casts:
             self._inner, self.run = self.run, ConvPlan._adapted
@@ -440,10 +440,10 @@ class ConvPlan:
         entry = self._grads[key]
         return None if entry is None else self._grad_call(grad, x, "winograd", entry)
 
-    def _prepare_grad(self, grad: Tensor, x: Tensor) -> Optional[tuple[Tensor, ...]]:
-        """(transposed flipped weight, its Winograd transform, zero bias, padding) where
-        Winograd is measured faster for ``grad``'s shape, else None; made only when timed or
-        chosen (``_Prepared``)."""
+    def _prepare_grad(self, grad: Tensor, x: Tensor) -> Optional["_Prepared"]:
+        """Where Winograd is measured faster for ``grad``'s shape, what it runs on: under
+        "winograd2", (transposed flipped weight, its Winograd transform, zero bias, padding),
+        made at its first use (timed, or the first gradient it computes); else None."""
         def entry() -> tuple[Tensor, ...]:
             flipped = self.weight.transpose(0, 1).flip(2, 3).contiguous()
             return (flipped, torch.ops.resnet_fast.winograd_prepack.default(flipped, 2),
@@ -457,20 +457,18 @@ class ConvPlan:
                 "winograd2": functools.partial(self._grad_call, grad, x, "winograd", prepared)}
         with torch.no_grad():
             chosen = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
-            return prepared["winograd2"] if chosen == "winograd2" else None
+        return prepared if chosen == "winograd2" else None
 
     def _grad_call(self, grad: Tensor, x: Tensor, kernel: str,
-                   entry: Union[None, tuple[Tensor, ...], "_Prepared"]) -> Tensor:
+                   prepared: Optional["_Prepared"]) -> Tensor:
         """The input gradient by ``kernel``: oneDNN's backward-data, or our Winograd on
-        ``entry`` (``_prepare_grad``'s, or the ``_Prepared`` that makes it while timed)."""
+        ``_prepare_grad``'s entry."""
         if kernel == "onednn":
             stride, padding, dilation, groups = self.geometry
             return torch.ops.aten.convolution_backward(
                 grad, x, self.weight, None, stride, padding, dilation, False, [0, 0], groups,
                 [True, False, False])[0]
-        if isinstance(entry, _Prepared):
-            entry = entry["winograd2"]
-        flipped, packed, zeros, padding = entry
+        flipped, packed, zeros, padding = prepared["winograd2"]
         return torch.ops.resnet_fast.conv_bias_act_winograd.default(grad, flipped, packed, zeros,
                                                                     padding, None, False)
 
