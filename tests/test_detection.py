@@ -287,3 +287,18 @@ def test_fpn_on_cuda_matches_torchvision():
     sum(v.square().mean() for v in ours(feats).values()).backward()
     assert all(torch.isfinite(v.grad).all() for v in feats.values())
     assert ours.layer_blocks[0][0].weight.grad is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["freezing", "dynamic"])
+def test_inductor_freezing_and_dynamic_give_torchvisions_numbers(mode):
+    """Inductor with freezing (the weights constant-folded) and with dynamic shapes (a second
+    size without recompiling wrongly): torchvision's numbers at both sizes."""
+    ours, tv = _fpns()
+    ours.eval(), tv.eval()
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(freezing=mode == "freezing"):
+        compiled = torch.compile(ours, fullgraph=True, dynamic=mode == "dynamic")
+        for size in (16, 24):
+            x = _features(batch=1, size=size)
+            torch.testing.assert_close(compiled(x), tv(x), rtol=1e-4, atol=1e-4)
