@@ -28,6 +28,13 @@ os.environ.setdefault("RESNET_FAST_TRITON_AUTOTUNE", "0")
 # Layer choices measured by tests (the CPU plans' oneDNN or Winograd) go to a table of this
 # session's own, never the user's.
 os.environ.setdefault("RESNET_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="resnet_fast_tests_"))
+# Inductor's FX graph cache does not key its entries on the vector ISA it compiled for: a
+# cache filled under ATEN_CPU_CAPABILITY=avx2 (or on an AVX2-only host) and read on AVX-512
+# (or the reverse) corrupted the heap or returned NaN (torchvision's resnet18 alone, torch
+# 2.14.1, 2026-12-06; docs/design.md). Each capability gets a cache of its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "torchinductor_resnet_fast_tests",
+    torch.backends.cpu.get_cpu_capability()))
 
 
 def pytest_collection_modifyitems(config, items):
