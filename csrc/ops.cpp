@@ -46,6 +46,10 @@ TORCH_LIBRARY(resnet_fast, m) {
   // owns the residual and reads it no more (the models' programs, a block's last conv).
   m.def("conv_bias_act_winograd_(Tensor x, Tensor weight, Tensor packed_weight, Tensor bias, "
         "int[2] padding, Tensor(a!) residual, bool relu=True) -> ()");
+  // The gradient (K, C, 3, 3) of a stride-1 3x3 conv's weight (one group, dilation 1) from
+  // its input x (N, C, H, W) and output gradient grad (N, K, P, Q), by Winograd's F(2x2,3x3)
+  // on CPU, float32.
+  m.def("conv3x3_weight_grad(Tensor x, Tensor grad, int[2] padding) -> Tensor");
   // The weight (K, C, 1, 1) laid out once for conv_bias_act_1x1 on CPU: float32 (ceil(K / kb),
   // C, kb), kb output channels side by side (two vector widths of this CPU); bfloat16
   // (ceil(K / 32), ceil(C / 2), 64), pairs of input channels side by side.

@@ -59,10 +59,11 @@ def _fpns(norm_layer=None):
 
 
 def _features(batch=2, size=24, dtype=torch.float32, requires_grad=False):
+    """The same values in every dtype (drawn in float32, then converted: randn in float64
+    draws other numbers, and a float64 truth must see the float32 model's inputs)."""
     torch.manual_seed(1)
-    return {str(i): torch.randn(batch, c, size >> i, size >> i, dtype=dtype,
-                                requires_grad=requires_grad)
-            for i, c in enumerate(CHANNELS)}
+    return {str(i): torch.randn(batch, c, size >> i, size >> i).to(dtype)
+            .requires_grad_(requires_grad) for i, c in enumerate(CHANNELS)}
 
 
 def _kernels(fpn):
@@ -104,10 +105,15 @@ def test_eval_outputs_are_torchvisions_and_run_our_kernels(prefer_ours, norm):
         assert kernels.count("gemm") == 3 and kernels.count("winograd") == 3
 
 
-def test_training_gradients_are_torchvisions_and_plans_follow_the_step(prefer_ours):
+def test_training_gradients_are_torchvisions_and_plans_follow_the_step(prefer_ours,
+                                                                       monkeypatch):
     """A fine-tuning step: the plans run the forward (their backward the gradients into the
-    features, the 3x3s' through our Winograd, and every conv weight and bias); after the
-    optimizer's step they rebuild."""
+    features and into every conv weight and bias, the 3x3s' both through our Winograd); after
+    the optimizer's step they rebuild."""
+    weight_grads = []
+    real = ConvPlan._weight_grad_call
+    monkeypatch.setattr(ConvPlan, "_weight_grad_call", lambda plan, grad, x, kernel: (
+        weight_grads.append(kernel), real(plan, grad, x, kernel))[1])
     ours, tv = _fpns()
     ref = copy.deepcopy(tv).double()
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, tv)]
@@ -120,9 +126,11 @@ def test_training_gradients_are_torchvisions_and_plans_follow_the_step(prefer_ou
             sum(v.square().mean() for v in out.values()).backward()
             grads.append([v.grad for v in x.values()] + [p.grad for p in model.parameters()])
         assert Kept.of(ours) is not None
-        if winograd_k_block():  # the 3x3s' input gradients ran as our Winograd
+        if winograd_k_block():  # the 3x3s' input and weight gradients ran as our Winograd
             chosen = [e is not None for p in Kept.of(ours) for e in p._grads.values()]
             assert chosen.count(True) == 3
+            assert weight_grads == ["winograd2"] * 3
+            weight_grads.clear()
         for got, want, truth in zip(*grads):
             err = (got.double() - truth).abs().max().item()
             ref_err = (want.double() - truth).abs().max().item()

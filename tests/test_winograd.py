@@ -176,6 +176,78 @@ def test_opcheck():
                           (xb, wb, op.winograd_prepack(wb, 4), bb, [1, 1], rb, True))
 
 
+def _torch_weight_grad(x, g, padding):
+    w = torch.empty(g.shape[1], x.shape[1], 3, 3, dtype=x.dtype)
+    return torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], padding, [1, 1], False,
+                                               [0, 0], 1, [False, True, False])[1]
+
+
+WEIGHT_GRAD_SHAPES = [  # N, C, K, H, W, padding
+    (2, 5, 7, 6, 5, 1), (1, 70, 65, 9, 11, 1), (3, 4, 3, 7, 7, 0), (2, 6, 5, 5, 6, 2),
+    (1, 1, 1, 1, 1, 1), (2, 33, 130, 8, 8, 1),
+    pytest.param(2, 512, 512, 24, 24, 1, marks=pytest.mark.slow),  # 288 tiles: two chunks
+]
+
+
+@pytest.mark.parametrize("n, c, k, h, w, pad", WEIGHT_GRAD_SHAPES)
+def test_weight_grad_is_the_convs_within_the_rule(n, c, k, h, w, pad):
+    """conv3x3_weight_grad against the fp64 weight gradient, within the tolerance rule against
+    torch's fp32 backward in the worse of its two layouts: odd sizes (tiles past the edge),
+    channel counts off the 64-channel blocks, paddings 0-2, NCHW and channels_last inputs."""
+    gen = torch.Generator().manual_seed(n * 1000 + c + k)
+    x = torch.randn(n, c, h, w, generator=gen)
+    g = torch.randn(n, k, h + 2 * pad - 2, w + 2 * pad - 2, generator=gen)
+    truth = _torch_weight_grad(x.double(), g.double(), [pad, pad])
+    layouts = (torch.contiguous_format, torch.channels_last)
+    want = max((_torch_weight_grad(x.contiguous(memory_format=f), g.contiguous(memory_format=f),
+                                   [pad, pad]) for f in layouts),
+               key=lambda t: (t.double() - truth).abs().max().item())
+    for fmt in layouts:
+        got = op.conv3x3_weight_grad(x.contiguous(memory_format=fmt),
+                                     g.contiguous(memory_format=fmt), [pad, pad])
+        assert got.shape == (k, c, 3, 3) and got.is_contiguous()
+        assert_within_reference_error(got, want, truth)
+
+
+def test_weight_grad_keeps_torchs_non_finite_values():
+    """A NaN or an infinity in x or the gradient (or a sum that overflows) gives the weight
+    gradient torch's direct computation gives, NaN and infinities where torch has them."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 7, 8, generator=gen)
+    g = torch.randn(2, 5, 7, 8, generator=gen)
+    cases = []
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone()
+        xb[1, 2, 0, 3] = bad
+        gb = g.clone()
+        gb[0, 4, 6, 7] = bad
+        cases += [(xb, g), (x, gb)]
+    cases.append((x * 1e30, g * 1e30))  # finite inputs, overflowing sums
+    for xi, gi in cases:
+        got = op.conv3x3_weight_grad(xi, gi, [1, 1])
+        want = _torch_weight_grad(xi, gi, [1, 1])
+        assert not torch.isfinite(want).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_weight_grad_checks_its_arguments_and_opcheck():
+    x, g = torch.randn(2, 4, 6, 6), torch.randn(2, 3, 6, 6)
+    torch.library.opcheck(op.conv3x3_weight_grad, (x, g, [1, 1]))
+    torch.library.opcheck(op.conv3x3_weight_grad,
+                          (x.contiguous(memory_format=torch.channels_last), g[:, :, 1:5, 1:5],
+                           [0, 0]))
+    with pytest.raises(TypeError, match="float32"):
+        op.conv3x3_weight_grad(x.double(), g.double(), [1, 1])
+    with pytest.raises(ValueError, match=r"expected grad of shape \(2, K, 4, 4\)"):
+        op.conv3x3_weight_grad(x, g, [0, 0])
+    with pytest.raises(ValueError, match="paddings >= 0"):
+        op.conv3x3_weight_grad(x, g, [-1, 1])
+    with pytest.raises(ValueError, match="4-D"):
+        op.conv3x3_weight_grad(x[0], g[0], [1, 1])
+    empty = op.conv3x3_weight_grad(x[:0], g[:0], [1, 1])
+    assert empty.shape == (3, 4, 3, 3) and not empty.any()
+
+
 def test_empty_batch_and_no_input_channels():
     x, weight, bias, _ = _case(0, 4, 6, 5, 5, False)
     out = op.conv_bias_act_winograd(x, weight, op.winograd_prepack(weight, 2), bias, [1, 1])

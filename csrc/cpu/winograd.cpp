@@ -5,11 +5,14 @@
 // in winograd_impl.h, compiled per instruction set.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 #include "../checks.h"
 #include "buffer_pool.h"
@@ -171,6 +174,166 @@ void conv_bias_act_winograd_inplace(const at::Tensor& x, const at::Tensor& weigh
                              "conv_bias_act_winograd_");
 }
 
+// The weight gradient of a stride-1 3x3 conv (one group, dilation 1) by Winograd's F(2x2,3x3),
+// float32: dW[k][c] = G^T (sum over 2x2 output tiles t of (A g_t[k] A^T) * (B^T d_t[c] B)) G,
+// the same bilinear form as the forward's Y = A^T ((G w G^T) * (B^T d B)) A differentiated in
+// w (g_t: a tile of the output gradient, d_t: its 4x4 input window, zero outside the image).
+// Per tile position e of the 16, the sum over tiles is one GEMM, (K x T) . (T x C): 2.25x
+// fewer products than the direct weight gradient. The tiles go in chunks (their transforms
+// at most ~16 MB) whose GEMMs accumulate into one (16, K, C) sum (baddbmm, float32).
+constexpr int64_t kWgradBlock = 64;  // channels a tile transforms at a time
+
+at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& g_in,
+                                   at::IntArrayRef padding) {
+  const char* op = "conv3x3_weight_grad";
+  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat && g_in.scalar_type() == at::kFloat, op,
+                   ": expected float32 x and grad, got ", DType{x_in.scalar_type()}, " and ",
+                   DType{g_in.scalar_type()});
+  TORCH_CHECK_VALUE(x_in.dim() == 4 && g_in.dim() == 4 && x_in.layout() == at::kStrided &&
+                        g_in.layout() == at::kStrided && x_in.device().is_cpu() &&
+                        g_in.device().is_cpu(),
+                    op, ": expected strided 4-D CPU tensors x (N, C, H, W) and grad (N, K, P, Q), "
+                    "got ", Shape{x_in.sizes()}, " on ", x_in.device(), " and ",
+                    Shape{g_in.sizes()}, " on ", g_in.device());
+  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+                    ": expected 2 paddings >= 0, got ", padding);
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t K = g_in.size(1), P = g_in.size(2), Q = g_in.size(3);
+  const int64_t ph = padding[0], pw = padding[1];
+  TORCH_CHECK_VALUE(g_in.size(0) == N && P == H + 2 * ph - 2 && Q == W + 2 * pw - 2 && P >= 1 &&
+                        Q >= 1,
+                    op, ": expected grad of shape (", N, ", K, ", H + 2 * ph - 2, ", ",
+                    W + 2 * pw - 2, ") for x ", Shape{x_in.sizes()}, " and padding ", padding,
+                    ", got ", Shape{g_in.sizes()});
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = dense_in(x_in, cl), g = dense_in(g_in, cl);
+  const int64_t th = (P + 1) / 2, tw = (Q + 1) / 2, T = N * th * tw;
+  at::Tensor acc = at::zeros({16, K, C}, x.options());
+  if (T == 0 || K == 0 || C == 0) return at::zeros({K, C, 3, 3}, x.options());
+  // 16 MB of transforms a chunk (at least 64 tiles): 4x that measured 1.25x slower at 128x128.
+  const int64_t chunk = std::min<int64_t>(
+      T, std::max<int64_t>(64, (int64_t{1} << 22) / (16 * (C + K))));
+  at::Tensor v = at::empty({16, chunk, C}, x.options());
+  at::Tensor z = at::empty({16, chunk, K}, x.options());
+  const std::vector<float> zeros(std::max(C, K), 0.f);
+  const float* xp = x.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t tc = std::min(chunk, T - t0);
+    at::parallel_for(0, tc, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t t = t0 + i, n = t / (th * tw), ty = t / tw % th, tx = t % tw;
+        const float* d[4][4];  // the input window, rows 2ty - ph .., columns 2tx - pw ..
+        for (int r = 0; r < 4; ++r) {
+          for (int s = 0; s < 4; ++s) {
+            const int64_t y = 2 * ty - ph + r, xx = 2 * tx - pw + s;
+            d[r][s] = (y >= 0 && y < H && xx >= 0 && xx < W)
+                          ? xp + ((n * H + y) * W + xx) * C : zeros.data();
+          }
+        }
+        const int64_t plane = chunk * C;
+        for (int64_t c0 = 0; c0 < C; c0 += kWgradBlock) {
+          const int64_t cb = std::min(kWgradBlock, C - c0);
+          float u[16][kWgradBlock];  // the window's block of channels, then B^T d
+          for (int e = 0; e < 16; ++e) std::memcpy(u[e], d[e / 4][e % 4] + c0, cb * sizeof(float));
+          for (int s = 0; s < 4; ++s) {  // B^T d: rows
+            for (int64_t c = 0; c < cb; ++c) {
+              const float d0 = u[s][c], d1 = u[4 + s][c], d2 = u[8 + s][c], d3 = u[12 + s][c];
+              u[s][c] = d0 - d2;
+              u[4 + s][c] = d1 + d2;
+              u[8 + s][c] = d2 - d1;
+              u[12 + s][c] = d1 - d3;
+            }
+          }
+          for (int r = 0; r < 4; ++r) {  // (B^T d) B: columns
+            float* o = vp + (4 * r * chunk + i) * C + c0;
+            const float* w = u[4 * r];
+            const float* w1 = u[4 * r + 1];
+            const float* w2 = u[4 * r + 2];
+            const float* w3 = u[4 * r + 3];
+            for (int64_t c = 0; c < cb; ++c) {
+              o[c] = w[c] - w2[c];
+              o[plane + c] = w1[c] + w2[c];
+              o[2 * plane + c] = w2[c] - w1[c];
+              o[3 * plane + c] = w1[c] - w3[c];
+            }
+          }
+        }
+        const float* q[2][2];  // the output-gradient tile, zero past an odd edge
+        for (int r = 0; r < 2; ++r) {
+          for (int s = 0; s < 2; ++s) {
+            const int64_t y = 2 * ty + r, xx = 2 * tx + s;
+            q[r][s] = (y < P && xx < Q) ? gp + ((n * P + y) * Q + xx) * K : zeros.data();
+          }
+        }
+        const int64_t zplane = chunk * K;
+        for (int64_t k0 = 0; k0 < K; k0 += kWgradBlock) {
+          const int64_t kb = std::min(kWgradBlock, K - k0);
+          float a[8][kWgradBlock];  // the tile's block of channels, then A g
+          for (int e = 0; e < 4; ++e) std::memcpy(a[e], q[e / 2][e % 2] + k0, kb * sizeof(float));
+          for (int64_t k = 0; k < kb; ++k) {  // A g: rows (g00, g01, g10, g11 in)
+            const float g00 = a[0][k], g01 = a[1][k], g10 = a[2][k], g11 = a[3][k];
+            a[0][k] = g00;
+            a[1][k] = g01;
+            a[2][k] = g00 + g10;
+            a[3][k] = g01 + g11;
+            a[4][k] = g00 - g10;
+            a[5][k] = g01 - g11;
+            a[6][k] = -g10;
+            a[7][k] = -g11;
+          }
+          for (int r = 0; r < 4; ++r) {  // (A g) A^T: columns
+            float* o = zp + (4 * r * chunk + i) * K + k0;
+            const float* a0 = a[2 * r];
+            const float* a1 = a[2 * r + 1];
+            for (int64_t k = 0; k < kb; ++k) {
+              o[k] = a0[k];
+              o[zplane + k] = a0[k] + a1[k];
+              o[2 * zplane + k] = a0[k] - a1[k];
+              o[3 * zplane + k] = -a1[k];
+            }
+          }
+        }
+      }
+    });
+    acc.baddbmm_(z.narrow(1, 0, tc).transpose(1, 2), v.narrow(1, 0, tc));
+  }
+  // A non-finite sum (a NaN or infinity in x or grad reaches every sum its tile enters, even
+  // times a zero; or an overflow): torch's own direct gradient instead, so NaN and infinities
+  // land where torch puts them.
+  if (!at::isfinite(acc).all().item<bool>()) {
+    return std::get<1>(at::convolution_backward(
+        g, x, at::empty({K, C, 3, 3}, x.options()), std::nullopt, {1, 1}, padding, {1, 1},
+        false, {0, 0}, 1, {false, true, false})).contiguous();
+  }
+  // G^T acc G per (k, c): 4x4 -> 3x3, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+  at::Tensor out = at::empty({K, C, 3, 3}, x.options());
+  const float* pp = acc.data_ptr<float>();
+  float* wp = out.data_ptr<float>();
+  const int64_t KC = K * C;
+  at::parallel_for(0, KC, 1024, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      float h[4][3];  // acc G
+      for (int a = 0; a < 4; ++a) {
+        const float m0 = pp[(4 * a) * KC + j], m1 = pp[(4 * a + 1) * KC + j],
+                    m2 = pp[(4 * a + 2) * KC + j], m3 = pp[(4 * a + 3) * KC + j];
+        h[a][0] = m0 + .5f * (m1 + m2);
+        h[a][1] = .5f * (m1 - m2);
+        h[a][2] = .5f * (m1 + m2) + m3;
+      }
+      float* o = wp + j * 9;
+      for (int s = 0; s < 3; ++s) {  // G^T (acc G)
+        o[s] = h[0][s] + .5f * (h[1][s] + h[2][s]);
+        o[3 + s] = .5f * (h[1][s] - h[2][s]);
+        o[6 + s] = .5f * (h[1][s] + h[2][s]) + h[3][s];
+      }
+    }
+  });
+  return out;
+}
+
 // The dtypes of the 1x1 GEMM here: float32, and bfloat16 where the CPU has AVX512-BF16.
 void require_gemm_dtype(at::ScalarType t, const char* what, const char* op) {
   TORCH_CHECK_TYPE(t == at::kFloat || t == at::kBFloat16, op, ": expected a float32 or "
@@ -275,6 +438,7 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("winograd_prepack", &winograd_prepack_cpu);
   m.impl("conv_bias_act_winograd", &conv_bias_act_winograd_op);
   m.impl("conv_bias_act_winograd_", &conv_bias_act_winograd_inplace);
+  m.impl("conv3x3_weight_grad", &conv3x3_weight_grad_cpu);
   m.impl("conv1x1_prepack", &conv1x1_prepack_cpu);
   m.impl("conv_bias_act_1x1", &conv_bias_act_1x1_op);
   m.impl("conv_bias_act_1x1_", &conv_bias_act_1x1_inplace);

@@ -440,6 +440,33 @@ class ConvPlan:
         entry = self._grads[key]
         return None if entry is None else self._grad_call(grad, x, "winograd", entry)
 
+    def weight_grad(self, grad: Tensor, x: Tensor) -> Optional[Tensor]:
+        """The gradient of the (folded) weight, for a float32 plan whose conv may run as our
+        Winograd (a stride-1 3x3 on CPU), as ``conv3x3_weight_grad`` (F(2x2,3x3): 2.25x fewer
+        products) where that measured faster than oneDNN's backward-weights for this shape
+        (once per layer key, ``autotune.cpu_tuner``). None: torch's ``convolution_backward``
+        computes it."""
+        if ("winograd2" not in getattr(self, "_own", ()) or grad.dtype != torch.float32
+                or x.dtype != torch.float32 or grad.numel() == 0):
+            return None
+        layer = {"op": "conv_weight_grad_cpu", "x": list(x.shape), "dtype": "float32",
+                 "weight": list(self.weight.shape), "padding": list(self.geometry[1]),
+                 "candidates": ["onednn", "winograd2"]}
+        runs = {name: functools.partial(self._weight_grad_call, grad, x, name)
+                for name in ("onednn", "winograd2")}
+        with torch.no_grad():
+            chosen = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
+        return self._weight_grad_call(grad, x, chosen) if chosen == "winograd2" else None
+
+    def _weight_grad_call(self, grad: Tensor, x: Tensor, kernel: str) -> Tensor:
+        """The weight gradient by ``kernel``: oneDNN's backward-weights or our Winograd."""
+        if kernel == "onednn":
+            stride, padding, dilation, groups = self.geometry
+            return torch.ops.aten.convolution_backward(
+                grad, x, self.weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [False, True, False])[1]
+        return torch.ops.resnet_fast.conv3x3_weight_grad.default(x, grad, self.geometry[1])
+
     def _prepare_grad(self, grad: Tensor, x: Tensor) -> Optional["_Prepared"]:
         """Where Winograd is measured faster for ``grad``'s shape, what it runs on: under
         "winograd2", (transposed flipped weight, its Winograd transform, zero bias, padding),
@@ -545,12 +572,12 @@ def _add_biases(b: Tensor, other: Tensor) -> Tensor:
 class _PlannedConv(torch.autograd.Function):
     """A prepared plan's forward (its packed weights, no fold, no reorder) with the gradients
     of the modules it stands for: threshold_backward for the ReLU, the convolution's backward
-    on the folded weight (input and folded-weight gradients; the input's as our Winograd
-    where the plan measured it faster, :meth:`ConvPlan.input_grad`), the folded bias's
-    gradient (the output gradient summed), then the fold's backward on the tensors the
-    forward saved (an in-place change to them before backward raises, as torch's own saved
-    tensors do): by :func:`_conv_grad` where only convs' weights and biases want gradients,
-    else by autograd through :func:`refold`. Asked for a graph of the gradients
+    on the folded weight (input and folded-weight gradients; each as our Winograd where the
+    plan measured it faster, :meth:`ConvPlan.input_grad`, :meth:`ConvPlan.weight_grad`), the
+    folded bias's gradient (the output gradient summed), then the fold's backward on the
+    tensors the forward saved (an in-place change to them before backward raises, as torch's
+    own saved tensors do): by :func:`_conv_grad` where only convs' weights and biases want
+    gradients, else by autograd through :func:`refold`. Asked for a graph of the gradients
     (``create_graph``, e.g. a gradient penalty), it recomputes the forward differentiably with
     torch's ops and differentiates that."""
 
@@ -585,11 +612,14 @@ class _PlannedConv(torch.autograd.Function):
             grad = torch.ops.aten.threshold_backward(grad, out, 0)
         stride, padding, dilation, groups = plan.geometry
         grad_x = plan.input_grad(grad, x) if need_x else None
-        grads[0], grad_w, _ = torch.ops.aten.convolution_backward(
-            grad, x, plan.weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [need_x and grad_x is None, bool(wanted), False])
-        if grad_x is not None:
-            grads[0] = grad_x
+        grad_w = plan.weight_grad(grad, x) if wanted else None
+        torch_x, torch_w = need_x and grad_x is None, bool(wanted) and grad_w is None
+        if torch_x or torch_w:
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                grad, x, plan.weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [torch_x, torch_w, False])
+            grad_x, grad_w = (gx if torch_x else grad_x), (gw if torch_w else grad_w)
+        grads[0] = grad_x
         grads[1] = grad if need_residual else None
         if wanted and all(i % 6 < 2 for i in wanted):  # only convs' weights and biases
             acc = torch.promote_types(grad.dtype, torch.float32)

@@ -19,7 +19,9 @@ Winograd's F(2x2,3x3) or F(4x4,3x3) and ``conv_bias_act_winograd`` runs it
 multiplications. A 1x1 conv has our own GEMM (same micro-kernel, bias, residual and the
 NaN-keeping ReLU in its stores): ``conv1x1_prepack`` lays the weight out once,
 ``conv_bias_act_1x1`` runs it. The models' plans choose among oneDNN and these per layer by
-measurement. ``conv_bias_act_winograd_`` and ``conv_bias_act_1x1_`` write over the residual
+measurement. ``conv3x3_weight_grad`` is a stride-1 3x3 conv's weight gradient by F(2x2,3x3)
+in float32 (the plans' backward, where measured faster than oneDNN's backward-weights).
+``conv_bias_act_winograd_`` and ``conv_bias_act_1x1_`` write over the residual
 (no output buffer, no read for ownership of one): for a caller that owns the residual and
 reads it no more, as the models' programs own a block's input. The caller holds the packed weight (the models keep it in
 their per-layer plans): no op caches anything keyed by a tensor's identity, so every op is a
@@ -276,6 +278,22 @@ if _extension.has_kernel("conv_bias_act_winograd", "CPU"):
         check_conv(x, weight, bias, 1, padding, 1, 1, residual, op=op)
         _own_kernel_args(x, weight, 3, op)
         _into(residual, op)
+
+    @torch.library.register_fake("resnet_fast::conv3x3_weight_grad")
+    def _conv3x3_weight_grad_fake(x, grad, padding):
+        op = "conv3x3_weight_grad"
+        if x.dtype != torch.float32 or grad.dtype != torch.float32:
+            raise TypeError(f"{op}: expected float32 x and grad, got {x.dtype} and {grad.dtype}")
+        if x.dim() != 4 or grad.dim() != 4:
+            raise ValueError(f"{op}: expected 4-D x (N, C, H, W) and grad (N, K, P, Q), got "
+                             f"{tuple(x.shape)} and {tuple(grad.shape)}")
+        if len(padding) != 2 or min(padding) < 0:
+            raise ValueError(f"{op}: expected 2 paddings >= 0, got {list(padding)}")
+        n, c, h, w = x.shape
+        want = (n, grad.shape[1], h + 2 * padding[0] - 2, w + 2 * padding[1] - 2)
+        torch._check(tuple(grad.shape) == want and want[2] >= 1 and want[3] >= 1,
+                     lambda: f"{op}: expected grad of shape {want}, got {tuple(grad.shape)}")
+        return x.new_empty((grad.shape[1], c, 3, 3))
 
     @torch.library.register_fake("resnet_fast::conv1x1_prepack")
     def _conv1x1_prepack_fake(weight):
