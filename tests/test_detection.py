@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 from _numerics import assert_within_reference_error
+from _pairs import frozen_pair
 from torch import nn
 from torchvision.models.detection import backbone_utils
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -211,6 +212,7 @@ def test_extractor_and_backbone_builder_mirror_torchvisions():
     torch.manual_seed(0)
     ours = detection._resnet_fpn_extractor(resnet_fast.resnet18(norm_layer=FrozenBatchNorm2d), 2)
     assert type(ours.fpn) is detection.FeaturePyramidNetwork
+    assert type(ours.body) is detection.IntermediateLayerGetter
     assert type(ours) is backbone_utils.BackboneWithFPN
     assert list(ours.state_dict()) == list(tv.state_dict())
     trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
@@ -237,9 +239,73 @@ def test_whole_backbone_runs_every_conv_fused(monkeypatch):
     monkeypatch.setattr(ConvPlan, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
-    # the 52 convs of the blocks (the stem runs as modules under the extractor) and the 8
-    # of the FPN
-    assert len(calls) == 52 + 8 and list(out) == ["0", "1", "2", "3", "pool"]
+    # the stem's conv (the body's own program), the 52 of the blocks and the 8 of the FPN
+    assert len(calls) == 1 + 52 + 8 and list(out) == ["0", "1", "2", "3", "pool"]
+
+
+def _extractors(trainable_layers):
+    """(ours, torchvision's): a resnet18 + FrozenBatchNorm2d extractor, BN statistics away
+    from the identity (``frozen_pair``), the same weights."""
+    ours_body, tv_body = frozen_pair("resnet18")
+    torch.manual_seed(0)
+    tv = backbone_utils._resnet_fpn_extractor(tv_body, trainable_layers)
+    ours = detection._resnet_fpn_extractor(ours_body, trainable_layers)
+    ours.load_state_dict(tv.state_dict())
+    return ours, tv
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_the_bodys_stem_runs_fused_with_torchvisions_outputs_and_gradients(fmt):
+    """The body's conv1 -> bn1 -> relu -> maxpool as one stem plan: the features in eval (the
+    pool in our op) within the model-level rule, and, all layers trainable, a training
+    step's gradients into the image and every parameter (conv1's through the plan's
+    backward) within 4x torch's own fp32 error, each against fp64."""
+    ours, tv = _extractors(5)
+    gen = torch.Generator().manual_seed(4)
+    image = torch.randn(2, 3, 64, 48, generator=gen).contiguous(memory_format=fmt)
+    ref = copy.deepcopy(tv).double()
+    with torch.no_grad():
+        got = ours.eval()(image)
+        want = tv.eval()(image)
+        truth = ref.eval()(image.double())
+    assert Kept.of(ours.body) is not None and Kept.of(ours.body).stem is not None
+    for k in truth:  # the model-level rule (docs/design.md): 2x torchvision's + 1e-5 of scale
+        err = (got[k].double() - truth[k]).abs().max().item()
+        ref_err = (want[k].double() - truth[k]).abs().max().item()
+        assert err <= 2 * ref_err + 1e-5 * truth[k].abs().max().item(), k
+    grads = []
+    for model, dtype in ((ours, torch.float32), (tv, torch.float32), (ref, torch.float64)):
+        model.train()
+        x = image.to(dtype).clone().requires_grad_()  # a leaf of its own
+        sum(v.square().mean() for v in model(x).values()).backward()
+        grads.append([x.grad] + [p.grad for p in model.parameters()])
+    assert ours.body.conv1.weight.grad is not None
+    for got, want, truth in zip(*grads):
+        err = (got.double() - truth).abs().max().item()
+        ref_err = (want.double() - truth).abs().max().item()
+        assert err <= 4 * ref_err + 4 * torch.finfo(torch.float32).eps * truth.abs().max()
+
+
+def test_what_the_body_cannot_fuse_runs_torchvisions_loop():
+    """A hook on the maxpool, a BatchNorm2d in training, a recording tool, an empty batch:
+    torchvision's loop, with torchvision's outputs."""
+    ours, tv = _extractors(3)
+    x = torch.randn(1, 3, 32, 32)
+    ours.body.maxpool.register_forward_hook(lambda m, i, o: None)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), tv.eval()(x), rtol=1e-4, atol=1e-4)
+    assert Kept.of(ours.body) is None
+    body = detection._resnet_fpn_extractor(resnet_fast.resnet18(), 5).body.train()
+    body(torch.randn(2, 3, 32, 32))
+    assert Kept.of(body) is None  # a BatchNorm2d in training has batch statistics
+    ours, tv = _extractors(3)
+    with torch.no_grad():
+        traced = torch.jit.trace(ours.body.eval(), (x,), strict=False)
+        assert "resnet_fast::" not in str(traced.inlined_graph)
+        empty = ours.body(torch.randn(0, 3, 32, 32))
+        scripted = torch.jit.script(ours.eval())
+        torch.testing.assert_close(scripted(x), tv.eval()(x), rtol=1e-4, atol=1e-4)
+    assert Kept.of(ours.body) is None and empty["0"].shape == (0, 64, 8, 8)
 
 
 def test_a_faster_rcnn_on_the_fused_backbone_trains_as_torchvisions():

@@ -6,33 +6,14 @@ and each block on its own."""
 
 import pytest
 import torch
-import torchvision
 from _numerics import assert_within_reference_error
+from _pairs import frozen_pair
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnet_fast
 from resnet_fast.models._fused import ConvPlan
 from resnet_fast.models.program import Kept
-
-
-def _frozen_pair(arch="resnet50", seed=0):
-    """(ours, torchvision's) with FrozenBatchNorm2d and the same weights, frozen BN statistics
-    drawn away from the identity so the fold matters."""
-    torch.manual_seed(seed)
-    tv = getattr(torchvision.models, arch)(norm_layer=FrozenBatchNorm2d)
-    for m in tv.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.uniform_(-0.2, 0.2)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    for m in tv.modules():  # keep activations O(1) through 50 layers
-        if isinstance(m, torch.nn.Conv2d):
-            m.weight.data.mul_(0.5)
-    ours = getattr(resnet_fast, arch)(norm_layer=FrozenBatchNorm2d)
-    ours.load_state_dict(tv.state_dict())
-    return ours.eval(), tv.eval()
 
 
 def _counting():
@@ -44,7 +25,7 @@ def _counting():
 @pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_the_whole_model_fuses_frozen_bn_and_matches_torchvision(channels_last, monkeypatch):
-    ours, tv = _frozen_pair()
+    ours, tv = frozen_pair()
     calls, spy = _counting()
     monkeypatch.setattr(ConvPlan, "__call__", spy)
     x = torch.randn(2, 3, 64, 64)
@@ -67,7 +48,7 @@ def test_fpn_extractor_outputs_and_gradients_are_torchvisions(channels_last, tra
                                                               monkeypatch):
     """Eval, and training (a fine-tuning step: FrozenBatchNorm2d is the same affine in both
     modes, so the blocks run fused there too)."""
-    ours, tv = _frozen_pair()
+    ours, tv = frozen_pair()
     fpn_ours = _resnet_fpn_extractor(ours, trainable_layers=3).train(training)
     fpn_tv = _resnet_fpn_extractor(tv, trainable_layers=3).train(training)
     fpn_tv.load_state_dict(fpn_ours.state_dict())
@@ -94,7 +75,7 @@ def test_fpn_extractor_outputs_and_gradients_are_torchvisions(channels_last, tra
     assert len(calls) == 52
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats_ours)
     feats_tv, grads_tv = run(fpn_tv, x.contiguous(memory_format=torch.channels_last))
-    fpn_64 = _resnet_fpn_extractor(_frozen_pair()[1], trainable_layers=3).train(training)
+    fpn_64 = _resnet_fpn_extractor(frozen_pair()[1], trainable_layers=3).train(training)
     fpn_64.load_state_dict(fpn_tv.state_dict())
     fpn_64.double()
     feats_64, grads_64 = run(fpn_64, x.double())
@@ -110,7 +91,7 @@ def test_fpn_extractor_outputs_and_gradients_are_torchvisions(channels_last, tra
 
 
 def test_frozen_bn_changes_rebuild_the_plans():
-    ours, tv = _frozen_pair("resnet18")
+    ours, tv = frozen_pair("resnet18")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ours(x)

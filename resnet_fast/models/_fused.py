@@ -610,6 +610,11 @@ class _PlannedConv(torch.autograd.Function):
             return (None, *(next(got) if n else None for n in flags))
         if plan.relu:
             grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # Once, for every kernel below: a loss's gradient often arrives NCHW (an FPN
+            # output's from `.square().mean()`), and each would convert it (10 ms at
+            # 256x128x128).
+            grad = grad.contiguous(memory_format=torch.channels_last)
         stride, padding, dilation, groups = plan.geometry
         grad_x = plan.input_grad(grad, x) if need_x else None
         grad_w = plan.weight_grad(grad, x) if wanted else None

@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 import torchvision.ops
 from torch import Tensor, nn
+from torchvision.models import _utils
 from torchvision.models.detection import backbone_utils
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from ._fused import ConvPlan, autocast_dtype, faking, in_functorch, no_hooks, recorded
-from .program import FusedEvalMixin, Kept, may_fuse
+from .program import FusedEvalMixin, Kept, may_fuse, pairs_of
 
-__all__ = ["FeaturePyramidNetwork", "fuse_fpn", "resnet_fpn_backbone", "_resnet_fpn_extractor"]
+__all__ = ["FeaturePyramidNetwork", "IntermediateLayerGetter", "fuse_fpn", "resnet_fpn_backbone",
+           "_resnet_fpn_extractor"]
 
 
 class FeaturePyramidNetwork(FusedEvalMixin, torchvision.ops.FeaturePyramidNetwork):
@@ -110,6 +112,63 @@ class FeaturePyramidNetwork(FusedEvalMixin, torchvision.ops.FeaturePyramidNetwor
         return Kept.plans_for(self, self.backend, self.winograd, pairs)
 
 
+_STEM = ["conv1", "bn1", "relu", "maxpool"]
+
+
+class IntermediateLayerGetter(FusedEvalMixin, _utils.IntermediateLayerGetter):
+    """torchvision's ``IntermediateLayerGetter`` over a ResNet (a detection backbone's
+    ``body``: the same modules, keys and outputs), its stem fused: where its first children
+    are exactly ``conv1``, ``bn1`` (a BN in eval or a ``FrozenBatchNorm2d``), the exact
+    ``nn.ReLU`` and ``maxpool``, none of them returned or hooked, they run as the ResNets'
+    stem program (one prepared plan, the BN folded, channels_last; the maxpool in the same
+    op with gradients off, else the module on channels_last, which torch pools 16x faster
+    than NCHW at 512 px). The stages after it are called as modules (a resnet_fast block
+    fuses itself). Anything else, a recording tool, a torch.func transform, or an input that
+    is not a non-empty 4-D strided tensor runs torchvision's loop."""
+
+    _fold_spec = (("conv1", "bn1", True),)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if torch.jit.is_scripting():
+            return self._forward_plain(x)
+        return self._forward_fused(x)
+
+    def _forward_plain(self, x: Tensor) -> dict[str, Tensor]:
+        """torchvision's forward."""
+        out = OrderedDict()
+        for name, module in self.items():
+            x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> dict[str, Tensor]:
+        stem = self._stem(x)
+        if stem is None:
+            return self._forward_plain(x)
+        x = stem(x, self.maxpool)
+        out = OrderedDict()
+        for name, module in list(self.items())[len(_STEM):]:
+            x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+    @torch.jit.unused
+    def _stem(self, x: Tensor):
+        """The stem's program for x, or None where torchvision's loop runs it."""
+        if (list(self._modules)[:len(_STEM)] != _STEM or recorded() or in_functorch()
+                or not may_fuse(self) or faking() or x.layout != torch.strided
+                or x.dim() != 4 or x.shape[0] == 0 or not no_hooks(self._modules["maxpool"])
+                or any(name in self.return_layers for name in _STEM)):
+            return None
+        pairs = pairs_of(self)
+        if pairs is None:
+            return None
+        return Kept.program_for(self, (self.backend, self.winograd, pairs, 1, None), [])
+
+
 def fuse_fpn(fpn: torchvision.ops.FeaturePyramidNetwork) -> FeaturePyramidNetwork:
     """``fpn`` (exactly torchvision's ``FeaturePyramidNetwork``, e.g. a detection model's
     ``model.backbone.fpn``) made a :class:`FeaturePyramidNetwork` in place: the same object,
@@ -130,10 +189,13 @@ def _resnet_fpn_extractor(backbone: nn.Module, trainable_layers: int,
                           norm_layer: Optional[Callable[..., nn.Module]] = None
                           ) -> backbone_utils.BackboneWithFPN:
     """torchvision's ``_resnet_fpn_extractor`` (the same arguments, freezing and modules),
-    its FPN fused (:func:`fuse_fpn`)."""
+    its FPN fused (:func:`fuse_fpn`) and its body's stem too (the body's class becomes
+    :class:`IntermediateLayerGetter`, as ``fuse_fpn`` changes the FPN's)."""
     model = backbone_utils._resnet_fpn_extractor(backbone, trainable_layers, returned_layers,
                                                  extra_blocks, norm_layer)
     fuse_fpn(model.fpn)
+    if type(model.body) is _utils.IntermediateLayerGetter:
+        model.body.__class__ = IntermediateLayerGetter
     return model
 
 
