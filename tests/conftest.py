@@ -52,3 +52,29 @@ def _deterministic_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     yield
+
+
+class _PreferOurs:
+    """A CPU tuner timer under which our kernels (the 1x1 GEMM, Winograd; forward and
+    gradients) beat oneDNN: a candidate is a partial whose third argument names its kernel.
+    It records the kernels it was asked about."""
+
+    def __init__(self):
+        self.kernels = []
+
+    def __call__(self, fn):
+        self.kernels.append(fn.args[2])
+        return 0.0 if fn.args[2] != "onednn" else 1.0
+
+
+@pytest.fixture
+def prefer_ours(tmp_path, monkeypatch):
+    """The CPU tuner, with a table of this test's own, preferring our kernels; yields its
+    timer."""
+    from resnet_fast import autotune
+
+    timer = _PreferOurs()
+    monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
+        str(tmp_path / "t.json"), environment=autotune.cpu_environment, timer=timer,
+        measure=True))
+    return timer

@@ -17,27 +17,12 @@ from torchvision.models.detection import backbone_utils
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnet_fast
-from resnet_fast import autotune
 from resnet_fast.models import detection
 from resnet_fast.models._fused import ConvPlan
 from resnet_fast.models.program import Kept
 from resnet_fast.ops.conv_bias_act import winograd_k_block
 
 CHANNELS = [16, 32, 64]
-
-
-class _PreferOurs:
-    """A tuner timer under which our kernels (Winograd, the GEMM) beat oneDNN."""
-
-    def __call__(self, fn):
-        return 0.0 if fn.args[2] != "onednn" else 1.0
-
-
-@pytest.fixture
-def prefer_ours(tmp_path, monkeypatch):
-    monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
-        str(tmp_path / "t.json"), environment=autotune.cpu_environment, timer=_PreferOurs(),
-        measure=True))
 
 
 def _fpns(norm_layer=None):

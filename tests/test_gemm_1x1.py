@@ -15,7 +15,6 @@ import torchvision
 from _numerics import assert_within_reference_error
 
 import resnet_fast
-from resnet_fast import autotune
 from resnet_fast.calibrate import calibrate_
 from resnet_fast.models.program import Kept
 from resnet_fast.ops.conv_bias_act import gemm_bf16_supported, winograd_k_block
@@ -270,26 +269,6 @@ def test_bad_arguments_say_what_was_expected():
             op.conv_bias_act_1x1(fx, mode.from_tensor(torch.randn(8, 8, 3, 3)), fp, fb, [1, 1])
         with pytest.raises(TypeError, match="float32"):
             op.conv_bias_act_1x1(fx.double(), fw.double(), fp, fb.double(), [1, 1])
-
-
-class _PreferOurs:
-    """A CPU tuner timer under which our kernels (the 1x1 GEMM, Winograd) are fastest."""
-
-    def __init__(self):
-        self.kernels = []
-
-    def __call__(self, fn):
-        self.kernels.append(fn.args[2])
-        return 0.0 if fn.args[2] != "onednn" else 1.0
-
-
-@pytest.fixture
-def prefer_ours(tmp_path, monkeypatch):
-    timer = _PreferOurs()
-    monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
-        str(tmp_path / "t.json"), environment=autotune.cpu_environment, timer=timer,
-        measure=True))
-    return timer
 
 
 def _pair(arch):

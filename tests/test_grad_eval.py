@@ -149,23 +149,15 @@ def test_a_parameter_changed_in_place_before_backward_is_refused_as_torch_refuse
             y.backward()
 
 
-def test_input_gradients_through_our_winograd_are_torchvisions(tmp_path, monkeypatch):
+def test_input_gradients_through_our_winograd_are_torchvisions(prefer_ours):
     """Where the tuner finds it faster, a stride-1 3x3's input gradient runs as our Winograd
     (a stride-1 3x3 conv of the output gradient with the flipped, transposed weight): the
     saliency map of a resnet18 against fp64 within the tolerance rule, every such conv on it."""
-    from resnet_fast import autotune
     from resnet_fast.ops.conv_bias_act import winograd_k_block
 
     if not winograd_k_block():
-        pytest.skip("our Winograd kernel needs AVX2 or AVX-512")
+        pytest.skip("our Winograd kernels need AVX2 or AVX-512")
 
-    class PreferOurs:
-        def __call__(self, fn):
-            return 0.0 if fn.args[2] != "onednn" else 1.0
-
-    monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
-        str(tmp_path / "t.json"), environment=autotune.cpu_environment, timer=PreferOurs(),
-        measure=True))
     ours, tv = model_pair("resnet18")
     for p in (*ours.parameters(), *tv.parameters()):
         p.requires_grad_(False)

@@ -2,6 +2,7 @@
 kernels gives torchvision's loss and parameters over 3 steps, on every CPU backend; DropPath
 acts on the residual branch before the fused join."""
 
+import copy
 import os
 
 import pytest
@@ -88,6 +89,40 @@ def test_three_sgd_steps_match_torchvision_in_float32(arch, backend, channels_la
     torch.testing.assert_close(torch.tensor(got[:1]), torch.tensor(expect[:1]), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), rtol=1e-2, atol=0)
     assert _relative_param_error(ours, tv) < 1e-2
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_training_3x3s_on_our_winograd_give_torchvisions_gradients(prefer_ours, monkeypatch,
+                                                                     arch):
+    """With the tuner preferring our kernels, the training forward runs every stride-1 3x3 as
+    a plan: forward, input gradient and weight gradient as Winograd F(2x2). One step's loss
+    and every parameter's gradient against torchvision in float64 (inputs the same): within
+    4x torchvision float32's own error (relative L2 per parameter)."""
+    from resnet_fast.models._fused import ConvPlan
+    from resnet_fast.ops.conv_bias_act import winograd_k_block
+
+    if not winograd_k_block():
+        pytest.skip("our Winograd kernels need AVX2 or AVX-512")
+    kernels = []
+    real = ConvPlan._weight_grad_call
+    monkeypatch.setattr(ConvPlan, "_weight_grad_call", lambda plan, grad, x, kernel: (
+        kernels.append(kernel), real(plan, grad, x, kernel))[1])
+    tv, ours, xs, ys = _pair(arch, "cpu", torch.float32)
+    ref = copy.deepcopy(tv).double()
+    grads, losses = [], []
+    for model, dtype in ((ours, torch.float32), (tv, torch.float32), (ref, torch.float64)):
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(xs[0].to(dtype)), ys[0])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad for p in model.parameters()])
+    stride1_3x3 = {"resnet18": 13, "resnet50": 13}[arch]  # torchvision's v1.5 blocks
+    assert kernels == ["winograd2"] * stride1_3x3
+    assert abs(losses[0] - losses[2]) <= 4 * abs(losses[1] - losses[2]) + 1e-6
+    for got, want, truth in zip(*grads):
+        err = (got.double() - truth).norm().item()
+        ref_err = (want.double() - truth).norm().item()
+        assert err <= 4 * ref_err + 4 * torch.finfo(torch.float32).eps * truth.norm().item()
 
 
 def test_drop_path_acts_on_the_branch_before_the_fused_join():

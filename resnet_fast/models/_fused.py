@@ -255,7 +255,9 @@ class ConvPlan:
             self._packed: dict[tuple[torch.Size, int, bool], tuple[str, Tensor]] = {}
             self.run = ConvPlan._onednn
             self.packed_op = torch.ops.resnet_fast.conv_bias_act_packed.default
-            self._own = own_kernels(conv, weight, bias, winograd)
+            self._own = own_kernels(conv, weight, winograd)
+            if bias is None and "winograd2" in self._own:  # (a training conv's: no BN folded)
+                self.bias = weight.new_zeros(weight.shape[0])  # the Winograd kernel's epilogue
             self._grads: dict[tuple[torch.Size, int], Optional[_Prepared]] = {}
         self.casts = casts
         if self.pads or casts:
@@ -519,13 +521,12 @@ def _kernel_of(name: str) -> str:
     return "winograd" if name.startswith("winograd") else name
 
 
-def own_kernels(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
-                winograd: Optional[bool]) -> tuple[str, ...]:
+def own_kernels(conv: nn.Conv2d, weight: Tensor, winograd: Optional[bool]) -> tuple[str, ...]:
     """Our own CPU kernels a plan measures against oneDNN, for a conv with one group and
     dilation 1 where this CPU runs them (AVX2 or AVX-512): the 1x1 GEMM (``gemm``) for an
     unpadded 1x1 conv of any stride, with or without a bias (a downsample's), in float32, and
-    in bfloat16 where the CPU has AVX512-BF16; with a (folded) bias, for a stride-1 3x3 conv
-    Winograd (float32 arithmetic) unless ``winograd=False``: in float32 F(2x2,3x3)
+    in bfloat16 where the CPU has AVX512-BF16; for a stride-1 3x3 conv Winograd (float32
+    arithmetic; a plan without a bias adds zeros) unless ``winograd=False``: in float32 F(2x2,3x3)
     (``winograd2``) by default, also F(4x4,3x3) (``winograd4``: faster, and errs 5-11x more:
     an opt-in) with ``winograd=True``; in bfloat16 both by default, as both err as oneDNN's
     bf16 conv does (by the output's one rounding, ~100x Winograd's float32 error;
@@ -536,11 +537,27 @@ def own_kernels(conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor],
             weight.dtype == torch.float32
             or (weight.dtype == torch.bfloat16 and gemm_bf16_supported())):
         return ("gemm",)
-    if (bias is None or winograd is False or weight.dtype not in (torch.float32, torch.bfloat16)
+    if (winograd is False or weight.dtype not in (torch.float32, torch.bfloat16)
             or tuple(weight.shape[2:]) != (3, 3) or tuple(conv.stride) != (1, 1)):
         return ()
     both = winograd or weight.dtype == torch.bfloat16
     return ("winograd2", "winograd4") if both else ("winograd2",)
+
+
+def winograd_trainable(conv: nn.Module, x: Tensor) -> bool:
+    """Whether a training forward may run ``conv`` on ``x`` as a prepared plan that weighs our
+    Winograd against oneDNN (forward, input and weight gradients): exactly a hook-free
+    ``nn.Conv2d``, 3x3, stride 1, dilation 1, one group, zero padding, a float32 weight, x a
+    non-empty float32 4-D CPU tensor, Winograd kernels on this CPU and oneDNN on, and none of
+    autocast, torch.compile, a fake mode or a recording tool (they keep torch's conv)."""
+    return (type(conv) is nn.Conv2d and no_hooks(conv) and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and conv.weight.dtype == torch.float32 and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.layout == torch.strided and x.dim() == 4
+            and x.shape[0] > 0 and bool(winograd_k_block()) and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not faking() and not recorded())
 
 
 def refold(terms: tuple[tuple[float, bool, bool], ...],

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from .. import ops
 from ..backends import requested_backend
 from ..kernels.layout import layout_of
-from ._fused import exact_relu, in_functorch, no_global_hooks, no_hooks, recorded
+from ._fused import (
+    exact_relu,
+    in_functorch,
+    no_global_hooks,
+    no_hooks,
+    recorded,
+    winograd_trainable,
+)
 from .norm import bn_act, fusable_bn
 from .program import FusedEvalMixin, Kept, Program, fusable_mode, may_fuse, pairs_of
 from .regularizers import DropBlock2d, DropPath
@@ -111,6 +118,22 @@ class _Block(FusedEvalMixin, nn.Module):
             return None
         return Kept.program_for(self, None, [_block_group(self, pairs)])
 
+    def _train_convs(self, x: Tensor) -> list[Callable[[Tensor], Tensor]]:
+        """What the fused training forward calls for each of ``_fold_spec``'s convs: a
+        stride-1 3x3 that our Winograd may run (:func:`winograd_trainable`) as a prepared plan
+        without a BN (:meth:`.program.Kept.plans_for`; its forward, input gradient and weight
+        gradient each our Winograd or oneDNN's, whichever measured faster for the layer,
+        through ``_PlannedConv``; rebuilt after every optimizer step), every other conv as its
+        module."""
+        convs = [self._modules[c] for c, _, _ in self._fold_spec]
+        mine = [c for c in convs if winograd_trainable(c, x)]
+        plans = mine and Kept.plans_for(self, self.backend, self.winograd,
+                                        [(c, None, False) for c in mine])
+        if not plans:
+            return convs
+        planned = dict(zip(map(id, mine), plans))
+        return [planned.get(id(c), c) for c in convs]
+
     def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(conv, bn) of the block's own pairs, as ``_fold_spec`` names them."""
         return [(getattr(self, c), getattr(self, b)) for c, b, _ in self._fold_spec]
@@ -169,8 +192,9 @@ class BasicBlock(_Block):
         return self._residual(out, self._identity(x))
 
     def _forward_train(self, x: Tensor) -> Tensor:
-        out = bn_act(self.bn1, self.conv1(x), backend=self.backend)
-        return self._tail_train(self.conv2(out), self.bn2, self._identity(x))
+        conv1, conv2 = self._train_convs(x)
+        out = bn_act(self.bn1, conv1(x), backend=self.backend)
+        return self._tail_train(conv2(out), self.bn2, self._identity(x))
 
 
 class Bottleneck(_Block):
@@ -210,9 +234,10 @@ class Bottleneck(_Block):
         return self._residual(out, self._identity(x))
 
     def _forward_train(self, x: Tensor) -> Tensor:
-        out = bn_act(self.bn1, self.conv1(x), backend=self.backend)
-        out = bn_act(self.bn2, self.conv2(out), backend=self.backend)
-        return self._tail_train(self.conv3(out), self.bn3, self._identity(x))
+        conv1, conv2, conv3 = self._train_convs(x)
+        out = bn_act(self.bn1, conv1(x), backend=self.backend)
+        out = bn_act(self.bn2, conv2(out), backend=self.backend)
+        return self._tail_train(conv3(out), self.bn3, self._identity(x))
 
 
 def fused_train_ok(m: nn.Module) -> bool:
