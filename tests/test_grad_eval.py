@@ -149,23 +149,26 @@ def test_a_parameter_changed_in_place_before_backward_is_refused_as_torch_refuse
             y.backward()
 
 
-def test_input_gradients_through_our_winograd_are_torchvisions(prefer_ours):
-    """Where the tuner finds it faster, a stride-1 3x3's input gradient runs as our Winograd
-    (a stride-1 3x3 conv of the output gradient with the flipped, transposed weight): the
-    saliency map of a resnet18 against fp64 within the tolerance rule, every such conv on it."""
+@pytest.mark.parametrize("arch, winograd, gemm", [("resnet18", 13, 0), ("resnet50", 13, 33)])
+def test_input_gradients_through_our_kernels_are_torchvisions(prefer_ours, arch, winograd,
+                                                               gemm):
+    """Where the tuner finds them faster, a stride-1 3x3's input gradient runs as our
+    Winograd (a stride-1 3x3 conv of the output gradient with the flipped, transposed weight)
+    and a stride-1 1x1's as our GEMM (the weight transposed): the saliency map against fp64
+    within the tolerance rule, every such conv on them."""
     from resnet_fast.ops.conv_bias_act import winograd_k_block
 
     if not winograd_k_block():
         pytest.skip("our Winograd kernels need AVX2 or AVX-512")
 
-    ours, tv = model_pair("resnet18")
+    ours, tv = model_pair(arch)
     for p in (*ours.parameters(), *tv.parameters()):
         p.requires_grad_(False)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     got = _grads(ours, x)[0]
-    chosen = [e is not None for m in _kept(ours) for p in m.plans()
-              for e in getattr(p, "_grads", {}).values()]
-    assert chosen.count(True) == 13  # resnet18's 13 stride-1 3x3s
+    chosen = [next(iter(e.makers)) for m in _kept(ours) for p in m.plans()
+              for e in getattr(p, "_grads", {}).values() if e is not None]
+    assert sorted(chosen) == ["gemm"] * gemm + ["winograd2"] * winograd
     truth = _grads(copy.deepcopy(tv).double(), x.double())[0]
     want = max((_grads(copy.deepcopy(tv).to(memory_format=fmt), x.contiguous(memory_format=fmt))[0]
                 for fmt in (torch.contiguous_format, torch.channels_last)),

@@ -421,15 +421,15 @@ class ConvPlan:
             return self._packed_call(x, prepared["scratch"], kernel, prepared[name], True)
         return self._packed_call(x, residual, kernel, prepared[name])
 
-    def input_grad(self, grad: Tensor, x: Tensor) -> Optional[Tensor]:
-        """The gradient into x, for a float32 plan whose conv may run as our Winograd
-        (``_own``: a stride-1 3x3 on CPU), as F(2x2,3x3) on ``grad`` with the weight
-        transposed and flipped (the input gradient of a stride-1 3x3 conv is itself one, padded
-        2 - padding), where that measured faster than oneDNN's backward-data for this shape
-        (once per layer key, ``autotune.cpu_tuner``; the transformed weight kept per shape and
-        thread count as the forward's). None: torch's ``convolution_backward`` computes it."""
-        if ("winograd2" not in getattr(self, "_own", ()) or grad.dtype != torch.float32
-                or grad.numel() == 0):
+    def input_grad(self, grad: Tensor, x: Tensor, frozen: bool) -> Optional[Tensor]:
+        """The gradient into x, for a float32 plan with a kernel of ours (``_own``, CPU), as
+        that kernel run on ``grad`` (:meth:`_grad_kind`; ``frozen``: no tensor the plan was
+        folded from wants a gradient) where it measured faster than oneDNN's backward-data
+        for this shape (once per layer key, ``autotune.cpu_tuner``; its weight prepared once
+        per shape and thread count, as the forward's). None: torch's ``convolution_backward``
+        computes it."""
+        kind = self._grad_kind(frozen)
+        if kind is None or grad.dtype != torch.float32 or grad.numel() == 0:
             return None
         grad = grad.contiguous(memory_format=torch.channels_last)
         key = (grad.shape, torch.get_num_threads())
@@ -437,10 +437,22 @@ class ConvPlan:
             grads = dict(self._grads)  # copy, change, assign: as _entry's dict
             if len(grads) >= _MAX_PACKED_SIZES:
                 del grads[next(iter(grads))]
-            grads[key] = self._prepare_grad(grad, x)
+            grads[key] = self._prepare_grad(grad, x, kind)
             self._grads = grads
         entry = self._grads[key]
-        return None if entry is None else self._grad_call(grad, x, "winograd", entry)
+        return None if entry is None else self._grad_call(grad, x, kind, entry)
+
+    def _grad_kind(self, frozen: bool) -> Optional[str]:
+        """Our kernel for the input gradient, if any: a stride-1 3x3's is itself a stride-1 3x3
+        conv (of the output gradient, the weight transposed and flipped, padded 2 - padding),
+        run as Winograd F(2x2,3x3) (``winograd2``); a stride-1 1x1's is a 1x1 conv with the
+        weight transposed, run as our GEMM (``gemm``), only for ``frozen`` weights: a weight
+        that trains is prepared again each step, and for the GEMM that cost more than it
+        saved (FPN train step at batch 1: 0.983x; saliency maps, weights frozen: 1.05x)."""
+        own = getattr(self, "_own", ())
+        if "winograd2" in own:
+            return "winograd2"
+        return "gemm" if frozen and "gemm" in own and self.geometry[0] == [1, 1] else None
 
     def weight_grad(self, grad: Tensor, x: Tensor) -> Optional[Tensor]:
         """The gradient of the (folded) weight, for a float32 plan whose conv may run as our
@@ -469,37 +481,46 @@ class ConvPlan:
                 [False, True, False])[1]
         return torch.ops.resnet_fast.conv3x3_weight_grad.default(x, grad, self.geometry[1])
 
-    def _prepare_grad(self, grad: Tensor, x: Tensor) -> Optional["_Prepared"]:
-        """Where Winograd is measured faster for ``grad``'s shape, what it runs on: under
-        "winograd2", (transposed flipped weight, its Winograd transform, zero bias, padding),
-        made at its first use (timed, or the first gradient it computes); else None."""
-        def entry() -> tuple[Tensor, ...]:
+    def _prepare_grad(self, grad: Tensor, x: Tensor, kind: str) -> Optional["_Prepared"]:
+        """Where ``kind`` (:meth:`_grad_kind`) is measured faster for ``grad``'s shape, what
+        it runs on, made at its first use (timed, or the first gradient it computes): for
+        "winograd2" (transposed flipped weight, its Winograd transform, zero bias, padding),
+        for "gemm" (transposed weight, its GEMM layout); else None."""
+        def entry() -> tuple:
+            if kind == "gemm":
+                k, c = self.weight.shape[:2]
+                moved = self.weight.reshape(k, c).t().contiguous().view(c, k, 1, 1)
+                return moved, torch.ops.resnet_fast.conv1x1_prepack.default(moved)
             flipped = self.weight.transpose(0, 1).flip(2, 3).contiguous()
             return (flipped, torch.ops.resnet_fast.winograd_prepack.default(flipped, 2),
                     flipped.new_zeros(flipped.shape[0]), [2 - p for p in self.geometry[1]])
 
-        prepared = _Prepared(winograd2=entry)
+        prepared = _Prepared(**{kind: entry})
         layer = {"op": "conv_input_grad_cpu", "grad": list(grad.shape), "dtype": "float32",
                  "weight": list(self.weight.shape), "padding": list(self.geometry[1]),
-                 "candidates": ["onednn", "winograd2"]}
+                 "candidates": sorted(["onednn", kind])}
         runs = {"onednn": functools.partial(self._grad_call, grad, x, "onednn", None),
-                "winograd2": functools.partial(self._grad_call, grad, x, "winograd", prepared)}
+                kind: functools.partial(self._grad_call, grad, x, kind, prepared)}
         with torch.no_grad():
             chosen = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
-        return prepared if chosen == "winograd2" else None
+        return prepared if chosen == kind else None
 
     def _grad_call(self, grad: Tensor, x: Tensor, kernel: str,
                    prepared: Optional["_Prepared"]) -> Tensor:
-        """The input gradient by ``kernel``: oneDNN's backward-data, or our Winograd on
+        """The input gradient by ``kernel``: oneDNN's backward-data, or ours on
         ``_prepare_grad``'s entry."""
+        ops = torch.ops.resnet_fast
         if kernel == "onednn":
             stride, padding, dilation, groups = self.geometry
             return torch.ops.aten.convolution_backward(
                 grad, x, self.weight, None, stride, padding, dilation, False, [0, 0], groups,
                 [True, False, False])[0]
+        if kernel == "gemm":
+            moved, packed = prepared["gemm"]
+            return ops.conv_bias_act_1x1.default(grad, moved, packed, None, [1, 1], None, False)
         flipped, packed, zeros, padding = prepared["winograd2"]
-        return torch.ops.resnet_fast.conv_bias_act_winograd.default(grad, flipped, packed, zeros,
-                                                                    padding, None, False)
+        return ops.conv_bias_act_winograd.default(grad, flipped, packed, zeros, padding, None,
+                                                  False)
 
 
 class _Prepared(dict):
@@ -633,7 +654,7 @@ class _PlannedConv(torch.autograd.Function):
             # 256x128x128).
             grad = grad.contiguous(memory_format=torch.channels_last)
         stride, padding, dilation, groups = plan.geometry
-        grad_x = plan.input_grad(grad, x) if need_x else None
+        grad_x = plan.input_grad(grad, x, not wanted) if need_x else None
         grad_w = plan.weight_grad(grad, x) if wanted else None
         torch_x, torch_w = need_x and grad_x is None, bool(wanted) and grad_w is None
         if torch_x or torch_w:
