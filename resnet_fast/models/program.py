@@ -264,7 +264,8 @@ class Kept:
 
     @staticmethod
     def of(module: nn.Module) -> Optional[Program]:
-        """The program ``module`` keeps now, if any."""
+        """What ``module`` keeps now, if any: a :class:`Program`, or the plans of
+        :meth:`plans_for` (an FPN's convs; a block's stride-1 3x3s in training)."""
         kept = module.__dict__.get(Kept.SLOT)
         return None if kept is None else kept.program
 
