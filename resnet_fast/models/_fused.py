@@ -475,11 +475,15 @@ class ConvPlan:
     def _weight_grad_call(self, grad: Tensor, x: Tensor, kernel: str) -> Tensor:
         """The weight gradient by ``kernel``: oneDNN's backward-weights or our Winograd."""
         if kernel == "onednn":
-            stride, padding, dilation, groups = self.geometry
-            return torch.ops.aten.convolution_backward(
-                grad, x, self.weight, None, stride, padding, dilation, False, [0, 0], groups,
-                [False, True, False])[1]
+            return self.torch_backward(grad, x, [False, True, False])[1]
         return torch.ops.resnet_fast.conv3x3_weight_grad.default(x, grad, self.geometry[1])
+
+    def torch_backward(self, grad: Tensor, x: Tensor, mask: list[bool]) -> tuple:
+        """torch's ``convolution_backward`` (oneDNN's on CPU) on the plan's weight: the
+        (input, weight, bias) gradients ``mask`` asks for."""
+        stride, padding, dilation, groups = self.geometry
+        return torch.ops.aten.convolution_backward(grad, x, self.weight, None, stride, padding,
+                                                   dilation, False, [0, 0], groups, mask)
 
     def _prepare_grad(self, grad: Tensor, x: Tensor, kind: str) -> Optional["_Prepared"]:
         """Where ``kind`` (:meth:`_grad_kind`) is measured faster for ``grad``'s shape, what
@@ -511,10 +515,7 @@ class ConvPlan:
         ``_prepare_grad``'s entry."""
         ops = torch.ops.resnet_fast
         if kernel == "onednn":
-            stride, padding, dilation, groups = self.geometry
-            return torch.ops.aten.convolution_backward(
-                grad, x, self.weight, None, stride, padding, dilation, False, [0, 0], groups,
-                [True, False, False])[0]
+            return self.torch_backward(grad, x, [True, False, False])[0]
         if kernel == "gemm":
             moved, packed = prepared["gemm"]
             return ops.conv_bias_act_1x1.default(grad, moved, packed, None, [1, 1], None, False)
@@ -571,14 +572,13 @@ def winograd_trainable(conv: nn.Module, x: Tensor) -> bool:
     ``nn.Conv2d``, 3x3, stride 1, dilation 1, one group, zero padding, a float32 weight, x a
     non-empty float32 4-D CPU tensor, Winograd kernels on this CPU and oneDNN on, and none of
     autocast, torch.compile, a fake mode or a recording tool (they keep torch's conv)."""
-    return (type(conv) is nn.Conv2d and no_hooks(conv) and conv.kernel_size == (3, 3)
-            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-            and conv.weight.dtype == torch.float32 and x.dtype == torch.float32
-            and x.device.type == "cpu" and x.layout == torch.strided and x.dim() == 4
-            and x.shape[0] > 0 and bool(winograd_k_block()) and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not faking() and not recorded())
+    return (type(conv) is nn.Conv2d and no_hooks(conv) and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and conv.weight.dtype == torch.float32
+            and "winograd2" in own_kernels(conv, conv.weight, None)
+            and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.layout == torch.strided and x.dim() == 4 and x.shape[0] > 0
+            and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not faking() and not recorded())
 
 
 def refold(terms: tuple[tuple[float, bool, bool], ...],
@@ -653,14 +653,11 @@ class _PlannedConv(torch.autograd.Function):
             # output's from `.square().mean()`), and each would convert it (10 ms at
             # 256x128x128).
             grad = grad.contiguous(memory_format=torch.channels_last)
-        stride, padding, dilation, groups = plan.geometry
         grad_x = plan.input_grad(grad, x, not wanted) if need_x else None
         grad_w = plan.weight_grad(grad, x) if wanted else None
         torch_x, torch_w = need_x and grad_x is None, bool(wanted) and grad_w is None
         if torch_x or torch_w:
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                grad, x, plan.weight, None, stride, padding, dilation, False, [0, 0], groups,
-                [torch_x, torch_w, False])
+            gx, gw, _ = plan.torch_backward(grad, x, [torch_x, torch_w, False])
             grad_x, grad_w = (gx if torch_x else grad_x), (gw if torch_w else grad_w)
         grads[0] = grad_x
         grads[1] = grad if need_residual else None
