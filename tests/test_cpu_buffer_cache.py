@@ -92,10 +92,10 @@ def test_two_threads_at_once():
 
 
 def test_conv_both_sides_of_the_cache_threshold():
-    """conv_bias_act on CPU float32 writes an output of 1 MiB or more into a cached buffer
-    (filled with the residual or zeros, then a sum post-op) and a smaller one straight from
-    oneDNN (a plain conv, or the residual as a binary-add post-op): both give the reference's
-    result, with and without a residual, ReLU or not, keeping a NaN of the residual."""
+    """conv_bias_act on CPU float32: oneDNN allocates its output, from the cache at 1 MiB or
+    more (the cache standing in for the CPU allocator during the call) and from the default
+    allocator below; both give the reference's result, with and without a residual (a
+    binary-add post-op), ReLU or not, keeping a NaN of the residual."""
     from resnet_fast.ops import conv_bias_act, reference
 
     g = torch.Generator().manual_seed(3)
@@ -116,6 +116,58 @@ def test_conv_both_sides_of_the_cache_threshold():
             assert torch.isnan(out).any() == (residual is not None)
             del out
             assert (cpu_cache_bytes() > 0) == (batch == 4)
+
+
+def _conv_args(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 32, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, torch.randn(64, 32, 3, 3, generator=g) / 17, torch.randn(64, generator=g)
+
+
+def test_the_cpu_allocator_is_the_default_again_after_a_conv():
+    """Only oneDNN's own allocations inside the op come from the cache: a large tensor made
+    after the call (or on another thread between calls) is the default allocator's, so freeing
+    it adds nothing to the cache."""
+    from resnet_fast.ops import conv_bias_act
+
+    x, w, b = _conv_args()
+    out = conv_bias_act(x, w, b, 1, 1, 1, 1, None, True, backend="cpu")
+    empty_cpu_cache()
+    big = torch.empty(8 * 2**20 // 4)
+    big.fill_(1.0)
+    del big
+    assert cpu_cache_bytes() == 0
+    del out
+    assert cpu_cache_bytes() >= 4 * 64 * 32 * 32 * 4  # the conv's output went back to it
+
+
+def test_convs_on_two_threads_with_allocations_beside_them():
+    """Two threads run conv_bias_act (each swapping the cache in as the CPU allocator for its
+    call, the scopes overlapping) while a third allocates and checks ordinary tensors: every
+    result is right, and afterwards the default allocator is back."""
+    from resnet_fast.ops import conv_bias_act, reference
+
+    def convs(seed):
+        x, w, b = _conv_args(seed)
+        ref = reference.conv_bias_act(x, w, b, (1, 1), (1, 1), (1, 1), 1, None, True)
+        return sum(not torch.allclose(conv_bias_act(x, w, b, 1, 1, 1, 1, None, True,
+                                                    backend="cpu"), ref, rtol=1e-4, atol=1e-4)
+                   for _ in range(20))
+
+    def tensors(seed):
+        wrong = 0
+        for i in range(200):
+            t = torch.full((2**19,), float(i))  # 2 MiB
+            wrong += int(t.sum().item() != i * 2**19)
+        return wrong
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(lambda f: f[0](f[1]), [(convs, 0), (convs, 1), (tensors, 2)])) == [
+            0, 0, 0]
+    empty_cpu_cache()
+    big = torch.empty(8 * 2**20 // 4)
+    del big
+    assert cpu_cache_bytes() == 0
 
 
 def _sized(mib: float, seed=0):

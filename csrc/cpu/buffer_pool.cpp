@@ -5,10 +5,12 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__linux__)
@@ -52,6 +54,7 @@ struct Pool {
   std::multimap<size_t, FreeBlock> free_blocks;  // rounded size -> buffer
   size_t cached = 0;
   uint64_t clock = 0;
+  std::unordered_map<void*, size_t> live;  // buffers handed out -> their size
 };
 
 // A free buffer up to this much larger than asked for is reused (the rest of it idles while
@@ -65,51 +68,62 @@ Pool& pool() {
   return *p;
 }
 
-struct Block {
-  void* ptr;
-  size_t bytes;
-};
+// The allocator that PooledAllocations swapped out: the pool and the router hand it what they
+// do not serve (asking c10::GetCPUAllocator() then would return the router itself).
+std::atomic<c10::Allocator*> swapped_out{nullptr};
+
+c10::Allocator* small_allocator() {
+  c10::Allocator* a = swapped_out.load(std::memory_order_acquire);
+  return a != nullptr ? a : c10::GetCPUAllocator();
+}
 
 // Keeps the freed buffer, evicting the least recently freed ones while the cache would pass
-// its cap: the buffers of the sizes in use now stay, those of sizes gone by are freed.
-void release(void* ctx) {
-  auto* block = static_cast<Block*>(ctx);
+// its cap: the buffers of the sizes in use now stay, those of sizes gone by are freed. A
+// pointer the pool did not hand out (memory the router passed on, freed through its
+// raw_deleter while installed) goes back to the allocator that made it.
+void release(void* ptr) {
   std::vector<void*> evicted;
-  bool kept = false;
+  bool ours = false, kept = false;
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mu);
-    if (block->bytes <= cap_bytes()) {
-      while (p.cached + block->bytes > cap_bytes()) {
-        auto oldest = p.free_blocks.begin();
-        for (auto it = p.free_blocks.begin(); it != p.free_blocks.end(); ++it) {
-          if (it->second.stamp < oldest->second.stamp) oldest = it;
+    auto live = p.live.find(ptr);
+    if (live != p.live.end()) {
+      ours = true;
+      const size_t bytes = live->second;
+      p.live.erase(live);
+      if (bytes <= cap_bytes()) {
+        while (p.cached + bytes > cap_bytes()) {
+          auto oldest = p.free_blocks.begin();
+          for (auto it = p.free_blocks.begin(); it != p.free_blocks.end(); ++it) {
+            if (it->second.stamp < oldest->second.stamp) oldest = it;
+          }
+          evicted.push_back(oldest->second.ptr);
+          p.cached -= oldest->first;
+          p.free_blocks.erase(oldest);
         }
-        evicted.push_back(oldest->second.ptr);
-        p.cached -= oldest->first;
-        p.free_blocks.erase(oldest);
+        p.free_blocks.emplace(bytes, FreeBlock{ptr, ++p.clock});
+        p.cached += bytes;
+        kept = true;
       }
-      p.free_blocks.emplace(block->bytes, FreeBlock{block->ptr, ++p.clock});
-      p.cached += block->bytes;
-      kept = true;
     }
   }
-  for (void* ptr : evicted) std::free(ptr);  // outside the lock
-  if (!kept) std::free(block->ptr);
-  delete block;
+  if (!ours) return small_allocator()->raw_deleter()(ptr);
+  for (void* e : evicted) std::free(e);  // outside the lock
+  if (!kept) std::free(ptr);
 }
 
-// The smallest free buffer of at least `bytes` (and at most 1/kSlackDiv more), else a new one.
-// `bytes` is updated to the size of the buffer returned.
-void* acquire(size_t& bytes) {
+// The smallest free buffer of at least `bytes` (and at most 1/kSlackDiv more), else a new one;
+// recorded as handed out with its size.
+void* acquire(size_t bytes) {
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mu);
     auto it = p.free_blocks.lower_bound(bytes);
     if (it != p.free_blocks.end() && it->first <= bytes + bytes / kSlackDiv) {
       void* ptr = it->second.ptr;
-      bytes = it->first;
-      p.cached -= bytes;
+      p.cached -= it->first;
+      p.live.emplace(ptr, it->first);
       p.free_blocks.erase(it);
       return ptr;
     }
@@ -119,6 +133,8 @@ void* acquire(size_t& bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   madvise(ptr, bytes, MADV_HUGEPAGE);  // advice only: failure just means 4 KiB pages
 #endif
+  std::lock_guard<std::mutex> lock(p.mu);
+  p.live[ptr] = bytes;
   return ptr;
 }
 
@@ -128,10 +144,9 @@ void* acquire(size_t& bytes) {
 // threads, an `out=` that resizes it.
 struct PoolAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
-    if (!pooled(nbytes)) return c10::GetCPUAllocator()->allocate(nbytes);
-    size_t rounded = (nbytes + kAlign - 1) / kAlign * kAlign;
-    void* ptr = acquire(rounded);
-    return {ptr, new Block{ptr, rounded}, &release, c10::Device(c10::DeviceType::CPU)};
+    if (!pooled(nbytes)) return small_allocator()->allocate(nbytes);
+    void* ptr = acquire((nbytes + kAlign - 1) / kAlign * kAlign);
+    return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -146,6 +161,55 @@ PoolAllocator& pool_allocator() {
 }  // namespace
 
 bool pooled(size_t bytes) { return bytes >= kMinBytes && cap_bytes() != 0; }
+
+namespace {
+
+thread_local size_t routed_bytes = 0;  // this thread's PooledAllocations request (0: none)
+
+// The CPU allocator while a PooledAllocations lives: this thread's one awaited request from
+// the pool, the rest from the allocator it replaced. Its raw_deleter takes both kinds of
+// pointer (torch frees raw memory through whatever allocator is installed at the time).
+struct Router final : c10::Allocator {
+  c10::DataPtr allocate(size_t nbytes) override {
+    if (nbytes != 0 && nbytes == routed_bytes) {
+      routed_bytes = 0;  // once
+      return pool_allocator().allocate(nbytes);
+    }
+    return small_allocator()->allocate(nbytes);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+Router& router() {
+  static auto* r = new Router();  // never destroyed
+  return *r;
+}
+
+std::mutex swap_mu;
+int swap_depth = 0;  // live PooledAllocations on all threads, under swap_mu
+
+}  // namespace
+
+PooledAllocations::PooledAllocations(size_t bytes) : outer_(routed_bytes) {
+  routed_bytes = pooled(bytes) ? bytes : 0;
+  std::lock_guard<std::mutex> lock(swap_mu);
+  if (swap_depth++ == 0) {
+    c10::Allocator* current = c10::GetCPUAllocator();
+    if (current != &router()) swapped_out.store(current, std::memory_order_release);
+    c10::SetCPUAllocator(&router(), /*priority=*/0);
+  }
+}
+
+PooledAllocations::~PooledAllocations() {
+  routed_bytes = outer_;
+  std::lock_guard<std::mutex> lock(swap_mu);
+  if (--swap_depth == 0 && c10::GetCPUAllocator() == &router()) {
+    c10::SetCPUAllocator(swapped_out.load(std::memory_order_acquire), /*priority=*/0);
+  }
+}
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat fmt) {

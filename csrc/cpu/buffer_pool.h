@@ -25,6 +25,25 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
 // default allocator's).
 bool pooled(size_t bytes);
 
+// Serves the next allocation of exactly `bytes` that the calling thread makes through the
+// CPU allocator (c10::GetCPUAllocator), while the guard lives, from the cache, as empty_output
+// does: so the output that one of torch's own ops allocates (oneDNN's convolution allocates
+// its output before it computes) needs no fresh pages. Everything else (other sizes, other
+// threads, raw scratch memory) goes to the allocator that was installed, as without the guard.
+// For the guard's life the process's CPU allocator is a router that does this; the allocator
+// found at the first of overlapping guards (on any thread) is put back when the last ends. An
+// allocator registered with a higher priority than the default's is left in place.
+class PooledAllocations {
+ public:
+  explicit PooledAllocations(size_t bytes);
+  ~PooledAllocations();
+  PooledAllocations(const PooledAllocations&) = delete;
+  PooledAllocations& operator=(const PooledAllocations&) = delete;
+
+ private:
+  size_t outer_;  // the enclosing guard's request on this thread (0: none)
+};
+
 // Frees every cached buffer; returns the bytes released.
 int64_t buffer_cache_clear();
 // Bytes currently held in the cache (not counting buffers owned by live tensors).
