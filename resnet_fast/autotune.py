@@ -14,6 +14,10 @@ warns once and the measured choice is still used for this process. ``RESNET_FAST
 never measures: a choice comes from the table or, failing that, from the fixed order of
 ``backends.resolve``.
 
+The CPU tuner adds to each candidate's time the read of its prepared weight at the memory
+bandwidth measured once per process (:func:`cpu_stream_gbs`): the timing loop finds a weight
+in cache that a model's forward reads from memory.
+
 Only the first call of a layer key in a process reaches this module (the models' plans keep
 the chosen op per input shape), so file reads and environment reads stay off the hot path.
 """
@@ -125,6 +129,20 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+@functools.cache
+def cpu_stream_gbs() -> float:
+    """GB/s at which this process's threads read a 256 MiB tensor (more than the caches a
+    model's weights stay in between two calls of one layer): the best of three sums, measured
+    once per process (~0.1 s), at the first CPU layer measured."""
+    data = torch.ones(64 << 20)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - t0)
+    return data.numel() * data.element_size() / best / 1e9
+
+
 def cpu_time_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds of five calls of ``fn`` on the CPU (perf_counter), after one
     untimed call that warms caches and thread pools."""
@@ -144,6 +162,8 @@ class Tuner:
         path: the table (default :func:`cache_path`, read when the tuner is made).
         environment: device -> the machine part of the key (default :func:`environment`).
         timer: callable -> its time in ms (default :func:`cuda_time_ms`).
+        stream_gbs: callable -> GB/s at which weights stream from memory, for ``choose``'s
+            ``weight_bytes`` (default None: weights cost nothing beyond their timing).
         measure: whether a key missing from the table is measured (default: unless
             ``$RESNET_FAST_AUTOTUNE`` is ``0``).
     """
@@ -151,20 +171,28 @@ class Tuner:
     def __init__(self, path: Optional[str] = None,
                  environment: Callable[[torch.device], dict[str, Any]] = environment,
                  timer: Callable[[Callable[[], object]], float] = cuda_time_ms,
-                 measure: Optional[bool] = None) -> None:
+                 measure: Optional[bool] = None,
+                 stream_gbs: Optional[Callable[[], float]] = None) -> None:
         self.path = path or cache_path()
         self.environment = environment
         self.timer = timer
+        self.stream_gbs = stream_gbs
         self.measure = os.environ.get(AUTOTUNE_ENV, "1") != "0" if measure is None else measure
         self._chosen: dict[str, str] = {}
         self._lock = threading.Lock()  # one measurement at a time: timings must not overlap
         self._warned: set[str] = set()
 
     def choose(self, device: torch.device, layer: dict[str, Any],
-               candidates: dict[str, Callable[[], object]], default: str) -> str:
+               candidates: dict[str, Callable[[], object]], default: str,
+               weight_bytes: Optional[dict[str, int]] = None) -> str:
         """The name of the fastest of ``candidates`` (name -> a call of that kernel on the
         layer's real arguments) for ``layer`` on ``device``: from memory, else the table,
-        else measured and stored (unless measuring is off: then ``default``)."""
+        else measured and stored (unless measuring is off: then ``default``).
+        ``weight_bytes`` (name -> the bytes of that kernel's prepared weight): where the tuner
+        has a ``stream_gbs``, each candidate's measured time gains the time to read its
+        weight from memory, as a model's forward reads it (the other layers' weights pass
+        through the caches between two calls of one layer) and the timing loop does not (it
+        finds the weight in cache)."""
         key = json.dumps({**self.environment(device), **layer}, sort_keys=True)
         chosen = self._chosen.get(key)
         if chosen in candidates:
@@ -172,12 +200,12 @@ class Tuner:
         with self._lock:
             chosen = self._chosen.get(key)
             if chosen not in candidates:
-                chosen = self._look_up(key, candidates, default)
+                chosen = self._look_up(key, candidates, default, weight_bytes or {})
                 self._chosen[key] = chosen
         return chosen
 
     def _look_up(self, key: str, candidates: dict[str, Callable[[], object]],
-                 default: str) -> str:
+                 default: str, weight_bytes: dict[str, int]) -> str:
         entry = _entries(_jsonfile.read(self.path, _WHAT)).get(key)
         if entry is not None:
             chosen = entry.get("backend") if isinstance(entry, dict) else None
@@ -195,14 +223,20 @@ class Tuner:
                 log.info("resnet_fast autotune: %s failed on %s (%s)", name, key, exc)
         if not ms:
             return default
-        chosen = min(ms, key=ms.__getitem__)
-        log.info("resnet_fast autotune: %s for %s (ms: %s)", chosen, key, ms)
+        read_ms = {} if self.stream_gbs is None else {
+            name: size / (self.stream_gbs() * 1e6) for name, size in weight_bytes.items()}
+        chosen = min(ms, key=lambda name: ms[name] + read_ms.get(name, 0.0))
+        log.info("resnet_fast autotune: %s for %s (ms: %s, weight read ms: %s)", chosen, key, ms,
+                 read_ms)
 
         def store(table: dict[str, Any]) -> None:
             if table.get("format") != FORMAT or not isinstance(table.get("entries"), dict):
                 table.clear()
                 table.update(format=FORMAT, entries={})
-            table["entries"][key] = {"backend": chosen, "ms": ms}
+            entry = {"backend": chosen, "ms": ms}
+            if read_ms:
+                entry["weight_read_ms"] = read_ms
+            table["entries"][key] = entry
 
         try:
             _jsonfile.update(self.path, _WHAT, store)
@@ -235,9 +269,11 @@ def default_tuner() -> Tuner:
 
 def cpu_tuner() -> Tuner:
     """The process's CPU tuner (the plans' choice between oneDNN and Winograd per layer):
-    the same table, keys naming the CPU (:func:`cpu_environment`), timed on the CPU."""
+    the same table, keys naming the CPU (:func:`cpu_environment`), timed on the CPU, each
+    candidate's weight read at :func:`cpu_stream_gbs` added."""
     global _default_cpu
     with _default_lock:
         if _default_cpu is None:
-            _default_cpu = Tuner(environment=cpu_environment, timer=cpu_time_ms)
+            _default_cpu = Tuner(environment=cpu_environment, timer=cpu_time_ms,
+                                 stream_gbs=cpu_stream_gbs)
         return _default_cpu

@@ -70,6 +70,30 @@ def test_first_use_measures_and_stores_then_a_new_tuner_reads_without_measuring(
     assert autotune.cached_entries(str(path)) == 1
 
 
+def test_a_weight_read_at_memory_speed_is_added_to_the_measured_time(tmp_path):
+    """With a stream bandwidth, each candidate's weight bytes cost bytes / bandwidth on top of
+    its timing: the faster-timed candidate with the larger weight loses where the difference
+    exceeds its lead, and the entry records both times. Without one, bytes change nothing."""
+    bytes_ = {"cuda": 1_000_000, "triton": 4_000_000}  # at 2 GB/s: 0.5 and 2.0 ms
+    timer = _Timer(cuda=2.0, triton=1.0)
+    tuner = _tuner(tmp_path / "a.json", timer, stream_gbs=lambda: 2.0)
+    assert tuner.choose(DEV, LAYER, CANDIDATES, "cuda", bytes_) == "cuda"  # 2.5 < 3.0
+    (entry,) = json.loads((tmp_path / "a.json").read_text())["entries"].values()
+    assert entry == {"backend": "cuda", "ms": {"cuda": 2.0, "triton": 1.0},
+                     "weight_read_ms": {"cuda": 0.5, "triton": 2.0}}
+    fast_memory = _tuner(tmp_path / "b.json", _Timer(cuda=2.0, triton=1.0),
+                         stream_gbs=lambda: 20.0)
+    assert fast_memory.choose(DEV, LAYER, CANDIDATES, "cuda", bytes_) == "triton"  # 2.05 > 1.2
+    unset = _tuner(tmp_path / "c.json", _Timer(cuda=2.0, triton=1.0))
+    assert unset.choose(DEV, LAYER, CANDIDATES, "cuda", bytes_) == "triton"
+
+
+def test_the_cpu_stream_bandwidth_is_measured_once_and_plausible():
+    gbs = autotune.cpu_stream_gbs()
+    assert 0.5 < gbs < 2000  # GB/s: a real memory, not a cache or a broken timer
+    assert autotune.cpu_stream_gbs() == gbs  # once per process
+
+
 def test_autotune_off_never_measures(tmp_path, monkeypatch):
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
     path = tmp_path / "autotune.json"

@@ -5,6 +5,7 @@ torch puts them; bfloat16 tensors (float32 arithmetic: the float32 op's result r
 the op's checks, opcheck; and the models' plans choosing it per layer."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -334,6 +335,26 @@ def test_plans_choose_winograd_and_match_torchvision(tmp_path, monkeypatch, wino
     with torch.no_grad():
         ours(x)
     assert timer.calls == calls  # chosen once per layer and input shape
+
+
+def test_plans_weigh_winograds_larger_weight_at_memory_speed(tmp_path, monkeypatch):
+    """The plans tell the tuner each candidate's weight bytes: F(2x2)'s transformed weight is
+    16/9 of oneDNN's (F(4x4)'s 36/9). Timed 1 ms faster, Winograd still loses a layer whose
+    extra weight takes longer than that to read: at 0.2 GB/s the four 64-channel stride-1
+    3x3s of resnet18 (F(2x2) reads 7/9 x 144 KiB more: 0.57 ms) take Winograd and those of
+    128 channels and up (2.3 ms and more) stay on oneDNN; at 1000 GB/s all 13 take it."""
+    timer = _Prefer(2)
+    for gbs, winograd in ((0.2, 4), (1000.0, 13)):
+        monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
+            str(tmp_path / f"{gbs}.json"), environment=autotune.cpu_environment, timer=timer,
+            measure=True, stream_gbs=lambda gbs=gbs: gbs))
+        tv, ours = _resnet18_pair(None)
+        with torch.no_grad():
+            ours(torch.randn(1, 3, 64, 64))
+        assert _choices(ours).count("winograd") == winograd, gbs
+        table = json.loads((tmp_path / f"{gbs}.json").read_text())["entries"].values()
+        reads = [e["weight_read_ms"] for e in table if "winograd2" in e["ms"]]
+        assert reads and all(r["winograd2"] == pytest.approx(r["onednn"] * 16 / 9) for r in reads)
 
 
 @pytest.mark.skipif(torch.bfloat16 not in onednn_dtypes(),

@@ -407,11 +407,20 @@ class ConvPlan:
             prepared.makers["scratch"] = residual.clone
         candidates = ("onednn", *own)
         layer = {**self._layer_key("conv_bias_act_cpu", x, residual),
-                 "candidates": sorted(candidates), "in_place": in_place}
+                 "candidates": sorted(candidates), "in_place": in_place, "weight_read": True}
         runs = {name: functools.partial(self._timed_call, x, residual, _kernel_of(name), name,
                                         prepared, in_place) for name in candidates}
+        # The weight each candidate reads per call, which the tuner adds at memory speed
+        # (autotune.Tuner.choose): Winograd F(m x m)'s transformed weight is float32 and
+        # (m+2)^2/9 times the direct one's elements, which at batch 1 decides ResNet-50's 512 x
+        # 7 x 7 3x3s (AMX Xeon: oneDNN 1.54 ms, F(2x2) 2.07 with 256 MiB written before each
+        # call; 0.85 and 0.87 timed hot).
+        k, c = self.weight.shape[:2]
+        weight_bytes = {name: k * c * ((int(name[-1]) + 2) ** 2 * 4 if name.startswith("winograd")
+                                       else self.weight[0, 0].numel() * self.weight.element_size())
+                        for name in candidates}
         with torch.no_grad():
-            name = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn")
+            name = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn", weight_bytes)
         return _kernel_of(name), prepared[name]
 
     def _timed_call(self, x: Tensor, residual: Optional[Tensor], kernel: str, name: str,
