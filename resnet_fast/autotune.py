@@ -223,8 +223,9 @@ class Tuner:
                 log.info("resnet_fast autotune: %s failed on %s (%s)", name, key, exc)
         if not ms:
             return default
-        read_ms = {} if self.stream_gbs is None else {
-            name: size / (self.stream_gbs() * 1e6) for name, size in weight_bytes.items()}
+        bytes_per_ms = None if self.stream_gbs is None else self.stream_gbs() * 1e6
+        read_ms = {} if bytes_per_ms is None else {
+            name: size / bytes_per_ms for name, size in weight_bytes.items()}
         chosen = min(ms, key=lambda name: ms[name] + read_ms.get(name, 0.0))
         log.info("resnet_fast autotune: %s for %s (ms: %s, weight read ms: %s)", chosen, key, ms,
                  read_ms)

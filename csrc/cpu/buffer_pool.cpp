@@ -194,7 +194,7 @@ int swap_depth = 0;  // live PooledAllocations on all threads, under swap_mu
 }  // namespace
 
 PooledAllocations::PooledAllocations(size_t bytes) : outer_(routed_bytes) {
-  routed_bytes = pooled(bytes) ? bytes : 0;
+  routed_bytes = bytes;  // (the pool passes a request too small for it on)
   std::lock_guard<std::mutex> lock(swap_mu);
   if (swap_depth++ == 0) {
     c10::Allocator* current = c10::GetCPUAllocator();
