@@ -416,9 +416,8 @@ class ConvPlan:
         # 7 x 7 3x3s (AMX Xeon: oneDNN 1.54 ms, F(2x2) 2.07 with 256 MiB written before each
         # call; 0.85 and 0.87 timed hot).
         k, c = self.weight.shape[:2]
-        weight_bytes = {name: k * c * ((int(name[-1]) + 2) ** 2 * 4 if name.startswith("winograd")
-                                       else self.weight[0, 0].numel() * self.weight.element_size())
-                        for name in candidates}
+        weight_bytes = {name: k * c * (int(name[-1]) + 2) ** 2 * 4 if name.startswith("winograd")
+                        else self.weight.nbytes for name in candidates}
         with torch.no_grad():
             name = autotune.cpu_tuner().choose(x.device, layer, runs, "onednn", weight_bytes)
         return _kernel_of(name), prepared[name]
