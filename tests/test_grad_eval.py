@@ -215,3 +215,84 @@ def test_the_conv_gradient_shortcut_is_autograd_through_the_fold(dtype, bn):
                 assert got is None, i
             else:
                 assert got is not None and got.dtype == w.dtype and torch.equal(got, w), i
+
+
+@pytest.mark.parametrize("geometry", [
+    # (N, C, K, H, W, kernel, stride, padding): ResNet's stride-2 3x3, its strided and plain
+    # 1x1s, the 7x7 stem, odd sizes whose last window overhangs, a kernel wider than the input
+    (2, 5, 7, 9, 11, (3, 3), (2, 2), (1, 1)), (1, 4, 6, 8, 8, (1, 1), (2, 2), (0, 0)),
+    (1, 4, 6, 8, 8, (1, 1), (1, 1), (0, 0)), (3, 3, 8, 13, 10, (7, 7), (2, 2), (3, 3)),
+    (1, 2, 3, 2, 2, (3, 3), (2, 2), (1, 1)), (1, 6, 5, 7, 9, (1, 3), (1, 2), (0, 1)),
+    (2, 3, 4, 5, 6, (5, 5), (3, 3), (2, 2))])
+def test_gemm_backward_is_the_convolutions_gradients(geometry):
+    """gemm_backward (the planned backward's GEMM choice) gives convolution_backward's input
+    and weight gradients: equal in float64 (the same sums), within the tolerance rule in
+    float32; each alone where the mask asks for one; the weight's contiguous."""
+    n, c, k, h, w, kernel, stride, padding = geometry
+    gen = torch.Generator().manual_seed(sum(geometry[:5]))
+    cl = torch.channels_last
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(k, c, *kernel, generator=gen, dtype=torch.float64)
+    out = [(s + 2 * p - d) // st + 1 for s, p, d, st in zip((h, w), padding, kernel, stride)]
+    grad = torch.randn(n, k, *out, generator=gen, dtype=torch.float64)
+
+    def torchs(dtype, mask):
+        return torch.ops.aten.convolution_backward(
+            grad.to(dtype), x.to(dtype), weight.to(dtype), None, list(stride), list(padding),
+            [1, 1], False, [0, 0], 1, [*mask, False])[:2]
+
+    truth = torchs(torch.float64, [True, True])
+    for dtype in (torch.float64, torch.float32):
+        want = torchs(dtype, [True, True])
+        for mask in ([True, True], [True, False], [False, True]):
+            got = _fused.gemm_backward(grad.to(dtype).contiguous(memory_format=cl),
+                                       x.to(dtype).contiguous(memory_format=cl),
+                                       weight.to(dtype), stride, padding, mask)
+            for g, wt, t, asked in zip(got, want, truth, mask):
+                if not asked:
+                    assert g is None
+                    continue
+                assert g.shape == t.shape and g.dtype == dtype
+                if dtype == torch.float64:
+                    torch.testing.assert_close(g, t, rtol=1e-12, atol=1e-12)
+                else:
+                    assert_within_reference_error(g, wt, t)
+            if mask[1]:
+                assert got[1].is_contiguous()
+
+
+def test_planned_backward_runs_the_gemms_where_they_measure_faster(prefer_ours, monkeypatch,
+                                                                   tmp_path):
+    """Frozen-BN fine-tuning with the tuner preferring our kernels: every conv that is not a
+    stride-1 3x3 (the stem, the 1x1s, the stride-2 3x3s) takes its input and weight gradients
+    from gemm_backward, and every gradient is torchvision's within 4x its own error; with the
+    tuner preferring oneDNN, torch's convolution_backward computes every conv's."""
+    from _pairs import frozen_pair
+
+    from resnet_fast import autotune
+
+    calls = []
+    real = _fused.ConvPlan._backward_call
+    monkeypatch.setattr(_fused.ConvPlan, "_backward_call", lambda plan, grad, x, kernel, mask: (
+        calls.append((kernel, tuple(plan.weight.shape[2:]), plan.geometry[0])),
+        real(plan, grad, x, kernel, mask))[1])
+    ours, tv = frozen_pair("resnet18")
+    ref = copy.deepcopy(tv).double()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    grads = [_grads(m.train(), x.to(dt)) for m, dt in
+             ((ours, torch.float32), (tv, torch.float32), (ref, torch.float64))]
+    # resnet18: the stem, 3 stride-2 3x3s, 3 downsample 1x1s; the stem's input gradient
+    # included (the test's input wants one)
+    assert sorted(calls) == sorted([("gemm", (7, 7), [2, 2])] + [("gemm", (3, 3), [2, 2])] * 3
+                                   + [("gemm", (1, 1), [2, 2])] * 3)
+    for got, want, truth in zip(*grads):
+        err = (got.double() - truth).abs().max().item()
+        ref_err = (want.double() - truth).abs().max().item()
+        assert err <= 4 * ref_err + 4 * torch.finfo(torch.float32).eps * truth.abs().max()
+    calls.clear()
+    monkeypatch.setattr(autotune, "_default_cpu", autotune.Tuner(
+        str(tmp_path / "onednn.json"), environment=autotune.cpu_environment, measure=True,
+        timer=lambda fn: 0.0 if fn.args[2] == "onednn" else 1.0))
+    _grads(ours, x)
+    # (every conv of resnet18's 20 now: the stride-1 3x3s' Winograd gradients lost too)
+    assert len(calls) == 20 and all(kernel == "onednn" for kernel, _, _ in calls)
