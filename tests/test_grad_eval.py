@@ -261,6 +261,35 @@ def test_gemm_backward_is_the_convolutions_gradients(geometry):
                 assert got[1].is_contiguous()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("geometry", [((3, 3), (2, 2), (1, 1)), ((1, 1), (2, 2), (0, 0)),
+                                      ((1, 1), (1, 1), (0, 0)), ((7, 7), (2, 2), (3, 3))])
+def test_gemm_backward_puts_non_finite_values_where_torch_does(geometry, value):
+    """A NaN or infinity in grad (at a corner, whose windows reach into the padding) or in x
+    reaches the same gradient entries as in torch's convolution_backward, and every finite
+    entry is torch's within float32 rounding."""
+    kernel, stride, padding = geometry
+    gen = torch.Generator().manual_seed(4)
+    cl = torch.channels_last
+    x = torch.randn(2, 3, 9, 9, generator=gen)
+    weight = torch.randn(4, 3, *kernel, generator=gen)
+    out = [(9 + 2 * p - d) // s + 1 for p, d, s in zip(padding, kernel, stride)]
+    for where in ("grad", "x"):
+        g = torch.randn(2, 4, *out, generator=gen)
+        xi = x.clone()
+        (g if where == "grad" else xi)[1, 2, 0, 0] = value
+        want = torch.ops.aten.convolution_backward(g, xi, weight, None, list(stride),
+                                                   list(padding), [1, 1], False, [0, 0], 1,
+                                                   [True, True, False])[:2]
+        got = _fused.gemm_backward(g.contiguous(memory_format=cl), xi.contiguous(memory_format=cl),
+                                   weight, stride, padding, [True, True])
+        for a, b in zip(got, want):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), where
+            assert torch.equal(torch.isinf(a), torch.isinf(b)), where
+            finite = torch.isfinite(b)
+            torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)
+
+
 def test_planned_backward_runs_the_gemms_where_they_measure_faster(prefer_ours, monkeypatch,
                                                                    tmp_path):
     """Frozen-BN fine-tuning with the tuner preferring our kernels: every conv that is not a

@@ -730,8 +730,9 @@ def gemm_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int]
     (K x pixels) times x's patches (pixels x C*kh*kw, zero where a tap falls in the padding;
     for an unpadded stride-1 1x1, x itself), contiguous as the Parameter it goes to. The
     input's: grad (pixels x K) times the weight (K x C*kh*kw), each tap's columns then added
-    into the pixels that tap read, channels_last. NaN and infinities propagate as in any
-    product; the sums run in another order than oneDNN's (both within float32's rounding)."""
+    into the pixels that tap read, channels_last. NaN and infinities land where torch's
+    land (a padded conv's non-finite weight gradient is torch's own); the sums run in
+    another order than oneDNN's (both within float32's rounding)."""
     n, k, oh, ow = grad.shape
     c, h, w = x.shape[1:]
     kh, kw = weight.shape[2:]
@@ -750,6 +751,12 @@ def gemm_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int]
         for t, (oy, ox), (iy, ix) in taps:
             cols[:, oy, ox, :, t] = pixels[:, iy, ix]
         gw = torch.mm(rows.t(), cols.view(-1, c * kh * kw)).view(k, c, kh, kw)
+        if clipped and not bool(torch.isfinite(gw).all()):
+            # A NaN or infinity of grad times a padding zero is NaN here, where torch's direct
+            # gradient skips the padding: torch's then, so non-finite values land as there.
+            gw = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+                [False, True, False])[1].contiguous()
     if mask[0]:
         prod = torch.mm(rows, weight.reshape(k, c * kh * kw)).view(n, oh, ow, c, kh * kw)
         gx = x.new_zeros(n, h, w, c)
