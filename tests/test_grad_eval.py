@@ -325,3 +325,34 @@ def test_planned_backward_runs_the_gemms_where_they_measure_faster(prefer_ours, 
     _grads(ours, x)
     # (every conv of resnet18's 20 now: the stride-1 3x3s' Winograd gradients lost too)
     assert len(calls) == 20 and all(kernel == "onednn" for kernel, _, _ in calls)
+
+
+def test_planned_backward_keeps_torchs_where_the_patches_would_be_large(prefer_ours,
+                                                                        monkeypatch):
+    """A conv whose gemm_backward patches exceed the cap runs torch's convolution_backward
+    without timing the GEMMs (no scratch of that size is ever made); an unpadded stride-1
+    1x1, which gathers nothing, still runs the GEMMs."""
+    cl = torch.channels_last
+    calls = []
+    real = _fused.ConvPlan._backward_call
+    monkeypatch.setattr(_fused.ConvPlan, "_backward_call", lambda plan, grad, x, kernel, mask: (
+        calls.append(kernel), real(plan, grad, x, kernel, mask))[1])
+    x = torch.randn(2, 8, 16, 16).contiguous(memory_format=cl)
+    for conv, want in ((torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), "onednn"),
+                       (torch.nn.Conv2d(8, 8, 1, bias=False), "gemm")):
+        plan = _fused.ConvPlan(conv, conv.weight.detach(), None, False, None, False,
+                               folds=(((None, True, True),), (conv.weight, None) + (None,) * 4))
+        grad = torch.randn(2, 8, *plan(x).shape[2:]).contiguous(memory_format=cl)
+        size = _fused.gemm_backward_scratch(grad, x, plan.weight, *plan.geometry[:2])
+        assert size == (2 * 8 * 8 * 8 * 9 * 4 if want == "onednn" else 0)
+        monkeypatch.setattr(_fused, "_GEMM_BACKWARD_MAX_BYTES", size - 1 if size else 0)
+        calls.clear()
+        prefer_ours.kernels.clear()
+        gx, gw = plan.backward(grad, x, [True, True])
+        assert calls == ([want] if want == "gemm" else [])
+        assert "gemm" not in prefer_ours.kernels or want == "gemm"
+        wx, ww = torch.ops.aten.convolution_backward(grad, x, plan.weight, None,
+                                                     *plan.geometry[:3], False, [0, 0], 1,
+                                                     [True, True, False])[:2]
+        torch.testing.assert_close(gx, wx, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gw, ww, rtol=1e-4, atol=1e-4)

@@ -76,6 +76,10 @@ _MAX_PACKED_SIZES = 4  # keys of ConvPlan._entry a CPU plan keeps prepared weigh
 # memory in a model, where the tuner's repeated calls find it in cache: ResNet-50 at batch 1,
 # 256x14x14 F(4x4) measured 0.42 ms to oneDNN's 0.52 and ran 0.63 to 0.55 in the model.
 _BF16_WINOGRAD_MIN_PIXELS = 512
+# Most bytes of patches gemm_backward may gather for one conv (gemm_backward_scratch); a
+# larger one keeps torch's convolution_backward, untimed (ResNet-50's stem at batch 16, 224
+# px: 118 MB; layer2's stride-2 3x3 at batch 64, 512 px, would take 1.2 GB).
+_GEMM_BACKWARD_MAX_BYTES = 256 << 20
 
 
 def no_hooks(m: nn.Module) -> bool:
@@ -499,13 +503,16 @@ class ConvPlan:
         channels_last tensors, :func:`gemm_backward` where it measured faster than torch's
         ``convolution_backward`` for this layer and mask (once per layer key,
         ``autotune.cpu_tuner``; FPN train step at batch 1, AVX2: the stride-2 3x3s
-        1.3-1.9x, the 1x1s 1.1x summed); elsewhere torch's."""
+        1.3-1.9x, the 1x1s 1.1x summed) and its patches fit ``_GEMM_BACKWARD_MAX_BYTES``;
+        elsewhere torch's."""
         stride, padding, dilation, groups = self.geometry
         cl = torch.channels_last
         if not (x.device.type == "cpu" and groups == 1 and dilation == [1, 1]
                 and x.dtype == grad.dtype == self.weight.dtype == torch.float32
                 and x.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl)
-                and grad.numel() > 0 and x.numel() > 0):
+                and grad.numel() > 0 and x.numel() > 0
+                and gemm_backward_scratch(grad, x, self.weight, stride, padding)
+                <= _GEMM_BACKWARD_MAX_BYTES):
             return self.torch_backward(grad, x, [*mask, False])[:2]
         layer = {"op": "conv_backward_cpu", "x": list(x.shape), "dtype": "float32",
                  "weight": list(self.weight.shape), "stride": list(stride),
@@ -767,6 +774,17 @@ def gemm_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int]
             gx[:, iy, ix] += prod[:, oy, ox, :, t]
         gx = gx.permute(0, 3, 1, 2)
     return gx, gw
+
+
+def gemm_backward_scratch(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int],
+                          padding: Sequence[int]) -> int:
+    """The bytes of :func:`gemm_backward`'s patches (or its product before the taps are added
+    back), beyond the gradients themselves: none for an unpadded stride-1 1x1."""
+    kh, kw = weight.shape[2:]
+    if (kh, kw) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]:
+        return 0
+    n, _, oh, ow = grad.shape
+    return n * oh * ow * x.shape[1] * kh * kw * x.element_size()
 
 
 def _taps(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
