@@ -493,7 +493,10 @@ void winograd_weight_kernel(const at::Tensor& w_t, int64_t m, const at::Tensor& 
         }
       }
       for (int64_t c = 0; c < cc; ++c) {
-        if (m == 2) {  // G's rows f0, (f0 + f1 + f2) / 2, (f0 - f1 + f2) / 2, f2, both sides
+        // F(2x2): G's rows f0, (f0 + f1 + f2) / 2, (f0 - f1 + f2) / 2, f2, both sides (bitwise
+        // the products by G's halves, ones and zeros, except that an infinite weight no longer
+        // turns to NaN through a zero: neither matches torch's direct conv there).
+        if (m == 2) {
           for (int j = 0; j < 3; ++j) {
             for (int64_t l = 0; l < kKb; ++l) {
               const double f0 = in[j][c][l], f1 = in[3 + j][c][l], f2 = in[6 + j][c][l];

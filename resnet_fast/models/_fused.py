@@ -738,7 +738,8 @@ def gemm_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int]
     other) of a conv of one group and dilation 1, x and grad dense channels_last, as two
     GEMMs over the output's pixels (``torch.mm``: MKL's on CPU). The weight's: grad^T
     (K x pixels) times x's patches (pixels x C*kh*kw, zero where a tap falls in the padding;
-    for an unpadded stride-1 1x1, x itself), contiguous as the Parameter it goes to. The
+    for an unpadded stride-1 1x1, x itself), contiguous (as a Parameter is unless the model
+    was made channels_last, whose gradients autograd then copies to its layout). The
     input's: grad (pixels x K) times the weight (K x C*kh*kw), each tap's columns then added
     into the pixels that tap read, channels_last. NaN and infinities land where torch's
     land (a padded conv's non-finite weight gradient is torch's own); the sums run in
@@ -761,6 +762,7 @@ def gemm_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int]
         for t, (oy, ox), (iy, ix) in taps:
             cols[:, oy, ox, :, t] = pixels[:, iy, ix]
         gw = torch.mm(rows.t(), cols.view(-1, c * kh * kw)).view(k, c, kh, kw)
+        del cols  # before the input gradient's product of the same size
         if clipped and not bool(torch.isfinite(gw).all()):
             # A NaN or infinity of grad times a padding zero is NaN here, where torch's direct
             # gradient skips the padding: torch's then, so non-finite values land as there.
@@ -778,8 +780,9 @@ def gemm_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int]
 
 def gemm_backward_scratch(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int],
                           padding: Sequence[int]) -> int:
-    """The bytes of :func:`gemm_backward`'s patches (or its product before the taps are added
-    back), beyond the gradients themselves: none for an unpadded stride-1 1x1."""
+    """The bytes of :func:`gemm_backward`'s patches, and apart from them (freed first) of its
+    product before the taps are added back, beyond the gradients themselves: none for an
+    unpadded stride-1 1x1."""
     kh, kw = weight.shape[2:]
     if (kh, kw) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]:
         return 0
