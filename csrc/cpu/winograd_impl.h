@@ -468,12 +468,10 @@ int64_t winograd_k_block() { return kKb; }
 // gradient's flipped weight too).
 void winograd_weight_kernel(const at::Tensor& w_t, int64_t m, const at::Tensor& out_t) {
   constexpr int64_t kCc = 16;
-  static const double G2[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
   static const double G4[6][3] = {{1. / 4, 0, 0},         {-1. / 6, -1. / 6, -1. / 6},
                                   {-1. / 6, 1. / 6, -1. / 6}, {1. / 24, 1. / 12, 1. / 6},
                                   {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
   const int A = static_cast<int>(m) + 2, E = A * A;
-  const double(*g)[3] = m == 2 ? G2 : G4;
   const int64_t K = w_t.size(0), C = w_t.size(1), Kb = out_t.size(1), Cp = out_t.size(2);
   const float* w = w_t.const_data_ptr<float>();
   float* out = out_t.mutable_data_ptr<float>();
@@ -518,9 +516,9 @@ void winograd_weight_kernel(const at::Tensor& w_t, int64_t m, const at::Tensor& 
           }
           continue;
         }
-        for (int i = 0; i < A; ++i) {
+        for (int i = 0; i < A; ++i) {  // F(4x4): G's products in full
           for (int j = 0; j < 3; ++j) {
-            const double a = g[i][0], b = g[i][1], d = g[i][2];
+            const double a = G4[i][0], b = G4[i][1], d = G4[i][2];
             for (int64_t l = 0; l < kKb; ++l) {
               gf[i][j][l] = a * static_cast<double>(in[j][c][l]) +
                             b * static_cast<double>(in[3 + j][c][l]) +
@@ -530,7 +528,7 @@ void winograd_weight_kernel(const at::Tensor& w_t, int64_t m, const at::Tensor& 
         }
         for (int i = 0; i < A; ++i) {
           for (int j = 0; j < A; ++j) {  // (G f G^T)[i][j]
-            const double a = g[j][0], b = g[j][1], d = g[j][2];
+            const double a = G4[j][0], b = G4[j][1], d = G4[j][2];
             float* st = stage[i * A + j][c];
             for (int64_t l = 0; l < kKb; ++l) {
               st[l] = static_cast<float>(gf[i][0][l] * a + gf[i][1][l] * b + gf[i][2][l] * d);

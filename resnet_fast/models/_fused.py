@@ -749,7 +749,7 @@ def gemm_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int]
     kh, kw = weight.shape[2:]
     rows = grad.permute(0, 2, 3, 1).reshape(-1, k)  # a view: grad is channels_last
     pixels = x.permute(0, 2, 3, 1)
-    if (kh, kw) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]:
+    if _pointwise((kh, kw), stride, padding):
         gw = torch.mm(rows.t(), pixels.reshape(-1, c)).view(k, c, 1, 1) if mask[1] else None
         gx = torch.mm(rows, weight.reshape(k, c)).view(n, h, w, c).permute(0, 3, 1, 2) \
             if mask[0] else None
@@ -784,10 +784,15 @@ def gemm_backward_scratch(grad: Tensor, x: Tensor, weight: Tensor, stride: Seque
     product before the taps are added back, beyond the gradients themselves: none for an
     unpadded stride-1 1x1."""
     kh, kw = weight.shape[2:]
-    if (kh, kw) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]:
+    if _pointwise((kh, kw), stride, padding):
         return 0
     n, _, oh, ow = grad.shape
     return n * oh * ow * x.shape[1] * kh * kw * x.element_size()
+
+
+def _pointwise(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> bool:
+    """An unpadded stride-1 1x1: its patches are x itself."""
+    return tuple(kernel) == (1, 1) and list(stride) == [1, 1] and list(padding) == [0, 0]
 
 
 def _taps(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
