@@ -493,9 +493,7 @@ class ConvPlan:
     def torch_backward(self, grad: Tensor, x: Tensor, mask: list[bool]) -> tuple:
         """torch's ``convolution_backward`` (oneDNN's on CPU) on the plan's weight: the
         (input, weight, bias) gradients ``mask`` asks for."""
-        stride, padding, dilation, groups = self.geometry
-        return torch.ops.aten.convolution_backward(grad, x, self.weight, None, stride, padding,
-                                                   dilation, False, [0, 0], groups, mask)
+        return torch_conv_backward(grad, x, self.weight, self.geometry, mask)
 
     def backward(self, grad: Tensor, x: Tensor, mask: list[bool]) -> tuple:
         """The (input, weight) gradients ``mask`` asks for, those :meth:`input_grad` and
@@ -732,18 +730,30 @@ class _PlannedConv(torch.autograd.Function):
         return (None, *grads)
 
 
+def torch_conv_backward(grad: Tensor, x: Tensor, weight: Tensor, geometry: Sequence,
+                        mask: Sequence[bool]) -> tuple:
+    """torch's ``convolution_backward`` (oneDNN's on CPU) of a conv without bias: the
+    (input, weight, bias) gradients ``mask`` asks for; ``geometry`` is (stride, padding,
+    dilation, groups)."""
+    stride, padding, dilation, groups = geometry
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride),
+                                               list(padding), list(dilation), False, [0, 0],
+                                               groups, list(mask))
+
+
 def gemm_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int],
                   padding: Sequence[int], mask: Sequence[bool]) -> tuple:
     """``convolution_backward``'s input and weight gradients (as ``mask`` asks; None for the
     other) of a conv of one group and dilation 1, x and grad dense channels_last, as two
     GEMMs over the output's pixels (``torch.mm``: MKL's on CPU). The weight's: grad^T
-    (K x pixels) times x's patches (pixels x C*kh*kw, zero where a tap falls in the padding;
-    for an unpadded stride-1 1x1, x itself), contiguous (as a Parameter is unless the model
-    was made channels_last, whose gradients autograd then copies to its layout). The
-    input's: grad (pixels x K) times the weight (K x C*kh*kw), each tap's columns then added
-    into the pixels that tap read, channels_last. NaN and infinities land where torch's
-    land (a padded conv's non-finite weight gradient is torch's own); the sums run in
-    another order than oneDNN's (both within float32's rounding)."""
+    (K x pixels) times x's patches (pixels x kh*kw*C, zero where a tap falls in the padding;
+    the taps outermost, so each tap's copy writes whole pixels; for an unpadded stride-1 1x1,
+    x itself), made contiguous (as a Parameter is unless the model was made channels_last,
+    whose gradients autograd then copies to its layout). The input's: grad (pixels x K) times
+    the weight (K x kh*kw*C), each tap's columns then added into the pixels that tap read,
+    channels_last. NaN and infinities land where torch's land (a padded conv's non-finite
+    weight gradient is torch's own); the sums run in another order than oneDNN's (both
+    within float32's rounding)."""
     n, k, oh, ow = grad.shape
     c, h, w = x.shape[1:]
     kh, kw = weight.shape[2:]
@@ -758,22 +768,23 @@ def gemm_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int]
     gx = gw = None
     if mask[1]:
         clipped = any(out != (slice(0, oh), slice(0, ow)) for _, out, _ in taps)
-        cols = (x.new_zeros if clipped else x.new_empty)(n, oh, ow, c, kh * kw)
+        cols = (x.new_zeros if clipped else x.new_empty)(n, oh, ow, kh * kw, c)
         for t, (oy, ox), (iy, ix) in taps:
-            cols[:, oy, ox, :, t] = pixels[:, iy, ix]
-        gw = torch.mm(rows.t(), cols.view(-1, c * kh * kw)).view(k, c, kh, kw)
+            cols[:, oy, ox, t] = pixels[:, iy, ix]
+        gw = torch.mm(rows.t(), cols.view(-1, kh * kw * c))
         del cols  # before the input gradient's product of the same size
+        gw = gw.view(k, kh, kw, c).permute(0, 3, 1, 2).contiguous()
         if clipped and not bool(torch.isfinite(gw).all()):
             # A NaN or infinity of grad times a padding zero is NaN here, where torch's direct
             # gradient skips the padding: torch's then, so non-finite values land as there.
-            gw = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
-                [False, True, False])[1].contiguous()
+            gw = torch_conv_backward(grad, x, weight, (stride, padding, [1, 1], 1),
+                                     [False, True, False])[1].contiguous()
     if mask[0]:
-        prod = torch.mm(rows, weight.reshape(k, c * kh * kw)).view(n, oh, ow, c, kh * kw)
+        weight_by_tap = weight.permute(0, 2, 3, 1).reshape(k, kh * kw * c)
+        prod = torch.mm(rows, weight_by_tap).view(n, oh, ow, kh * kw, c)
         gx = x.new_zeros(n, h, w, c)
         for t, (oy, ox), (iy, ix) in taps:
-            gx[:, iy, ix] += prod[:, oy, ox, :, t]
+            gx[:, iy, ix] += prod[:, oy, ox, t]
         gx = gx.permute(0, 3, 1, 2)
     return gx, gw
 
