@@ -62,7 +62,10 @@ _OWN_KERNELS = _OWN_CONVS | {"resnet_fast::max_pool_act", "resnet_fast::relu_bit
 _CONVS = _OWN_CONVS | {"resnet_fast::conv_bias_act_packed"}  # every conv a plan runs
 _OURS = {"mkldnn::_convolution_pointwise_": "conv", "mkldnn::_convolution_pointwise": "conv",
          **dict.fromkeys(_OWN_CONVS, "conv"),
-         "aten::copy_": "residual copy",
+         # the input's NCHW -> channels_last copy (and, in bf16, its cast): the reorder that
+         # ONNX Runtime's ReorderInput and OpenVINO's Reorder do (labelled "residual copy"
+         # until db2319b, from when a residual was copied into the conv's output)
+         "aten::copy_": "reorder",
          "aten::fill_": "zero fill", "aten::zero_": "zero fill", "aten::clamp_min_": "relu pass",
          "aten::relu_": "relu pass", "aten::max_pool2d_with_indices": "maxpool",
          "aten::max_pool2d": "maxpool", "aten::mean": "avgpool", "aten::sum": "avgpool",
