@@ -226,8 +226,9 @@ def test_the_conv_gradient_shortcut_is_autograd_through_the_fold(dtype, bn):
     (2, 3, 4, 5, 6, (5, 5), (3, 3), (2, 2))])
 def test_gemm_backward_is_the_convolutions_gradients(geometry):
     """gemm_backward (the planned backward's GEMM choice) gives convolution_backward's input
-    and weight gradients: equal in float64 (the same sums), within the tolerance rule in
-    float32; each alone where the mask asks for one; the weight's contiguous."""
+    and weight gradients: equal in float64 (the same sums; the weight dense or channels_last,
+    as a plan may keep it), within the tolerance rule in float32; each alone where the mask
+    asks for one; the weight's contiguous."""
     n, c, k, h, w, kernel, stride, padding = geometry
     gen = torch.Generator().manual_seed(sum(geometry[:5]))
     cl = torch.channels_last
@@ -259,6 +260,10 @@ def test_gemm_backward_is_the_convolutions_gradients(geometry):
                     assert_within_reference_error(g, wt, t)
             if mask[1]:
                 assert got[1].is_contiguous()
+    got = _fused.gemm_backward(grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl),
+                               weight.contiguous(memory_format=cl), stride, padding, [True, True])
+    for g, t in zip(got, truth):
+        torch.testing.assert_close(g, t, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
