@@ -10,6 +10,7 @@ failure: only the backend report says so.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import Callable
 
@@ -24,6 +25,10 @@ class ExtensionWarning(UserWarning):
 
 _C = None
 LOAD_ERROR: str | None = None
+# The loaded build, "size-mtime_ns" of its file as it was at import (the CPU tuner's keys name
+# it): read once, so a file rebuilt on disk while this process runs never labels measurements
+# of the code that was loaded before it.
+BUILD: str | None = None
 
 try:
     from . import _C  # noqa: F811  (runs the TORCH_LIBRARY registrations)
@@ -36,6 +41,14 @@ except ImportError as exc:  # not built, or built against a different torch
                   "unavailable and ops run on the reference (plain PyTorch) or Triton backend. "
                   "Run `resnet-fast backends` (or `python -m resnet_fast.doctor`) for the full "
                   "picture.", ExtensionWarning, stacklevel=2)
+
+
+if _C is not None:
+    try:
+        _stat = os.stat(_C.__file__)
+        BUILD = f"{_stat.st_size}-{_stat.st_mtime_ns}"
+    except (OSError, AttributeError):  # no file behind the module (a frozen or zip import)
+        pass
 
 
 def loaded() -> bool:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import _jsonfile
+from . import _extension, _jsonfile
 from ._version import __version__
 
 CACHE_DIR_ENV = "RESNET_FAST_CACHE_DIR"
@@ -98,20 +98,11 @@ def cuda_time_ms(fn: Callable[[], object]) -> float:
 def cpu_environment(device: torch.device) -> dict[str, Any]:
     """The machine part of a CPU key: the CPU's model and the vector capability torch uses
     (one model name covers AVX2 and AVX-512 machines), the threads, library versions, and the
-    build of our extension (its file's size and time: a rebuilt kernel is measured again,
-    not judged by what an older build measured)."""
+    build of our extension (its file's size and time when this process loaded it: a rebuilt
+    kernel is measured again, not judged by what an older build measured)."""
     return {"device": "cpu", "cpu": cpu_name(), "capability":
             torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "resnet_fast": __version__, "build": _extension_build()}
-
-
-def _extension_build() -> Optional[str]:
-    try:
-        from . import _C
-        st = os.stat(_C.__file__)
-    except (ImportError, OSError, AttributeError):
-        return None
-    return f"{st.st_size}-{st.st_mtime_ns}"
+            "torch": torch.__version__, "resnet_fast": __version__, "build": _extension.BUILD}
 
 
 @functools.cache

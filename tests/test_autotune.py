@@ -324,3 +324,30 @@ def test_on_cuda_auto_times_cuda_against_triton_once_per_layer(tmp_path, monkeyp
     assert {e["backend"] for e in entries.values()} <= {"cuda", "triton"}
     stem = Kept.of(fast.model).stem
     assert stem.pads and stem.weight.shape[1] == PADDED_STEM_CHANNELS
+
+
+def test_cpu_keys_name_the_build_this_process_loaded(monkeypatch):
+    """The CPU keys' "build" is the extension file as it was when this process loaded it:
+    read once, so a rebuild on disk during the run (here, os.stat now saying otherwise) never
+    files the loaded kernels' timings under the new build's name."""
+    import os
+
+    from resnet_fast import _extension
+    if not _extension.loaded():
+        pytest.skip("the C++ extension is not built: no build to name")
+    st = os.stat(_extension._C.__file__)
+    build = autotune.cpu_environment(torch.device("cpu"))["build"]
+    assert build == f"{st.st_size}-{st.st_mtime_ns}"
+
+    class Rebuilt:
+        st_size, st_mtime_ns = st.st_size + 1, st.st_mtime_ns + 1
+
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path) == _extension._C.__file__:
+            return Rebuilt()
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert autotune.cpu_environment(torch.device("cpu"))["build"] == build
