@@ -104,6 +104,23 @@ def test_nan_inf_and_zero_size():
     assert add_relu(empty, empty, backend="cpu").shape == (0, 3, 4, 4)
 
 
+def test_backward_passes_the_gradient_of_a_nan_output_as_torch():
+    """torch.relu's backward zeroes the gradient only where the output is <= 0, so a NaN
+    output (from a NaN or an inf - inf input) passes its gradient; the op's backward alike."""
+    x = torch.tensor([float("nan"), float("inf"), 1.0, -1.0, 0.0, 2.0] * 3)
+    r = torch.tensor([1.0, -float("inf"), -2.0, 0.5, -0.0, -1.0] * 3)
+    grad = torch.arange(1.0, 19.0)
+    grads = []
+    for f in (lambda a, b: torch.relu(a + b), lambda a, b: add_relu(a, b, backend="cpu")):
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        f(xi, ri).backward(grad)
+        grads.append((xi.grad, ri.grad))
+    (want_x, want_r), (got_x, got_r) = grads
+    assert want_x[0] == grad[0] and want_x[1] == grad[1]  # NaN outputs pass it in torch
+    torch.testing.assert_close(got_x, want_x, rtol=0, atol=0)
+    torch.testing.assert_close(got_r, want_r, rtol=0, atol=0)
+
+
 def test_bad_inputs_are_refused():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match=r"same shape as x \(2, 3, 4, 4\), got \(1, 3, 4, 4\) \(no broadcasting\)"):

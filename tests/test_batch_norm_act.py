@@ -254,3 +254,29 @@ def test_autocast_promotes_mixed_inputs_like_eager():
         ref = torch.relu(F.batch_norm(x.bfloat16(), None, None, w, b, True, 0.1, 1e-5) + r)
     assert out.dtype == ref.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relu_passes_the_gradient_of_a_nan_output_as_torch(backend, channels_last):
+    """A NaN in the residual makes that output NaN; torch.relu's backward (threshold_backward:
+    zero only where the output is <= 0) passes that element's gradient, so ours does too, to
+    the residual and through the BN (float32, and the float32 vector path with 16 channels)."""
+    x, r = _inputs((2, 16, 5, 5), channels_last=channels_last, seed=3)
+    r[1, 7, 2, 3] = float("nan")
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    bn = _bn(16)
+    results = []
+    for run in ("eager", "ours"):
+        xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+        out = (_eager(copy.deepcopy(bn), xi, ri, True) if run == "eager"
+               else _ours(bn, xi, ri, True, backend)[1])
+        out.backward(grad)
+        results.append((out.detach(), ri.grad, xi.grad))
+    (want_out, want_dr, want_dx), (out, dr, dx) = results
+    assert torch.isnan(out[1, 7, 2, 3]) and torch.isnan(out).sum() == 1
+    assert dr[1, 7, 2, 3] == grad[1, 7, 2, 3] != 0
+    torch.testing.assert_close(dr, want_dr, rtol=0, atol=0)
+    # the NaN reaches the BN's input gradient alike (its statistics saw no NaN: x has none)
+    assert torch.equal(torch.isnan(dx), torch.isnan(want_dx))
+    torch.testing.assert_close(dx, want_dx, equal_nan=True, rtol=1e-4, atol=1e-5)

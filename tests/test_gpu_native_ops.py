@@ -155,8 +155,9 @@ def test_bn_act_against_batchnorm_add_relu(backend, dtype, shape, channels_last,
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bn_act_relu_mask_passes_no_gradient_through_nan(backend, channels_last):
-    """As torch.relu: a NaN output stays NaN and passes no gradient to its residual."""
+def test_bn_act_relu_mask_passes_the_gradient_through_nan(backend, channels_last):
+    """As torch.relu: a NaN output stays NaN and passes its gradient to its residual (torch's
+    threshold_backward zeroes only where the output is <= 0)."""
     x, r, grad, w, b = _bn_inputs((2, 8, 4, 4), torch.float32, channels_last)
     r = r.clone()
     r[0, 3, 1, 2] = float("nan")
@@ -164,8 +165,8 @@ def test_bn_act_relu_mask_passes_no_gradient_through_nan(backend, channels_last)
     out = batch_norm_act(x, w, b, None, None, True, 0.1, 1e-5, ri, True, backend=backend)
     assert torch.isnan(out[0, 3, 1, 2]) and torch.isnan(out).sum() == 1
     out.backward(grad)
-    assert ri.grad[0, 3, 1, 2] == 0
-    expect = torch.where(out > 0, grad, torch.zeros_like(grad))
+    assert ri.grad[0, 3, 1, 2] == grad[0, 3, 1, 2] != 0
+    expect = torch.ops.aten.threshold_backward(grad, out.detach(), 0)
     torch.testing.assert_close(ri.grad, expect, rtol=0, atol=0)
 
 

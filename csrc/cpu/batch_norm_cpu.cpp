@@ -3,7 +3,7 @@
 // Forward, two passes over x: per-channel batch statistics, then the apply pass fused with the
 // residual add and ReLU (our scale_shift_act kernel computing (x - mean) * (w * invstd) + b).
 // Backward, two passes: the per-channel sums sum(g') and sum(g' * (x - mean)) with
-// g' = grad masked by out > 0, then dx (and d residual = g') in one elementwise pass.
+// g' = grad, 0 where out <= 0, then dx (and d residual = g') in one elementwise pass.
 // Eager PyTorch runs BN (2 passes), add and ReLU as separate passes forward and backward.
 //
 // Sums: shifted by the channel's first value (so a large mean does not cancel the variance
@@ -263,10 +263,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     const acc_t* mp = mean.const_data_ptr<acc_t>();
     const acc_t* ip = invstd_t.const_data_ptr<acc_t>();
     const acc_t* wp = w_t.const_data_ptr<acc_t>();
-    // g' = grad where out > 0 (a NaN output passes no gradient, as torch.relu's backward).
+    // g' = grad, 0 where out <= 0 (a NaN output passes its gradient, as torch.relu's
+    // backward, threshold_backward, does).
     auto masked = [&](int64_t e) -> acc_t {
       const acc_t gv = static_cast<acc_t>(gp[e]);
-      return (!relu || static_cast<acc_t>(op[e]) > acc_t(0)) ? gv : acc_t(0);
+      return (relu && static_cast<acc_t>(op[e]) <= acc_t(0)) ? acc_t(0) : gv;
     };
     std::vector<double> sg, sgx;
     if constexpr (std::is_same_v<scalar_t, float>) {

@@ -267,15 +267,16 @@ void scale_shift_act_kernel(const at::Tensor& x, const at::Tensor& scale, const 
 // batch_norm_cpu.cpp). "rows": `rows` consecutive channels_last pixels of C channels, per-channel
 // accumulators a1/a2 (float, caller-zeroed, at most a few hundred rows per call so float
 // accumulation stays exact to ~1e-7). "plane": n contiguous values of one channel (NCHW).
-// bwd=false: a1 += x - k, a2 += (x - k)^2 (k: the shift). bwd=true: g' = relu ? (o > 0 ? g : 0)
+// bwd=false: a1 += x - k, a2 += (x - k)^2 (k: the shift). bwd=true: g' = relu ? (o <= 0 ? 0 : g)
 // : g, a1 += g', a2 += g' * (x - k) (k: the mean).
 
 namespace {
-// g where o > 0, else 0 (a NaN o passes nothing, as torch.relu's backward): vector and scalar.
-inline Vectorized<float> where_positive(Vectorized<float> g, Vectorized<float> o) {
-  return Vectorized<float>::blendv(Vectorized<float>(0), g, o > Vectorized<float>(0));
+// 0 where o <= 0, else g: a NaN o passes g, as torch.relu's backward (threshold_backward)
+// does: vector and scalar.
+inline Vectorized<float> relu_mask(Vectorized<float> g, Vectorized<float> o) {
+  return Vectorized<float>::blendv(g, Vectorized<float>(0), o <= Vectorized<float>(0));
 }
-inline float where_positive(float g, float o) { return o > 0.f ? g : 0.f; }
+inline float relu_mask(float g, float o) { return o <= 0.f ? 0.f : g; }
 
 // The two terms summed per element, for V = Vectorized<float> or float; g and o are read only
 // in the backward (kBwd) and with the ReLU mask (kRelu).
@@ -283,7 +284,7 @@ template <bool kBwd, bool kRelu, typename V>
 inline void bn_terms(V x, V k, V g, V o, V& t1, V& t2) {
   const V d = x - k;
   if constexpr (kBwd) {
-    if constexpr (kRelu) g = where_positive(g, o);
+    if constexpr (kRelu) g = relu_mask(g, o);
     t1 = g;
     t2 = g * d;
   } else {
@@ -353,13 +354,13 @@ void bn_bwd_run(const float* x, const float* g, const float* o, float* dx, float
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) {
     V gv = V::loadu(g + i);
-    if constexpr (kRelu) gv = where_positive(gv, V::loadu(o + i));
+    if constexpr (kRelu) gv = relu_mask(gv, V::loadu(o + i));
     const V d = V::loadu(x + i) - at_(m, m0, i);
     (at_(a, a0, i) * gv + at_(b, b0, i) * d + at_(kk, k0, i)).store(dx + i);
     if (dr) gv.store(dr + i);
   }
   for (; i < n; ++i) {
-    const float gv = kRelu ? where_positive(g[i], o[i]) : g[i];
+    const float gv = kRelu ? relu_mask(g[i], o[i]) : g[i];
     const float d = x[i] - (m ? m[i] : m0);
     dx[i] = (a ? a[i] : a0) * gv + (b ? b[i] : b0) * d + (kk ? kk[i] : k0);
     if (dr) dr[i] = gv;

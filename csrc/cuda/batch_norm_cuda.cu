@@ -4,8 +4,8 @@
 // the one SyncBatchNorm uses), then ONE apply pass of ours, channel_affine_act:
 // out = act((x - mean) * invstd * w + b (+ residual)), x - mean first so a large mean cannot
 // cancel digits away.
-// Backward: two passes of ours, with the ReLU mask (g' = grad where out > 0, as torch.relu's
-// backward: a NaN output passes no gradient) applied inside both, never materialised:
+// Backward: two passes of ours, with the ReLU mask (g' = grad, 0 where out <= 0, as torch.relu's
+// backward: a NaN output passes its gradient) applied inside both, never materialised:
 //   1. per-channel partial sums of g' and g' * (x - mean) over slices of rows (float for
 //      half/bfloat16/float, double for double), added up per channel in float64 (the
 //      deterministic two-level reduction of the CPU and Triton kernels);
@@ -42,7 +42,7 @@ constexpr int kMaxRowSlices = 512;  // the partial-sum arrays' first dimension, 
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t masked(acc_t g, acc_t o, bool relu) {
-  return (!relu || o > acc_t(0)) ? g : acc_t(0);
+  return (relu && o <= acc_t(0)) ? acc_t(0) : g;
 }
 
 // a1[j] += g'_j and a2[j] += g'_j * (x_j - m[j]) over the VEC elements of pack i.

@@ -39,7 +39,8 @@ def _partial_sums_kernel(x_ptr, g_ptr, o_ptr, k_ptr, p1_ptr, p2_ptr,
                          BWD: tl.constexpr, RELU: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Forward (BWD=0): sum(x - k), sum((x - k)^2) per channel, k the shift.
-    Backward (BWD=1): sum(g'), sum(g' * (x - k)) with g' = grad masked by out > 0, k the mean."""
+    Backward (BWD=1): sum(g'), sum(g' * (x - k)) with g' = grad, 0 where out <= 0 (a NaN
+    output passes it, as torch.relu's backward), k the mean."""
     pid = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
     cc = c0 + tl.arange(0, BLOCK_C)
@@ -53,7 +54,7 @@ def _partial_sums_kernel(x_ptr, g_ptr, o_ptr, k_ptr, p1_ptr, p2_ptr,
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if RELU:
                 o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                g = tl.where(o > 0, g, 0.0)
+                g = tl.where(o <= 0, 0.0, g)
             a1 += tl.sum(g, axis=0)
             a2 += tl.sum(g * d, axis=0)
         else:
@@ -91,7 +92,7 @@ def _bwd_elemt_kernel(x_ptr, g_ptr, o_ptr, m_ptr, a_ptr, b_ptr, k_ptr, dx_ptr, d
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(o > 0, g, 0.0)
+        g = tl.where(o <= 0, 0.0, g)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(m_ptr + c, mask=cm, other=0.0)[None, :]
     a = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
