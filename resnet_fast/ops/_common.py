@@ -44,9 +44,10 @@ def register_common(name: str, *, fake: Callable, backward: Callable, setup_cont
 
 
 def relu_grad(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """d relu(s)/ds applied to ``grad``, as torch.relu's backward (threshold_backward): 0 where
-    the output is <= 0, else ``grad``, so a NaN output passes its gradient."""
-    return torch.where(out <= 0, torch.zeros_like(grad), grad)
+    """d relu(s)/ds applied to ``grad``: torch.relu's own backward (threshold_backward, itself
+    differentiable for a create_graph backward): 0 where the output is <= 0, else ``grad``, so
+    a NaN output passes its gradient."""
+    return torch.ops.aten.threshold_backward(grad, out, 0)
 
 
 def autocast_kernel(op, device_type: str, cast: Callable[[tuple], tuple]):
