@@ -535,3 +535,23 @@ def test_fpn_backbone_benchmark_times_both_modes_and_layouts(tmp_path):
         assert min(r["median_ms"].values()) > 0 and r["speedup_vs_torchvision"] > 0
         if r["mode"] != "train step":
             assert r["max_abs_err_vs_torchvision"] <= 1e-4 * r["feature_scale"]
+
+
+def test_onednn_direct_probe_keeps_nan_and_matches_the_truth(tmp_path):
+    """benchmarks/onednn_direct.py at 32 px, batch 1, float32: built against the
+    onednn-cpu-gomp wheels (requirements-peers.txt), each distinct ResNet-50 conv run through
+    torch's oneDNN op and a direct primitive, both timed; the direct one errs within twice
+    torch's op against fp64 and keeps NaN where torch.relu does (its elu(-0.0) post-op)."""
+    probe = load_script(ROOT / "benchmarks" / "onednn_direct.py")
+    if probe.onednn_prefix() is None:
+        pytest.skip("onednn-cpu-gomp / onednn-devel-cpu-gomp not installed")
+    out = tmp_path / "direct.json"
+    result = probe.main(["--batch-sizes", "1", "--dtypes", "float32", "--image-size", "32",
+                         "--repeats", "1", "--block", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert len(result["layers"]) == 23 and set(result["totals_ms"]) == {"float32 batch 1"}
+    for row in result["layers"]:
+        assert row["nan_kept"], row
+        err = row["max_abs_error"]
+        assert err["direct"] <= 2 * err["torch_op"] + 1e-6, row
+        assert min(row["ms"].values()) > 0 and row["torch_op_over_direct"] > 0
