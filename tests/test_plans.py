@@ -688,7 +688,8 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def copies(self):
-        return sum(self.calls[n] for n in ("clone", "copy_", "_to_copy", "copy"))
+        return sum(self.calls[n] for n in ("clone", "copy_", "_to_copy", "copy",
+                                           "resnet_fast.to_channels_last.default"))
 
 
 # --- padded stem --------------------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""Memory-format rule shared by every kernel backend (mirrors csrc/checks.h)."""
+"""Memory-format rule shared by every kernel backend (mirrors csrc/checks.h), and the copy to
+channels_last the models make of NCHW activations and gradients."""
 
 from __future__ import annotations
 
 import torch
 from torch._prims_common import suggest_memory_format
+
+from .. import _extension
+
+_FAST_COPY = _extension.has_kernel("to_channels_last", "CPU")
 
 
 def layout_of(x: torch.Tensor) -> torch.memory_format:
@@ -17,3 +22,24 @@ def layout_of(x: torch.Tensor) -> torch.memory_format:
 def dense_in(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     """``t`` itself when already dense in ``fmt``, else a copy that is."""
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous(memory_format=torch.channels_last)``, an NCHW CPU tensor copied by
+    ``resnet_fast::to_channels_last`` (csrc/cpu/layout.cpp: up to 5x faster than torch's)."""
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    if _FAST_COPY and t.device.type == "cpu" and t.dim() == 4 and t.is_contiguous():
+        return torch.ops.resnet_fast.to_channels_last(t)
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+if _FAST_COPY:
+    @torch.library.register_fake("resnet_fast::to_channels_last")
+    def _to_channels_last_fake(x):
+        torch._check(x.dim() == 4, lambda: f"to_channels_last: expected a 4-D tensor, got "
+                     f"{x.dim()}-D")
+        return torch.empty_like(x, memory_format=torch.channels_last)
+
+    # A copy: its gradient is the output's, whatever the layout.
+    torch.library.register_autograd("resnet_fast::to_channels_last", lambda ctx, grad: grad)

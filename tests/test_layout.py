@@ -1,0 +1,88 @@
+"""resnet_fast::to_channels_last (csrc/cpu/layout.cpp) and kernels.layout.channels_last, the
+copy the models make of NCHW inputs and the planned backward of an NCHW gradient: the same tensor as torch's
+``contiguous(memory_format=torch.channels_last)`` for every dtype and input layout, a new
+tensor even where the input is channels_last already, opcheck, its gradient, a clear error."""
+
+import pytest
+import torch
+
+from resnet_fast._extension import has_kernel
+from resnet_fast.kernels.layout import channels_last
+
+pytestmark = pytest.mark.skipif(not has_kernel("to_channels_last", "CPU"),
+                                reason="needs the C++ extension's CPU kernels")
+op = torch.ops.resnet_fast.to_channels_last
+CL = torch.channels_last
+
+SHAPES = [(1, 256, 32, 32),  # whole 16-channel blocks, H*W a power of two
+          (2, 37, 9, 70),    # a partial channel block (37 = 2 x 16 + 5)
+          (3, 16, 65, 65),   # 4225 pixels: past one task's run of 4096
+          (1, 3, 5, 4), (2, 1, 3, 3), (0, 8, 4, 4), (2, 8, 0, 3)]
+
+
+def _values(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if not dtype.is_floating_point and not dtype.is_complex:
+        return torch.randint(-100, 100, shape, generator=g).to(dtype)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                                   torch.uint8, torch.int64, torch.bool, torch.complex64,
+                                   torch.complex128])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_torch_bit_for_bit(dtype, shape):
+    x = _values(shape, dtype)
+    want = x.contiguous(memory_format=CL)
+    for got in (op(x), channels_last(x)):
+        assert got.is_contiguous(memory_format=CL) and got.dtype == dtype
+        assert got.shape == x.shape and torch.equal(got, want)
+
+
+def test_nan_bits_move_unchanged():
+    x = torch.randn(1, 32, 16, 16)
+    x[0, 3, 2, 5] = float("nan")
+    x.view(torch.int32)[0, 7, 1, 1] = 0x7FC00123  # a NaN with a payload
+    got = op(x)
+    assert torch.equal(got.view(torch.int32), x.contiguous(memory_format=CL).view(torch.int32))
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x.contiguous(memory_format=CL),       # already channels_last: still a copy
+    lambda x: x[:, ::2],                            # strided view
+    lambda x: x.permute(0, 1, 3, 2),                # another permutation
+])
+def test_other_layouts_are_copied_by_torch(make):
+    x = make(torch.randn(2, 32, 6, 5))
+    got = op(x)
+    assert torch.equal(got, x.contiguous(memory_format=CL))
+    assert got.is_contiguous(memory_format=CL) and got.data_ptr() != x.data_ptr()
+
+
+def test_helper_returns_a_channels_last_tensor_itself():
+    x = torch.randn(2, 32, 6, 5).contiguous(memory_format=CL)
+    assert channels_last(x) is x
+
+
+def test_opcheck_and_gradient():
+    x = torch.randn(2, 20, 5, 6)
+    torch.library.opcheck(op, (x,))
+    xd = torch.randn(2, 20, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(op, (xd,))
+    g = torch.randn(2, 20, 5, 6, dtype=torch.float64)
+    (got,) = torch.autograd.grad(channels_last(xd), xd, g)
+    assert torch.equal(got, g)
+
+
+def test_compiles_with_inductor():
+    x = torch.randn(1, 32, 8, 8)
+    got = torch.compile(lambda t: op(t) * 2, backend="inductor", fullgraph=True)(x)
+    assert torch.equal(got, x.contiguous(memory_format=CL) * 2)
+    assert got.is_contiguous(memory_format=CL)
+
+
+def test_wrong_rank_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"expected a 4-D strided tensor \(N, C, H, W\), got 3-D"):
+        op(torch.randn(4, 5, 6))
