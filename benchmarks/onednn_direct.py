@@ -142,16 +142,17 @@ def run(direct, batches, dtypes, repeats: int, block: int, size: int) -> list[di
                 conv = direct.Conv(list(x.shape), w, b, s, p)
                 out = torch.empty(conv.out_shape, dtype=dtype).contiguous(
                     memory_format=torch.channels_last)
-                cands = {"torch_op": partial(op.conv_bias_act_packed, x, packed, b, [s, s],
-                                             [p, p], [1, 1], 1, None, True),
-                         "direct": partial(conv, x, out)}
+                def torch_op(t, packed=packed, b=b, s=s, p=p):
+                    return op.conv_bias_act_packed(t, packed, b, [s, s], [p, p], [1, 1], 1,
+                                                   None, True)
+                cands = {"torch_op": partial(torch_op, x), "direct": partial(conv, x, out)}
                 truth = F.conv2d(x.double(), w.double(), b.double(), s, p).relu()
                 nan_x = x.clone()
                 nan_x[0, :, 0, 0] = float("nan")  # every channel of one pixel: NaN outputs there
                 with torch.no_grad():
                     err = {n: (fn().double() - truth).abs().max().item() for n, fn in cands.items()}
-                    nan_kept = bool(torch.equal(conv(nan_x, out.clone()).isnan(), op.conv_bias_act_packed(
-                        nan_x, packed, b, [s, s], [p, p], [1, 1], 1, None, True).isnan()))
+                    nan_kept = bool(torch.equal(conv(nan_x, out.clone()).isnan(),
+                                                torch_op(nan_x).isnan()))
                     times = warm_blocks(cands, torch.device("cpu"), repeats, block)
                 row = {"layer": f"{c}x{h}x{h} k{r} s{s} -> {k}", "batch": batch,
                        "dtype": str(dtype).removeprefix("torch."), "direct_impl": conv.impl,

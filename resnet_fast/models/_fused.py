@@ -57,6 +57,7 @@ from .. import autotune
 from ..backends import requested_backend, resolve, tuned_backends
 from ..kernels.layout import channels_last, layout_of
 from ..ops import reference
+from ..ops._common import relu_grad
 from ..ops.conv_bias_act import (
     fold_bn_tensors,
     gemm_bf16_supported,
@@ -689,7 +690,7 @@ class _PlannedConv(torch.autograd.Function):
                 create_graph=True, allow_unused=True))
             return (None, *(next(got) if n else None for n in flags))
         if plan.relu:
-            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+            grad = relu_grad(out, grad)
         if x.is_contiguous(memory_format=torch.channels_last):
             # Once, for every kernel below: a loss's gradient often arrives NCHW (an FPN
             # output's from `.square().mean()`), and each would convert it (torch's copy:
