@@ -1,5 +1,6 @@
-"""resnet_fast::to_channels_last (csrc/cpu/layout.cpp) and kernels.layout.channels_last, the
-copy the models make of NCHW inputs and the planned backward of an NCHW gradient: the same tensor as torch's
+"""resnet_fast::to_channels_last (csrc/cpu/layout.cpp) and the two dense_in that call it
+(kernels.layout's, which the models use for NCHW inputs and the planned backward's NCHW
+gradients, and csrc/checks.h's, every CPU op's): the same tensor as torch's
 ``contiguous(memory_format=torch.channels_last)`` for every dtype and input layout, a new
 tensor even where the input is channels_last already, opcheck, its gradient, a clear error."""
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from resnet_fast._extension import has_kernel
-from resnet_fast.kernels.layout import channels_last
+from resnet_fast.kernels.layout import dense_in
+from resnet_fast.ops.conv_bias_act import winograd_k_block
 
 pytestmark = pytest.mark.skipif(not has_kernel("to_channels_last", "CPU"),
                                 reason="needs the C++ extension's CPU kernels")
@@ -36,7 +38,7 @@ def _values(shape, dtype):
 def test_matches_torch_bit_for_bit(dtype, shape):
     x = _values(shape, dtype)
     want = x.contiguous(memory_format=CL)
-    for got in (op(x), channels_last(x)):
+    for got in (op(x), dense_in(x, CL)):
         assert got.is_contiguous(memory_format=CL) and got.dtype == dtype
         assert got.shape == x.shape and torch.equal(got, want)
 
@@ -61,9 +63,36 @@ def test_other_layouts_are_copied_by_torch(make):
     assert got.is_contiguous(memory_format=CL) and got.data_ptr() != x.data_ptr()
 
 
-def test_helper_returns_a_channels_last_tensor_itself():
-    x = torch.randn(2, 32, 6, 5).contiguous(memory_format=CL)
-    assert channels_last(x) is x
+def test_dense_in_returns_a_dense_tensor_itself():
+    x = torch.randn(2, 32, 6, 5)
+    assert dense_in(x, torch.contiguous_format) is x
+    cl = x.contiguous(memory_format=CL)
+    assert dense_in(cl, CL) is cl
+    got = dense_in(cl, torch.contiguous_format)  # the other way: torch's copy
+    assert got.is_contiguous() and torch.equal(got, x)
+
+
+@pytest.mark.skipif(not winograd_k_block(), reason="our Winograd kernels need AVX2 or AVX-512")
+def test_cpu_ops_take_nchw_inputs_through_the_fast_copy():
+    """An NCHW x (and residual) handed to a CPU op that computes in channels_last (here our
+    Winograd conv) is made channels_last by the C++ dense_in, whose fast path is the same
+    transpose: the result equals the op's on channels_last inputs bit for bit (a wrong
+    transpose would permute the values) and torch's conv in float64 within float32's
+    rounding."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 48, 9, 11, generator=g)
+    w = torch.randn(32, 48, 3, 3, generator=g)
+    b = torch.randn(32, generator=g)
+    res = torch.randn(2, 32, 9, 11, generator=g)
+    conv = torch.ops.resnet_fast.conv_bias_act_winograd.default
+    packed = torch.ops.resnet_fast.winograd_prepack.default(w, 2)
+    got = conv(x, w, packed, b, [1, 1], res, True)
+    want = conv(x.contiguous(memory_format=CL), w, packed, b, [1, 1],
+                res.contiguous(memory_format=CL), True)
+    assert got.is_contiguous() and torch.equal(got, want)
+    ref = torch.relu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), padding=1)
+                     + res.double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_opcheck_and_gradient():
@@ -72,7 +101,7 @@ def test_opcheck_and_gradient():
     xd = torch.randn(2, 20, 5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(op, (xd,))
     g = torch.randn(2, 20, 5, 6, dtype=torch.float64)
-    (got,) = torch.autograd.grad(channels_last(xd), xd, g)
+    (got,) = torch.autograd.grad(dense_in(xd, CL), xd, g)
     assert torch.equal(got, g)
 
 

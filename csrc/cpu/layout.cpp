@@ -1,4 +1,5 @@
-// to_channels_last on CPU: an NCHW-dense tensor copied to channels_last by a blocked transpose.
+// to_channels_last on CPU: an NCHW-dense tensor copied to channels_last by a blocked transpose;
+// also every CPU op's dense_in (checks.h) to channels_last.
 //
 // torch's copy walks the output in order and reads the input H*W elements apart: where H*W is
 // a large power of two every read of a pixel's channels lands in one cache set, and the copy
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../checks.h"
 #include "buffer_pool.h"
 
 namespace resnet_fast::cpu {
@@ -48,7 +50,9 @@ void transpose(const T* in, T* out, int64_t N, int64_t C, int64_t HW) {
   });
 }
 
-at::Tensor to_channels_last_cpu(const at::Tensor& x) {
+}  // namespace
+
+at::Tensor to_channels_last(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() == 4 && x.layout() == at::kStrided,
                     "to_channels_last: expected a 4-D strided tensor (N, C, H, W), got ",
                     x.dim(), "-D of layout ", x.layout());
@@ -73,8 +77,6 @@ at::Tensor to_channels_last_cpu(const at::Tensor& x) {
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) { m.impl("to_channels_last", &to_channels_last_cpu); }
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) { m.impl("to_channels_last", &to_channels_last); }
 
 }  // namespace resnet_fast::cpu

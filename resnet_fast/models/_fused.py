@@ -55,7 +55,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .. import autotune
 from ..backends import requested_backend, resolve, tuned_backends
-from ..kernels.layout import channels_last, layout_of
+from ..kernels.layout import dense_in, layout_of
 from ..ops import reference
 from ..ops._common import relu_grad
 from ..ops.conv_bias_act import (
@@ -444,7 +444,7 @@ class ConvPlan:
         kind = self._grad_kind(frozen)
         if kind is None or grad.dtype != torch.float32 or grad.numel() == 0:
             return None
-        grad = channels_last(grad)
+        grad = dense_in(grad, torch.channels_last)
         key = (grad.shape, torch.get_num_threads())
         if key not in self._grads:
             grads = dict(self._grads)  # copy, change, assign: as _entry's dict
@@ -695,7 +695,7 @@ class _PlannedConv(torch.autograd.Function):
             # Once, for every kernel below: a loss's gradient often arrives NCHW (an FPN
             # output's from `.square().mean()`), and each would convert it (torch's copy:
             # 12.5-15 ms at 256x128x128; ours 2.4).
-            grad = channels_last(grad)
+            grad = dense_in(grad, torch.channels_last)
         grad_x = plan.input_grad(grad, x, not wanted) if need_x else None
         grad_w = plan.weight_grad(grad, x) if wanted else None
         torch_x, torch_w = need_x and grad_x is None, bool(wanted) and grad_w is None

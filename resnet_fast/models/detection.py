@@ -22,7 +22,7 @@ from torchvision.models.detection import backbone_utils
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
-from ..kernels.layout import channels_last
+from ..kernels.layout import dense_in
 from ._fused import ConvPlan, autocast_dtype, faking, in_functorch, no_hooks, recorded
 from .program import FusedEvalMixin, Kept, may_fuse, pairs_of
 
@@ -72,14 +72,14 @@ class FeaturePyramidNetwork(FusedEvalMixin, torchvision.ops.FeaturePyramidNetwor
         The upsampled top-down map is a fresh tensor no one else sees, so the lateral conv
         may write its sum over it."""
         names = list(x.keys())
-        feats = [channels_last(f) for f in x.values()]
+        feats = [dense_in(f, torch.channels_last) for f in x.values()]
         n = len(feats)
         inner, layer = plans[:n], plans[n:]
         last_inner = inner[-1](feats[-1])
         results = [layer[-1](last_inner)]
         for idx in range(n - 2, -1, -1):
             top_down = F.interpolate(last_inner, size=feats[idx].shape[-2:], mode="nearest")
-            last_inner = inner[idx](feats[idx], channels_last(top_down), True)
+            last_inner = inner[idx](feats[idx], dense_in(top_down, torch.channels_last), True)
             results.insert(0, layer[idx](last_inner))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, list(x.values()), names)

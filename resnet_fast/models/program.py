@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .._extension import has_kernel, tensor_states
 from ..backends import requested_backend
-from ..kernels.layout import channels_last
+from ..kernels.layout import dense_in
 from ..ops.conv_bias_act import onednn_dtypes
 from ..ops.max_pool_act import Args, pool_args
 from ._fused import (
@@ -98,7 +98,7 @@ class Program(NamedTuple):
         have handed its output elsewhere; never the caller's x."""
         owned = self.stem is not None
         if owned:
-            x = x if self.stem.pads else channels_last(x)
+            x = x if self.stem.pads else dense_in(x, torch.channels_last)
             args = None if pool is None else _our_pool(pool, x)
             x = self.stem(x, pool=args)  # with the pool in our op where it can be
             pool = None if args is not None else pool

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..backends import requested_backend
-from ..kernels.layout import channels_last, layout_of
+from ..kernels.layout import dense_in, layout_of
 from ._fused import (
     exact_relu,
     in_functorch,
@@ -100,7 +100,7 @@ class _Block(FusedEvalMixin, nn.Module):
             program = (self._fused_program() if not in_functorch() and x.dim() == 4
                        else None)
             if program is not None:
-                return program(channels_last(x))
+                return program(dense_in(x, torch.channels_last))
             if self._fused_train():
                 return self._forward_train(x)
         return self._forward_plain(x)
@@ -341,7 +341,7 @@ class _Backbone(FusedEvalMixin, nn.Module):
         if stem is not None:
             x = stem(x)
         elif train:  # relu(bn1(conv1(x))): the conv, then one fused batch_norm_act
-            x = bn_act(self.bn1, self.conv1(channels_last(x)),
+            x = bn_act(self.bn1, self.conv1(dense_in(x, torch.channels_last)),
                        backend=self.backend)
         else:
             x = self.relu(self.bn1(self.conv1(x)))
