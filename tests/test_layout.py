@@ -112,6 +112,38 @@ def test_compiles_with_inductor():
     assert got.is_contiguous(memory_format=CL)
 
 
+def test_compiles_with_dynamic_shapes_and_freezing():
+    """dense_in's op traced with symbolic sizes (one graph for every batch and size, its fake
+    kernel's output shape and layout symbolic) and under inductor's freezing, where it runs
+    on a frozen parameter: the values and the layout as torch's copy, each call."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: dense_in(t, CL) + 1, backend="inductor", dynamic=True,
+                       fullgraph=True)
+    for shape in [(1, 32, 8, 8), (3, 20, 5, 7), (2, 17, 9, 4)]:
+        x = torch.randn(shape)
+        got = fn(x)
+        assert torch.equal(got, x.contiguous(memory_format=CL) + 1)
+        assert got.is_contiguous(memory_format=CL)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(2, 8, 6, 6), requires_grad=False)
+
+        def forward(self, x):
+            return dense_in(self.w, CL) * x
+
+    torch._dynamo.reset()
+    module = Scaled().eval()
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=CL)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        got = torch.compile(module, backend="inductor", fullgraph=True)(x)
+    assert torch.equal(got, module.w.contiguous(memory_format=CL) * x)
+
+
 def test_wrong_rank_is_a_clear_error():
     with pytest.raises(ValueError, match=r"expected a 4-D strided tensor \(N, C, H, W\), got 3-D"):
         op(torch.randn(4, 5, 6))
