@@ -113,9 +113,9 @@ def test_compiles_with_inductor():
 
 
 def test_compiles_with_dynamic_shapes_and_freezing():
-    """dense_in's op traced with symbolic sizes (one graph for every batch and size, its fake
-    kernel's output shape and layout symbolic) and under inductor's freezing, where it runs
-    on a frozen parameter: the values and the layout as torch's copy, each call."""
+    """dense_in's op compiled with dynamic=True (its fake kernel's output shape and layout
+    symbolic) over three shapes, and under inductor's freezing, where it runs on a frozen
+    parameter: the values and the layout as torch's copy, each call."""
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
