@@ -103,10 +103,11 @@ inline void gemm_store(const uint16_t* v, int64_t ldv, const uint16_t* u, int64_
 
 }  // namespace
 
-// As the float32 conv1x1 (winograd_impl.h), over conv1x1_rows. Rows are copied first where
-// the stride skips pixels, C is odd (a row's last pair would read the next row's first value:
-// the copy pads it with a zero) or rows 4 KiB apart would share one L1 set (C a multiple of
-// 2048).
+// As the float32 conv1x1 (winograd_impl.h), over conv1x1_rows, but without its prefetch of
+// the next weight panel (conv1x1_rows' `next` unused: measured for float32 on an AVX2 host
+// only). Rows are copied first where the stride skips pixels, C is odd (a row's last pair
+// would read the next row's first value: the copy pads it with a zero) or rows 4 KiB apart
+// would share one L1 set (C a multiple of 2048).
 void conv1x1_bf16_kernel(const at::Tensor& x_t, const at::Tensor& u_t, const at::Tensor& bias_t,
                          const at::Tensor& res_t, bool relu, int64_t sh, int64_t sw,
                          const at::Tensor& out_t) {
@@ -121,7 +122,7 @@ void conv1x1_bf16_kernel(const at::Tensor& x_t, const at::Tensor& u_t, const at:
       x_t.size(3), out_t.size(2), out_t.size(3), sh, sw, Kb, kKb,
       sh != 1 || sw != 1 || C % 2 != 0 || C % 2048 == 0, 2 * pairs + kKb, 2,
       pairs * 2 * kKb * 2, kBlockBytes,
-      [&](const uint16_t* a, int64_t lda, int64_t p, int rows, int64_t kb) {
+      [&](const uint16_t* a, int64_t lda, int64_t p, int rows, int64_t kb, int64_t) {
         const int64_t k0 = kb * kKb, o = p * K + k0;
         with_rows<kRows>(rows, [&](auto r) {
           constexpr int R = decltype(r)::value;

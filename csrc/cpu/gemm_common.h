@@ -127,8 +127,10 @@ T* thread_scratch(size_t n) {
 }
 
 // The 1x1 convolution's loop over its work, for a micro-kernel of kRows rows and kb output
-// channels: tile(a, lda, p, rows, kb) computes output pixels p .. p + rows - 1 (rows <=
-// kRows; A's rows lda apart from a) for channel block kb. Work is split into chunks of rows
+// channels: tile(a, lda, p, rows, kb, next) computes output pixels p .. p + rows - 1 (rows <=
+// kRows; A's rows lda apart from a) for channel block kb, and may bring the weight panel of
+// block `next` into cache meanwhile: the block this thread multiplies next, where this call
+// is the first to read panel kb in the task (else kb). Work is split into chunks of rows
 // (within half of `block_bytes`) and, where there are few chunks, groups of channel blocks
 // (split_work); within a task the weight panel of one channel block stays in L1/L2 while
 // every row of the chunk passes it, or, where a group's weight fits in half of
@@ -167,7 +169,8 @@ void conv1x1_rows(const T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_
       }
       const int64_t kb0 = g * per_group, kb1 = std::min(Kb, kb0 + per_group);
       auto run = [&](int64_t k, int64_t i) {
-        tile(a + i * ld, ld, p0 + i, static_cast<int>(std::min(kRows, np - i)), k);
+        const int64_t next = i == 0 && k + 1 < kb1 ? k + 1 : k;
+        tile(a + i * ld, ld, p0 + i, static_cast<int>(std::min(kRows, np - i)), k, next);
       };
       if (panels_fit) {
         for (int64_t i = 0; i < np; i += kRows)

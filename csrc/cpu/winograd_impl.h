@@ -205,11 +205,18 @@ inline void raw_store(float* p, Raw v) { _mm256_storeu_ps(p, v); }
 
 // a0[r], a1[r] += sum_{c0 <= c < c1} v[r][c] * u[c][0:kKb] for R rows: one broadcast of v
 // per row and two loads of u per c. Always inlined, so the accumulators stay in registers.
+// Each c also asks for row c of the panel `pf` (same shape as u) to come into L2: the next
+// weight panel, which would otherwise arrive from memory only when its sums start (at batch
+// 1 a layer's weight comes from memory; the sums wait for it). Where there is no next panel
+// pf is u itself: the request finds its line in cache.
 template <int R>
 __attribute__((always_inline)) inline void accumulate(const float* v, int64_t ldv,
                                                       const float* u, int64_t c0, int64_t c1,
-                                                      Raw* a0, Raw* a1) {
+                                                      Raw* a0, Raw* a1, const float* pf) {
   for (int64_t c = c0; c < c1; ++c) {
+#pragma GCC unroll 2
+    for (int64_t j = 0; j < kKb; j += 64 / int64_t(sizeof(float)))
+      __builtin_prefetch(pf + c * kKb + j, 0, 2);
     const Raw u0 = raw_load(u + c * kKb), u1 = raw_load(u + c * kKb + kVl);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -221,13 +228,14 @@ __attribute__((always_inline)) inline void accumulate(const float* v, int64_t ld
 }
 
 // out[r][0:kKb] = sum_c v[r][c] * u[c][0:kKb] for R rows: R x 2 vector accumulators.
+// pf: the panel to bring into L2 meanwhile (accumulate).
 template <int R>
 inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp, float* out,
-                         int64_t ldo) {
+                         int64_t ldo, const float* pf) {
   Raw a0[R], a1[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = raw_set1(0.f);
-  accumulate<R>(v, ldv, u, 0, cp, a0, a1);
+  accumulate<R>(v, ldv, u, 0, cp, a0, a1, pf);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     raw_store(out + r * ldo, a0[r]);
@@ -238,17 +246,20 @@ inline void micro_kernel(const float* v, int64_t ldv, const float* u, int64_t cp
 // act(rows x kKb block of A U + bias (+ residual)) stored at out (rows ldo apart), `kcnt`
 // of the kKb columns: the 1x1 convolution's micro-kernel, the epilogue in registers. A's R
 // rows are ldv apart; u is the weight panel (cp x kKb); kOneRun: cp <= kRunChannels
-// (sum_in_runs). Whole blocks take the raw epilogue: with at::vec's (its NaN-checking
-// maximum, its counted stores) unrolled, the one-run kernel measured 0.97-0.98x at batch 1.
+// (sum_in_runs); pf: the panel to bring into L2 meanwhile (accumulate). Whole blocks take
+// the raw epilogue: with at::vec's (its NaN-checking maximum, its counted stores) unrolled,
+// the one-run kernel measured 0.97-0.98x at batch 1.
 template <int R, bool kOneRun>
 inline void gemm_store(const float* v, int64_t ldv, const float* u, int64_t cp,
                        const float* bias, const float* res, bool relu, float* out, int64_t ldo,
-                       int64_t kcnt) {
+                       int64_t kcnt, const float* pf) {
   prefetch_rows<R>(res ? res : out, ldo, kcnt);
   Raw a0[R], a1[R];
   sum_in_runs<R, kOneRun>(
       cp, kRunChannels, raw_set1(0.f), a0, a1,
-      [&](int64_t c0, int64_t c1, Raw* s0, Raw* s1) { accumulate<R>(v, ldv, u, c0, c1, s0, s1); },
+      [&](int64_t c0, int64_t c1, Raw* s0, Raw* s1) {
+        accumulate<R>(v, ldv, u, c0, c1, s0, s1, pf);
+      },
       [](Raw p, Raw q) { return raw_add(p, q); });
   if (kcnt == kKb) {  // whole blocks (every ResNet layer): raw registers, unrolled
     const Raw b0 = raw_load(bias), b1 = raw_load(bias + kVl);
@@ -378,14 +389,18 @@ void conv(const at::Tensor& x_t, const at::Tensor& w_t, const at::Tensor& u_t,
       }
       transformed = b;
       // The E products for this task's output channel blocks: M[e][i][k] = sum_c V[e][i][c]
-      // * U[e][c][k].
+      // * U[e][c][k]. The first row tile of each panel brings the task's next panel into L2.
       for (int e = 0; e < E; ++e) {
         for (int64_t kb = kb0; kb < kb1; ++kb) {
           const float* ue = u + (e * Kb + kb) * Cp * kKb;
+          const float* next = kb + 1 < kb1 ? ue + Cp * kKb
+                              : e + 1 < E  ? u + ((e + 1) * Kb + kb0) * Cp * kKb
+                                           : ue;
           for (int64_t i = 0; i < nt; i += kRows) {  // the last call: only the rows left
             with_rows<kRows>(static_cast<int>(std::min(kRows, nt - i)), [&](auto r) {
               micro_kernel<decltype(r)::value>(V + (e * NT + i) * Cp, Cp, ue, Cp,
-                                               Mb + (e * NT + i) * Kp + kb * kKb, Kp);
+                                               Mb + (e * NT + i) * Kp + kb * kKb, Kp,
+                                               i == 0 ? next : ue);
             });
           }
         }
@@ -435,13 +450,14 @@ void conv1x1(const at::Tensor& x_t, const at::Tensor& u_t, const at::Tensor& bia
   conv1x1_rows<float, kRows>(
       x_t.const_data_ptr<float>(), x_t.size(0), C, x_t.size(2), x_t.size(3), out_t.size(2),
       out_t.size(3), sh, sw, Kb, kKb, sh != 1 || sw != 1 || C % 1024 == 0, C + kVl, 1,
-      C * kKb * 4, kBlockBytes, [&](const float* a, int64_t lda, int64_t p, int rows, int64_t kb) {
+      C * kKb * 4, kBlockBytes,
+      [&](const float* a, int64_t lda, int64_t p, int rows, int64_t kb, int64_t next) {
         const int64_t k0 = kb * kKb, o = p * K + k0;
         with_rows<kRows>(rows, [&](auto r) {
           constexpr int R = decltype(r)::value;
           (C <= kRunChannels ? gemm_store<R, true> : gemm_store<R, false>)(
               a, lda, u + kb * C * kKb, C, bias + k0, res ? res + o : nullptr, relu, out + o, K,
-              std::min(kKb, K - k0));
+              std::min(kKb, K - k0), u + next * C * kKb);
         });
       });
 }
