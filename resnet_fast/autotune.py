@@ -135,15 +135,18 @@ def cpu_stream_gbs() -> float:
 
 
 def cpu_time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of five calls of ``fn`` on the CPU (perf_counter), after one
-    untimed call that warms caches and thread pools."""
+    """Milliseconds of one call of ``fn`` on the CPU (perf_counter), after one untimed call
+    that warms caches and thread pools; the CPU tuner takes the median of
+    :data:`CPU_ROUNDS` such samples, the candidates interleaved (:class:`Tuner`)."""
     fn()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+# Rounds of the CPU tuner: as many calls per candidate as five timed after one warm-up, the
+# candidates taking turns (a 2-core host drifts between consecutive blocks of calls).
+CPU_ROUNDS = 3
 
 
 class Tuner:
@@ -157,16 +160,23 @@ class Tuner:
             ``weight_bytes`` (default None: weights cost nothing beyond their timing).
         measure: whether a key missing from the table is measured (default: unless
             ``$RESNET_FAST_AUTOTUNE`` is ``0``).
+        rounds: samples per candidate, the median kept: each round times every candidate
+            once, starting one candidate later than the round before, so a slow spell of
+            the machine lands on every candidate's samples instead of deciding the choice
+            (default 1).
     """
 
     def __init__(self, path: Optional[str] = None,
                  environment: Callable[[torch.device], dict[str, Any]] = environment,
                  timer: Callable[[Callable[[], object]], float] = cuda_time_ms,
                  measure: Optional[bool] = None,
-                 stream_gbs: Optional[Callable[[], float]] = None) -> None:
+                 stream_gbs: Optional[Callable[[], float]] = None, rounds: int = 1) -> None:
+        if not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"Tuner: expected rounds to be a positive int, got {rounds!r}")
         self.path = path or cache_path()
         self.environment = environment
         self.timer = timer
+        self.rounds = rounds
         self.stream_gbs = stream_gbs
         self.measure = os.environ.get(AUTOTUNE_ENV, "1") != "0" if measure is None else measure
         self._chosen: dict[str, str] = {}
@@ -206,12 +216,18 @@ class Tuner:
                                 f"{sorted(candidates)}: {entry!r}")
         if not self.measure:
             return default
-        ms = {}
-        for name, run in candidates.items():
-            try:
-                ms[name] = float(self.timer(run))
-            except Exception as exc:  # a kernel that cannot run this layer loses
-                log.info("resnet_fast autotune: %s failed on %s (%s)", name, key, exc)
+        samples: dict[str, Optional[list[float]]] = {name: [] for name in candidates}
+        names = list(candidates)
+        for r in range(self.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                if samples.get(name) is None:
+                    continue  # failed in an earlier round
+                try:
+                    samples[name].append(float(self.timer(candidates[name])))
+                except Exception as exc:  # a kernel that cannot run this layer loses
+                    log.info("resnet_fast autotune: %s failed on %s (%s)", name, key, exc)
+                    samples[name] = None
+        ms = {name: statistics.median(t) for name, t in samples.items() if t}
         if not ms:
             return default
         bytes_per_ms = None if self.stream_gbs is None else self.stream_gbs() * 1e6
@@ -261,11 +277,12 @@ def default_tuner() -> Tuner:
 
 def cpu_tuner() -> Tuner:
     """The process's CPU tuner (the plans' choice between oneDNN and Winograd per layer):
-    the same table, keys naming the CPU (:func:`cpu_environment`), timed on the CPU, each
-    candidate's weight read at :func:`cpu_stream_gbs` added."""
+    the same table, keys naming the CPU (:func:`cpu_environment`), timed on the CPU in
+    :data:`CPU_ROUNDS` interleaved rounds, each candidate's weight read at
+    :func:`cpu_stream_gbs` added."""
     global _default_cpu
     with _default_lock:
         if _default_cpu is None:
             _default_cpu = Tuner(environment=cpu_environment, timer=cpu_time_ms,
-                                 stream_gbs=cpu_stream_gbs)
+                                 stream_gbs=cpu_stream_gbs, rounds=CPU_ROUNDS)
         return _default_cpu

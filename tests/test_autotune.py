@@ -51,6 +51,50 @@ def _tuner(path, timer, **kwargs):
     return Tuner(str(path), timer=timer, measure=kwargs.pop("measure", True), **kwargs)
 
 
+def test_a_slow_spell_during_one_candidates_timing_does_not_decide(tmp_path):
+    """The machine slows down 3x for the first timing (another process, a frequency drop):
+    timed one after another, the candidate timed first loses although it is faster;
+    in interleaved rounds (the CPU tuner's) the spell lands in both candidates' samples and
+    the medians keep the faster one."""
+    def drifting():
+        calls = []
+
+        def timer(run):
+            name = run()
+            calls.append(name)
+            return {"cuda": 1.0, "triton": 1.2}[name] * (3.0 if len(calls) == 1 else 1.0)
+        return timer, calls
+
+    timer, calls = drifting()
+    assert _tuner(tmp_path / "one.json", timer).choose(DEV, LAYER, CANDIDATES, "x") == "triton"
+    timer, calls = drifting()
+    tuner = _tuner(tmp_path / "three.json", timer, rounds=3)
+    assert tuner.choose(DEV, LAYER, CANDIDATES, "x") == "cuda"
+    assert calls == ["cuda", "triton", "triton", "cuda", "cuda", "triton"]
+    assert autotune.cpu_tuner().rounds == autotune.CPU_ROUNDS >= 3
+
+
+@pytest.mark.parametrize("rounds", [0, -1, 1.5, "3"])
+def test_rounds_must_be_a_positive_int(tmp_path, rounds):
+    with pytest.raises(ValueError, match=f"expected rounds to be a positive int, got {rounds!r}"):
+        _tuner(tmp_path / "t.json", _Timer(cuda=1.0), rounds=rounds)
+
+
+def test_a_candidate_failing_in_a_later_round_loses(tmp_path):
+    calls = []
+
+    def timer(run):
+        name = run()
+        calls.append(name)
+        if name == "cuda" and calls.count("cuda") == 2:
+            raise RuntimeError("cannot run this layer")
+        return {"cuda": 1.0, "triton": 2.0}[name]
+
+    tuner = _tuner(tmp_path / "t.json", timer, rounds=3)
+    assert tuner.choose(DEV, LAYER, CANDIDATES, "cuda") == "triton"
+    assert calls.count("cuda") == 2 and calls.count("triton") == 3
+
+
 def test_first_use_measures_and_stores_then_a_new_tuner_reads_without_measuring(tmp_path):
     path = tmp_path / "autotune.json"
     timer = _Timer(cuda=2.0, triton=1.0)
