@@ -9,9 +9,13 @@
 // Sums: shifted by the channel's first value (so a large mean does not cancel the variance
 // away), accumulated in the opmath type over blocks of at most kBlock rows and merged in double,
 // in a fixed chunk order: the result does not depend on the thread count.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -220,8 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(
   });
   // Apply, fused with the add and ReLU: (x - mean) * (w * invstd) + b, x - mean first so a
   // large mean cannot cancel digits away.
-  const at::Tensor invstd = (var + eps).rsqrt();
-  const at::Tensor scale = weight.has_value() ? weight->to(st) * invstd : invstd;
+  const at::Tensor invstd = var.add(eps).rsqrt();
+  const at::Tensor scale = weight.has_value() ? weight->to(st).mul(invstd) : invstd;
   const at::Tensor shift = bias.has_value() ? bias->to(st) : at::zeros_like(mean);
   const at::Tensor r = residual.has_value() ? dense_in(*residual, fmt) : at::Tensor();
   scale_shift_act(x, scale, shift, r, relu, g.cl, out, mean);
@@ -252,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
   at::Tensor dbias = at::empty({g.c}, x.options().dtype(st));
   if (g.c == 0 || x.numel() == 0) return {dx, dweight.zero_(), dbias.zero_(), dres};
 
-  const at::Tensor invstd_t = (var + eps).rsqrt().contiguous();
+  const at::Tensor invstd_t = var.add(eps).rsqrt().contiguous();
   const at::Tensor w_t = weight.has_value() ? weight->to(st).contiguous()
                                             : at::ones({g.c}, x.options().dtype(st));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_bwd", [&] {

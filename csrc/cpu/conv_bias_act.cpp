@@ -22,10 +22,14 @@
 //
 // Other dtypes (float64, float16, bfloat16 where oneDNN has none): ATen's convolution, then
 // our vectorized epilogue in place on its output (two passes, not three).
-#include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <optional>

@@ -3,10 +3,11 @@
 // -DCPU_CAPABILITY=AVX2 for kernels_avx2.cpp), so every at::vec type and every function here
 // exists once per instruction set, in its own namespace (as ATen does for its own kernels).
 // Not a public header: include kernels.h for the entry points.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 

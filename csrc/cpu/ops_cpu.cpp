@@ -1,6 +1,6 @@
 // The CPU implementations of the resnet_fast ops: argument checks, layout, allocation, and
 // the call into the kernels for this CPU's instruction set (kernels.h).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cstdlib>

@@ -3,9 +3,15 @@
 // for stride 1, dilation 1, one group, on float32 or bfloat16 tensors (float32 arithmetic and
 // transformed weights either way). Checks, layout and allocation are here; the arithmetic is
 // in winograd_impl.h, compiled per instruction set.
-#include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -418,7 +424,7 @@ at::Tensor conv_bias_act_1x1_cpu(const at::Tensor& x_in, const at::Tensor& weigh
                                                                          x.options());
   if (C == 0) {  // no input channels: the epilogue on a sum of nothing
     at::Tensor v = b.view({1, -1, 1, 1}).expand(out_shape);
-    if (residual.has_value()) v = v + *residual;
+    if (residual.has_value()) v = v.add(*residual);
     out.copy_(relu ? at::relu(v) : v);
     return out;
   }
