@@ -40,6 +40,7 @@ import torch
 import torchvision
 
 import resnet_fast
+from resnet_fast.autotune import rotation
 from resnet_fast.bench.env import environment
 from resnet_fast.bench.peers import (
     _OV_PRECISION,
@@ -48,7 +49,7 @@ from resnet_fast.bench.peers import (
     openvino_unsupported,
     signal_stack_kept,
 )
-from resnet_fast.bench.timing import block_sizes, rotation
+from resnet_fast.bench.timing import block_sizes
 from resnet_fast.calibrate import calibrate_
 from resnet_fast.models.program import Kept
 

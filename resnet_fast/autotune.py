@@ -144,6 +144,13 @@ def cpu_time_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def rotation(names: list[str], round_: int) -> list[str]:
+    """``names`` in the order of round ``round_``: starting ``round_`` places later (the
+    tuner's rounds and the benchmark's warm blocks)."""
+    k = round_ % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 # Rounds of the CPU tuner: as many calls per candidate as five timed after one warm-up, the
 # candidates taking turns (a 2-core host drifts between consecutive blocks of calls).
 CPU_ROUNDS = 3
@@ -216,18 +223,15 @@ class Tuner:
                                 f"{sorted(candidates)}: {entry!r}")
         if not self.measure:
             return default
-        samples: dict[str, Optional[list[float]]] = {name: [] for name in candidates}
-        names = list(candidates)
+        samples: dict[str, list[float]] = {name: [] for name in candidates}
         for r in range(self.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                if samples.get(name) is None:
-                    continue  # failed in an earlier round
+            for name in rotation([n for n in candidates if n in samples], r):  # failed: gone
                 try:
                     samples[name].append(float(self.timer(candidates[name])))
                 except Exception as exc:  # a kernel that cannot run this layer loses
                     log.info("resnet_fast autotune: %s failed on %s (%s)", name, key, exc)
-                    samples[name] = None
-        ms = {name: statistics.median(t) for name, t in samples.items() if t}
+                    del samples[name]
+        ms = {name: statistics.median(t) for name, t in samples.items()}
         if not ms:
             return default
         bytes_per_ms = None if self.stream_gbs is None else self.stream_gbs() * 1e6

@@ -95,6 +95,11 @@ def test_a_candidate_failing_in_a_later_round_loses(tmp_path):
     assert calls.count("cuda") == 2 and calls.count("triton") == 3
 
 
+def test_no_candidates_in_rounds_gives_the_default(tmp_path):
+    tuner = _tuner(tmp_path / "t.json", _Timer(cuda=1.0), rounds=3)
+    assert tuner.choose(DEV, LAYER, {}, "cuda") == "cuda"
+
+
 def test_first_use_measures_and_stores_then_a_new_tuner_reads_without_measuring(tmp_path):
     path = tmp_path / "autotune.json"
     timer = _Timer(cuda=2.0, triton=1.0)

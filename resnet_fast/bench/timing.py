@@ -26,6 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..autotune import rotation
+
 # One candidate's timings: per round, the seconds of each timed call of its block.
 Blocks = list[list[float]]
 
@@ -54,12 +56,6 @@ def block_sizes(repeats: int, block: int) -> list[int]:
         raise ValueError(f"expected repeats >= 1 and block >= 1, got {repeats} and {block}")
     rounds = math.ceil(repeats / block)
     return [repeats // rounds + (i < repeats % rounds) for i in range(rounds)]
-
-
-def rotation(names: list[str], round_: int) -> list[str]:
-    """``names`` in the order of round ``round_``: starting ``round_`` places later."""
-    k = round_ % len(names) if names else 0
-    return names[k:] + names[:k]
 
 
 def warm_blocks(candidates: dict[str, Callable[[], object]], device: torch.device,
