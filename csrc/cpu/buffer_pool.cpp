@@ -1,7 +1,7 @@
 #include "buffer_pool.h"
 
-#include <ATen/core/Tensor.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/core/Tensor.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 

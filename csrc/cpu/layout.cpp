@@ -9,8 +9,8 @@
 // one contiguous run, into a buffer from the cache (buffer_pool.h). AVX2 EPYC, 2 threads:
 // that level 2.4 ms, 1024x32x32 0.7 vs 2.5, 16x3x224x224 images 0.9 vs 1.3; 16x256x56x56
 // even (~26 ms, bandwidth). Any other input (not NCHW-dense) is copied by torch.
-#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
