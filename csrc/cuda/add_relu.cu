@@ -2,10 +2,11 @@
 // load/store when all three pointers are 16-byte aligned (the usual case for a fresh
 // allocation), else one element at a time. Indices are int64 so tensors past 2^31
 // elements work; math is in float (opmath) for half/bfloat16, rounded once on store.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 

@@ -16,10 +16,14 @@
 // Both passes move x, grad and out in 128-bit packs where the layout allows it (NHWC: C % VEC
 // == 0, NCHW: H*W % VEC == 0; 16-byte aligned), and index in int32 only where no loop index can
 // pass 2^31 - 1.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/batch_norm_stats.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -341,8 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cuda(
   auto [mean, invstd] = at::batch_norm_stats(x, eps);
   mean = mean.to(st).contiguous();
   invstd = invstd.to(st);
-  const at::Tensor var = (invstd.pow(-2) - eps).clamp_min(0);
-  const at::Tensor scale = (weight.has_value() ? invstd * weight->to(st) : invstd).contiguous();
+  const at::Tensor var = invstd.pow(-2).sub(eps).clamp_min(0);
+  const at::Tensor scale = (weight.has_value() ? invstd.mul(weight->to(st)) : invstd).contiguous();
   const at::Tensor shift = bias.has_value() ? bias->to(st).contiguous()
                                             : at::zeros({c}, x.options().dtype(st));
   const at::Tensor r = residual.has_value() ? dense_in(*residual, fmt) : at::Tensor();
@@ -374,15 +378,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
   auto [sg, sgx] = masked_grad_sums(x, grad, out, mean_acc, channels_last, relu);
   // The per-channel coefficients in float64, as the Triton kernels' host code computes them.
   const double rows = static_cast<double>(x.numel() / c);
-  const at::Tensor invstd = (var.to(at::kDouble) + eps).rsqrt();
-  const at::Tensor a = weight.has_value() ? weight->to(at::kDouble) * invstd : invstd;
-  const at::Tensor b = -a * invstd * invstd * sgx / rows;
-  const at::Tensor k = -a * sg / rows;
+  const at::Tensor invstd = var.to(at::kDouble).add(eps).rsqrt();
+  const at::Tensor a = weight.has_value() ? weight->to(at::kDouble).mul(invstd) : invstd;
+  const at::Tensor b = a.neg().mul(invstd).mul(invstd).mul(sgx).div(rows);
+  const at::Tensor k = a.neg().mul(sg).div(rows);
   masked_grad_elemt(x, grad, out, mean_acc, a.to(st).contiguous(), b.to(st).contiguous(),
                     k.to(st).contiguous(), dx, residual_grad ? dres : at::Tensor(),
                     channels_last, relu);
   // dweight and dbias as the CPU backend returns them, also without a weight.
-  return {dx, (sgx * invstd).to(st), sg.to(st), dres};
+  return {dx, sgx.mul(invstd).to(st), sg.to(st), dres};
 }
 
 }  // namespace

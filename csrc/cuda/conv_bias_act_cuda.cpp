@@ -4,9 +4,14 @@
 // followed by our fused epilogue kernel (resnet_fast::scale_shift_act) where cuDNN has no fused
 // engine for the configuration, cuDNN is disabled, x is float64 or empty, or no ReLU is asked
 // for (without a residual either: ATen's convolution with the bias alone).
-#include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/cudnn_convolution_add_relu.h>
+#include <ATen/ops/cudnn_convolution_relu.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 

@@ -4,10 +4,11 @@
 // a pack never straddles two channels (NCHW: H*W % VEC == 0; NHWC: C % VEC == 0); otherwise
 // single elements. Channel of a pack: NCHW (i / HW) % C, NHWC i % C, in 32-bit arithmetic when
 // the grid-stride loop's index cannot pass 2^31 - 1 (the common case) and 64-bit otherwise.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
