@@ -225,7 +225,7 @@ class Tuner:
             return default
         samples: dict[str, list[float]] = {name: [] for name in candidates}
         for r in range(self.rounds):
-            for name in rotation([n for n in candidates if n in samples], r):  # failed: gone
+            for name in rotation(list(samples), r):  # a failed candidate is gone from samples
                 try:
                     samples[name].append(float(self.timer(candidates[name])))
                 except Exception as exc:  # a kernel that cannot run this layer loses

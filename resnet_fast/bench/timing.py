@@ -70,12 +70,10 @@ def warm_blocks(candidates: dict[str, Callable[[], object]], device: torch.devic
     A call that raises propagates, unless ``on_error`` is given: it then gets the candidate's
     name and the exception, and the candidate is dropped (from the result too) while the
     others go on."""
-    names = list(candidates)
-    times: dict[str, Blocks] = {name: [] for name in names}
+    times: dict[str, Blocks] = {name: [] for name in candidates}
     with gc_paused():
         for r, calls in enumerate(block_sizes(repeats, block)):
-            live = [n for n in names if n in times]  # a failed candidate is gone
-            for name in rotation(live, r):
+            for name in rotation(list(times), r):  # a failed candidate is gone from times
                 fn = candidates[name]
                 try:
                     for _ in range(warmup):
